@@ -1,0 +1,249 @@
+"""``gptq-worker``: quantize, validate and evaluate GPTQ checkpoints.
+
+Exit codes: 0 success, 1 the checkpoint or run failed a check, 2 bad input (arguments,
+config, model, calibration data, output path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from gptq_worker import __version__
+from gptq_worker.config import WorkerConfig, load_config_file
+
+_TOP = (
+    "model",
+    "output",
+    "device",
+    "dtype",
+    "batch_size",
+    "max_shard_size",
+    "trust_remote_code",
+    "progress_file",
+    "overwrite",
+)
+_QUANT = (
+    "bits",
+    "group_size",
+    "desc_act",
+    "sym",
+    "static_groups",
+    "damp_percent",
+    "damp_auto_increment",
+    "true_sequential",
+    "mse",
+    "checkpoint_format",
+    "lm_head",
+    "dynamic",
+    "method",
+)
+_CALIB = {
+    "calibration": "dataset",
+    "nsamples": "nsamples",
+    "seqlen": "seqlen",
+    "seed": "seed",
+    "profile": "profile",
+}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def _normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """camelCase keys of a config file to snake_case (not inside ``dynamic``)."""
+    out = {_snake(k): v for k, v in data.items()}
+    for section in ("quantization", "calibration"):
+        if isinstance(out.get(section), dict):
+            out[section] = {
+                (k if k == "dynamic" else _snake(k)): v for k, v in out[section].items()
+            }
+    return out
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """Config file (if any) overlaid with the flags given on the command line."""
+    given = vars(args)
+    data: dict[str, Any] = _normalise(load_config_file(args.config)) if args.config else {}
+    data.setdefault("quantization", {})
+    data.setdefault("calibration", {})
+    for key in _TOP:
+        if key in given:
+            data[key] = given[key]
+    for key in _QUANT:
+        if key in given:
+            data["quantization"][key] = given[key]
+    for flag, key in _CALIB.items():
+        if flag in given:
+            data["calibration"][key] = given[flag]
+    if "dynamic" in data["quantization"] and isinstance(data["quantization"]["dynamic"], str):
+        try:
+            data["quantization"]["dynamic"] = json.loads(data["quantization"]["dynamic"])
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--dynamic is not valid JSON: {err}") from err
+    for key in ("model", "output"):
+        if key not in data:
+            raise UsageError(f"--{key} is required (on the command line or in --config)")
+    return WorkerConfig.model_validate(data)
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        lines.append(f"{where}: {e['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptq-worker", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"gptq-worker {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser(
+        "quantize",
+        help="quantize a model with GPTQ and write a checkpoint",
+        argument_default=argparse.SUPPRESS,
+    )
+    q.add_argument("--config", default=None, help="YAML/JSON file with the same settings")
+    q.add_argument("--model", help="local model directory or Hugging Face id")
+    q.add_argument("--output", help="directory for the checkpoint (written atomically)")
+    q.add_argument("--bits", type=int, choices=(2, 3, 4, 8))
+    q.add_argument("--group-size", dest="group_size", type=int, help="-1 = per channel")
+    q.add_argument(
+        "--desc-act",
+        dest="desc_act",
+        action=argparse.BooleanOptionalAction,
+        help="act-order: quantize columns by decreasing Hessian diagonal",
+    )
+    q.add_argument("--sym", action=argparse.BooleanOptionalAction)
+    q.add_argument("--static-groups", dest="static_groups", action=argparse.BooleanOptionalAction)
+    q.add_argument("--damp-percent", dest="damp_percent", type=float)
+    q.add_argument("--damp-auto-increment", dest="damp_auto_increment", type=float)
+    q.add_argument(
+        "--true-sequential", dest="true_sequential", action=argparse.BooleanOptionalAction
+    )
+    q.add_argument("--mse", type=float, help="norm of the scale grid search (e.g. 2.4); 0 = off")
+    q.add_argument("--format", dest="checkpoint_format", choices=("gptq", "gptq_v2"))
+    q.add_argument("--lm-head", dest="lm_head", action=argparse.BooleanOptionalAction)
+    q.add_argument("--dynamic", help="per-module overrides as JSON (GPTQModel syntax)")
+    q.add_argument("--method", choices=("gptq", "rtn"), help="rtn = round-to-nearest baseline")
+    q.add_argument("--calibration", help="calibration file/directory or HF dataset name")
+    q.add_argument("--profile", choices=("general", "code", "long-context"))
+    q.add_argument("--nsamples", type=int)
+    q.add_argument("--seqlen", type=int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    q.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
+    q.add_argument("--batch-size", dest="batch_size", type=int)
+    q.add_argument("--max-shard-size", dest="max_shard_size")
+    q.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    q.add_argument(
+        "--progress-file",
+        dest="progress_file",
+        help="append JSON-lines progress events here ('-' = stdout)",
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    q.add_argument("--no-progress-bar", dest="no_progress_bar", action="store_true")
+
+    v = sub.add_parser("validate", help="check a GPTQ checkpoint and list serving kernels")
+    v.add_argument("checkpoint")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    e = sub.add_parser("eval", help="perplexity of a model or GPTQ checkpoint on a text file")
+    e.add_argument("model")
+    e.add_argument("--text", required=True, help="UTF-8 text file to score")
+    e.add_argument("--seqlen", type=int, default=2048)
+    e.add_argument("--max-samples", dest="max_samples", type=int, default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
+    e.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    return p
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from gptq_worker.run import quantize
+
+    cfg = worker_config(args)
+    output = quantize(cfg, show_progress=not getattr(args, "no_progress_bar", False))
+    print(f"wrote {output}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from gptq_worker.kernels import sm_text
+    from gptq_worker.validate import validate_checkpoint
+
+    report = validate_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 1 if report.errors else 0
+    status = "FAILED" if report.errors else "OK"
+    print(f"{args.checkpoint}: {status} ({len(report.modules)} quantized modules)")
+    for err in report.errors:
+        print(f"  error: {err}")
+    for warn in report.warnings:
+        print(f"  warning: {warn}")
+    if report.verdicts:
+        print("serving kernels:")
+        for v in report.verdicts:
+            mark = "yes" if v.loads else "no "
+            why = "" if v.loads else ": " + "; ".join(v.reasons)
+            print(f"  {mark} {v.kernel.name:20s} [{sm_text(v.kernel)}]{why}")
+    return 1 if report.errors else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from gptq_worker.evaluate import evaluate
+    from gptq_worker.run import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    result = evaluate(
+        args.model,
+        args.text,
+        args.seqlen,
+        device,
+        resolve_dtype(args.dtype, device),
+        args.max_samples,
+        args.trust_remote_code,
+    )
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from gptq_worker.arch import UnsupportedModel
+    from gptq_worker.calibration import CalibrationError
+    from gptq_worker.run import RunError
+
+    handlers = {"quantize": _quantize, "validate": _validate, "eval": _eval}
+    try:
+        return handlers[args.command](args)
+    except ValidationError as err:
+        print(f"error: {_format_validation(err)}", file=sys.stderr)
+    except (UsageError, RunError, CalibrationError, UnsupportedModel) as err:
+        print(f"error: {err}", file=sys.stderr)
+    except ValueError as err:  # shape and settings checks raised before any work is written
+        print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Settings of a quantization run: one pydantic model for the CLI, config files and the CRD.
+
+Torch-free on purpose: the operator imports these models to embed them in its
+CustomResourceDefinitions, so a spec field is defined exactly once.
+Field names are snake_case in Python and in ``quantize_config.json``; the CRD
+and config files may also use the camelCase aliases (``groupSize``).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class CheckpointFormat(str, Enum):
+    """How zero points are stored: ``gptq`` (v1) stores ``zero - 1``, ``gptq_v2`` the true zero."""
+
+    GPTQ = "gptq"
+    GPTQ_V2 = "gptq_v2"
+
+
+class Method(str, Enum):
+    """``gptq`` is the second-order solve; ``rtn`` is round-to-nearest, the baseline."""
+
+    GPTQ = "gptq"
+    RTN = "rtn"
+
+
+# Keys of a ``dynamic`` override that change how one module is quantized.
+OVERRIDABLE = ("bits", "group_size", "sym", "desc_act", "damp_percent", "static_groups", "mse")
+
+
+class ModuleSettings(_Model):
+    """The settings that apply to one module once ``dynamic`` overrides are resolved."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    mse: float = Field(0.0, ge=0, description="Norm of the scale grid search; 0 turns it off.")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and value < 1:
+            raise ValueError(
+                f"group_size {value} is invalid; use -1 (per channel) or a positive size"
+            )
+        return value
+
+
+class QuantizeConfig(ModuleSettings):
+    """How to quantize a model: the ``quantization`` block of a QuantizationJob."""
+
+    method: Method = Method.GPTQ
+    true_sequential: bool = True
+    damp_auto_increment: float = Field(
+        0.0025, gt=0, lt=1, description="Added to damp_percent each time Cholesky fails."
+    )
+    checkpoint_format: CheckpointFormat = CheckpointFormat.GPTQ
+    lm_head: bool = False
+    dynamic: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description=(
+            "Per-module overrides keyed by regex (GPTQModel syntax): '+:regex' (or a plain "
+            "regex) overrides settings, '-:regex' leaves the module unquantized."
+        ),
+    )
+
+    @field_validator("dynamic")
+    @classmethod
+    def _dynamic(cls, value: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]] | None:
+        if value is None:
+            return None
+        for key, overrides in value.items():
+            pattern = key[2:] if key.startswith(("+:", "-:")) else key
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"dynamic key {key!r} is not a valid regex: {err}") from err
+            unknown = sorted(set(overrides) - set(OVERRIDABLE))
+            if unknown:
+                raise ValueError(
+                    f"dynamic[{key!r}] sets {unknown}; overridable keys are {list(OVERRIDABLE)}"
+                )
+            ModuleSettings(**{**_settings_fields(ModuleSettings()), **overrides})
+        return value
+
+    def for_module(self, name: str) -> ModuleSettings | None:
+        """Settings for module ``name`` after ``dynamic``; None when a ``-:`` rule skips it.
+
+        Negative rules are checked first; then the first positive rule that matches
+        (``re.match``, as GPTQModel and vLLM do) wins.
+        """
+        base = _settings_fields(self)
+        if not self.dynamic:
+            return ModuleSettings(**base)
+        for key in self.dynamic:
+            if key.startswith("-:") and re.match(key[2:], name):
+                return None
+        for key, overrides in self.dynamic.items():
+            if key.startswith("-:"):
+                continue
+            pattern = key[2:] if key.startswith("+:") else key
+            if re.match(pattern, name):
+                return ModuleSettings(**{**base, **overrides})
+        return ModuleSettings(**base)
+
+
+def _settings_fields(settings: ModuleSettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in ModuleSettings.model_fields}
+
+
+class CalibrationProfile(str, Enum):
+    GENERAL = "general"
+    CODE = "code"
+    LONG_CONTEXT = "long-context"
+
+
+# (nsamples, seqlen) per profile.
+PROFILES: dict[CalibrationProfile, tuple[int, int]] = {
+    CalibrationProfile.GENERAL: (128, 2048),
+    CalibrationProfile.CODE: (256, 2048),
+    CalibrationProfile.LONG_CONTEXT: (128, 4096),
+}
+
+
+class CalibrationConfig(_Model):
+    """Where calibration text comes from and how much of it to use."""
+
+    dataset: str | None = Field(
+        None,
+        description=(
+            "A local .txt/.jsonl/.parquet file or a directory of them, or a Hugging Face "
+            "dataset name (needs network). Unset: the worker's built-in offline text."
+        ),
+    )
+    profile: CalibrationProfile = CalibrationProfile.GENERAL
+    nsamples: Annotated[int, Field(ge=1)] | None = None
+    seqlen: Annotated[int, Field(ge=8)] | None = None
+    seed: int = 0
+
+    def resolved(self) -> tuple[int, int]:
+        """(nsamples, seqlen): explicit values, else the profile's."""
+        nsamples, seqlen = PROFILES[self.profile]
+        return self.nsamples or nsamples, self.seqlen or seqlen
+
+
+class WorkerConfig(_Model):
+    """Everything ``gptq-worker quantize`` needs; the shape of ``--config FILE``."""
+
+    model: str
+    output: str
+    quantization: QuantizeConfig = QuantizeConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
+    device: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    batch_size: int = Field(1, ge=1)
+    max_shard_size: str = "4GB"
+    trust_remote_code: bool = False
+    progress_file: str | None = None
+    overwrite: bool = False
+
+    @model_validator(mode="after")
+    def _distinct(self) -> WorkerConfig:
+        if Path(self.model).expanduser().resolve() == Path(self.output).expanduser().resolve():
+            raise ValueError("output must differ from model: the source would be overwritten")
+        return self
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a dict (validated later, with CLI overrides)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"cannot read config file {path}: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML/JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data

@@ -1,0 +1,345 @@
+"""The layer-by-layer driver around the GPTQ core (paper, section 4 and Algorithm 1's outer loop).
+
+1. Capture: run the calibration batches through the model with every decoder layer
+   replaced by a recorder, keeping layer 0's hidden states and every keyword argument each
+   layer receives (masks and rotary embeddings can differ per layer type).
+2. Per layer, on the accelerator: for each true-sequential group, run the layer with a
+   pre-hook on the group's first module that folds its input into one shared Hessian
+   and stops the forward there; quantize the group's modules; then re-run the whole layer
+   with quantized weights so the next layer sees quantized inputs.
+Only the current layer is on the accelerator; the rest of the model stays on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gptq_worker.arch import (
+    Architecture,
+    features,
+    is_quantizable,
+    set_weight_matrix,
+    weight_matrix,
+)
+from gptq_worker.config import CheckpointFormat, Method, ModuleSettings, QuantizeConfig
+from gptq_worker.gptq import QuantizedWeight, accumulate_hessian, gptq_quantize, rtn_quantize
+from gptq_worker.pack import (
+    dequantize_packed,
+    pack_qweight,
+    pack_qzeros,
+    values_per_chunk,
+)
+from gptq_worker.progress import Progress
+from gptq_worker.state import WorkState
+
+
+class _Stop(Exception):
+    """Raised from a hook once everything needed from a forward pass has been seen."""
+
+
+@dataclass
+class Activations:
+    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch, [b, seq, hidden]
+    args: list[list[tuple]] = field(default_factory=list)  # per layer, per batch
+    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # per layer, per batch
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its inputs, passes hidden through."""
+
+    def __init__(self, layer: nn.Module, index: int, acts: Activations, last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_wrapped", layer)  # not a submodule: it must not move
+        self._index, self._acts, self._last = index, acts, last
+
+    def __getattr__(self, name: str) -> Any:  # models read e.g. ``decoder_layer.attention_type``
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_wrapped"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._index == 0:
+            self._acts.hidden.append(hidden_states.detach())
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+        self._acts.args[self._index].append(args)
+        self._acts.kwargs[self._index].append(kwargs)
+        if self._last:
+            raise _Stop
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module, arch: Architecture, batches: list[torch.Tensor], device: torch.device
+) -> Activations:
+    layers = model.get_submodule(arch.layers)
+    originals = list(layers)
+    acts = Activations(args=[[] for _ in originals], kwargs=[[] for _ in originals])
+    for i, layer in enumerate(originals):
+        layers[i] = _Recorder(layer, i, acts, last=i == len(originals) - 1)
+    try:
+        model.to(device)  # embeddings, rotary tables, norms: the layers are not submodules now
+        for batch in batches:
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        model.to("cpu")
+    return acts
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def _forward(layer: nn.Module, acts: Activations, index: int) -> list[torch.Tensor]:
+    return [
+        _layer_output(layer(h, *acts.args[index][b], **acts.kwargs[index][b]))
+        for b, h in enumerate(acts.hidden)
+    ]
+
+
+@torch.no_grad()
+def _collect_hessians(
+    layer: nn.Module, groups: list[list[str]], acts: Activations, index: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """One fp32 Hessian per group (keyed by its first module), from one pass over the batches."""
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    handles = []
+    for g, group in enumerate(groups):
+        head = group[0]
+        in_features, _ = features(layer.get_submodule(head))
+        hessians[head] = torch.zeros(in_features, in_features, device=device)
+        counts[head] = 0
+
+        def hook(
+            _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
+        ) -> None:
+            hessians[head], counts[head] = accumulate_hessian(
+                hessians[head], counts[head], inputs[0]
+            )
+            if stop:
+                raise _Stop
+
+        handles.append(layer.get_submodule(head).register_forward_pre_hook(hook))
+    try:
+        for b, h in enumerate(acts.hidden):
+            with contextlib.suppress(_Stop):
+                layer(h, *acts.args[index][b], **acts.kwargs[index][b])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def _solve(
+    weight: torch.Tensor, H: torch.Tensor | None, s: ModuleSettings, cfg: QuantizeConfig
+) -> QuantizedWeight:
+    min_zero = 1 if cfg.checkpoint_format == CheckpointFormat.GPTQ and not s.sym else 0
+    if H is None:
+        return rtn_quantize(
+            weight, bits=s.bits, group_size=s.group_size, sym=s.sym, mse=s.mse, min_zero=min_zero
+        )
+    return gptq_quantize(
+        weight,
+        H,
+        bits=s.bits,
+        group_size=s.group_size,
+        sym=s.sym,
+        desc_act=s.desc_act,
+        static_groups=s.static_groups,
+        damp_percent=s.damp_percent,
+        damp_increment=cfg.damp_auto_increment,
+        mse=s.mse,
+        min_zero=min_zero,
+    )
+
+
+def packed_tensors(
+    prefix: str, q: QuantizedWeight, bits: int, fmt: CheckpointFormat
+) -> dict[str, torch.Tensor]:
+    return {
+        f"{prefix}.qweight": pack_qweight(q.codes.cpu(), bits),
+        f"{prefix}.qzeros": pack_qzeros(q.zeros.cpu(), bits, fmt),
+        f"{prefix}.scales": q.scales.cpu().half(),
+        f"{prefix}.g_idx": q.g_idx.cpu().to(torch.int32),
+    }
+
+
+def restore_weight(
+    module: nn.Module,
+    prefix: str,
+    tensors: dict[str, torch.Tensor],
+    bits: int,
+    fmt: CheckpointFormat,
+) -> None:
+    """Put the dequantized weight that ``tensors`` describe back into ``module``."""
+    w = dequantize_packed(
+        tensors[f"{prefix}.qweight"],
+        tensors[f"{prefix}.qzeros"],
+        tensors[f"{prefix}.scales"],
+        tensors[f"{prefix}.g_idx"],
+        bits,
+        fmt,
+    )
+    set_weight_matrix(module, w)
+
+
+def plan(model: nn.Module, arch: Architecture, cfg: QuantizeConfig) -> dict[str, ModuleSettings]:
+    """Settings of every module that will be quantized, checked against its shape up front."""
+    layers = model.get_submodule(arch.layers)
+    names = [f"{arch.layers}.{i}.{n}" for i in range(len(layers)) for g in arch.groups for n in g]
+    if cfg.lm_head:
+        names.append(arch.lm_head)
+    settings: dict[str, ModuleSettings] = {}
+    for name in names:
+        s = cfg.for_module(name)
+        if s is None:
+            continue
+        module = model.get_submodule(name)
+        if not is_quantizable(module):
+            raise ValueError(f"{name} is {type(module).__name__}, not Linear or Conv1D")
+        in_features, out_features = features(module)
+        if s.group_size != -1 and in_features % s.group_size:
+            divisors = [d for d in (128, 64, 32, 16) if in_features % d == 0]
+            hint = f"use group_size {divisors[0]} or -1" if divisors else "use group_size -1"
+            raise ValueError(
+                f"{name}: in_features {in_features} is not a multiple of group_size "
+                f"{s.group_size}; {hint}, or skip the module with dynamic '-:{name}'"
+            )
+        chunk = values_per_chunk(s.bits)
+        for what, size in (("in_features", in_features), ("out_features", out_features)):
+            if size % chunk:
+                raise ValueError(
+                    f"{name}: {what} {size} is not a multiple of {chunk}, so {s.bits}-bit "
+                    f"values cannot be packed into int32 words; skip it with dynamic '-:{name}'"
+                )
+        settings[name] = s
+    if not settings:
+        raise ValueError("no module is left to quantize: every one is skipped by 'dynamic'")
+    return settings
+
+
+@torch.no_grad()
+def quantize_layers(
+    model: nn.Module,
+    arch: Architecture,
+    cfg: QuantizeConfig,
+    settings: dict[str, ModuleSettings],
+    acts: Activations,
+    device: torch.device,
+    state: WorkState,
+    progress: Progress,
+    on_layer: Callable[[int], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
+
+    ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
+    """
+    fmt = cfg.checkpoint_format
+    layers = model.get_submodule(arch.layers)
+    packed: dict[str, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        prefix = f"{arch.layers}.{i}"
+        names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
+        layer.to(device)
+        resumed = i < state.layers_done
+        losses: dict[str, dict[str, float]] = {}
+        layer_packed: dict[str, torch.Tensor] = {}
+        if resumed:
+            layer_packed = state.load_layer(i)
+            for short, full in names.items():
+                if full in settings:
+                    restore_weight(
+                        layer.get_submodule(short), full, layer_packed, settings[full].bits, fmt
+                    )
+        else:
+            passes = [[g] for g in arch.groups] if cfg.true_sequential else [list(arch.groups)]
+            for groups in passes:
+                groups = [[n for n in g if names[n] in settings] for g in groups]
+                groups = [g for g in groups if g]
+                if not groups:
+                    continue
+                hessians = (
+                    {}
+                    if cfg.method == Method.RTN
+                    else _collect_hessians(layer, groups, acts, i, device)
+                )
+                for group in groups:
+                    for short in group:
+                        full = names[short]
+                        module = layer.get_submodule(short)
+                        q = _solve(
+                            weight_matrix(module), hessians.get(group[0]), settings[full], cfg
+                        )
+                        set_weight_matrix(module, q.weight)
+                        layer_packed.update(packed_tensors(full, q, settings[full].bits, fmt))
+                        losses[full] = {"loss": round(q.loss, 6), "damp": round(q.damp, 6)}
+                        del q
+                del hessians
+        acts.hidden = _forward(layer, acts, i)
+        layer.to("cpu")
+        if not resumed:
+            state.save_layer(i, layer_packed, losses)
+        packed.update(layer_packed)
+        progress.layer_done(i, losses or _saved_losses(state, names), resumed)
+        if on_layer is not None:
+            on_layer(i)
+    if cfg.lm_head and arch.lm_head in settings:
+        packed.update(
+            _quantize_lm_head(
+                model, arch, cfg, settings[arch.lm_head], acts, device, state, len(layers)
+            )
+        )
+    return packed
+
+
+def _saved_losses(state: WorkState, names: dict[str, str]) -> dict[str, dict[str, float]]:
+    return {full: state.losses[full] for full in names.values() if full in state.losses}
+
+
+def _quantize_lm_head(
+    model: nn.Module,
+    arch: Architecture,
+    cfg: QuantizeConfig,
+    s: ModuleSettings,
+    acts: Activations,
+    device: torch.device,
+    state: WorkState,
+    index: int,
+) -> dict[str, torch.Tensor]:
+    head = model.get_submodule(arch.lm_head)
+    if getattr(model.config, "tie_word_embeddings", False):  # quantized head cannot stay tied
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+    if state.layers_done > index:
+        tensors = state.load_layer(index)
+        restore_weight(head, arch.lm_head, tensors, s.bits, cfg.checkpoint_format)
+        return tensors
+    norm = model.get_submodule(arch.final_norm).to(device)
+    head.to(device)
+    H = None
+    if cfg.method != Method.RTN:
+        in_features, _ = features(head)
+        H, n = torch.zeros(in_features, in_features, device=device), 0
+        for h in acts.hidden:
+            H, n = accumulate_hessian(H, n, norm(h))
+    q = _solve(weight_matrix(head), H, s, cfg)
+    set_weight_matrix(head, q.weight)
+    tensors = packed_tensors(arch.lm_head, q, s.bits, cfg.checkpoint_format)
+    norm.to("cpu")
+    head.to("cpu")
+    state.save_layer(
+        index, tensors, {arch.lm_head: {"loss": round(q.loss, 6), "damp": round(q.damp, 6)}}
+    )
+    return tensors

@@ -1,0 +1,92 @@
+"""``gptq-worker eval``: perplexity of a model or a GPTQ checkpoint on a text file."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def is_gptq_checkpoint(directory: Path) -> bool:
+    if (directory / "quantize_config.json").exists():
+        return True
+    config = directory / "config.json"
+    return config.exists() and "quantization_config" in json.loads(config.read_text())
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    ids: torch.Tensor,
+    seqlen: int,
+    device: torch.device,
+    max_samples: int | None = None,
+) -> tuple[float, int]:
+    """exp(mean next-token NLL) over non-overlapping ``seqlen`` windows of ``ids``.
+
+    Returns (perplexity, tokens scored).
+    """
+    windows = ids.numel() // seqlen
+    if windows == 0:
+        raise ValueError(
+            f"evaluation text has {ids.numel()} tokens, fewer than one window of "
+            f"{seqlen}; pass a longer text or a smaller --seqlen"
+        )
+    if max_samples:
+        windows = min(windows, max_samples)
+    nll, count = 0.0, 0
+    for w in range(windows):
+        x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(input_ids=x, use_cache=False).logits.float()
+        loss = nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
+        nll += float(loss)
+        count += seqlen - 1
+    return math.exp(nll / count), count
+
+
+def evaluate(
+    model_path: str,
+    text_path: str,
+    seqlen: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_samples: int | None,
+    trust_remote_code: bool = False,
+) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_path)
+    text_file = Path(text_path)
+    if not text_file.is_file():
+        raise ValueError(f"evaluation text {text_path} does not exist")
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"evaluation text {text_path} is empty")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    quantized = path.is_dir() and is_gptq_checkpoint(path)
+    if quantized:
+        from gptq_worker.checkpoint import load_quantized_model
+
+        model = load_quantized_model(
+            path, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code
+        )
+    else:
+        model = (
+            AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+            .to(device)
+            .eval()
+        )
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.int64)
+    ppl, tokens = perplexity(model, ids, seqlen, device, max_samples)
+    return {
+        "model": model_path,
+        "quantized": quantized,
+        "perplexity": round(ppl, 4),
+        "tokens": tokens,
+        "seqlen": seqlen,
+    }

@@ -1,0 +1,59 @@
+"""Progress for people (a bar on stderr) and for machines (JSON lines the operator reads)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from tqdm import tqdm
+
+
+class Progress:
+    """Emits ``{"event": ..., "time": ..., ...}`` JSON lines and drives a layer progress bar.
+
+    ``sink`` is a file path, ``-`` for stdout, or None for no events.
+    """
+
+    def __init__(self, sink: str | None, total_layers: int, show_bar: bool = True) -> None:
+        self._fh: IO[str] | None = None
+        if sink == "-":
+            self._fh = sys.stdout
+        elif sink:
+            Path(sink).parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(sink, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        self.total = total_layers
+        self.start = time.monotonic()
+        self._bar = tqdm(
+            total=total_layers, unit="layer", desc="quantize", disable=not show_bar, file=sys.stderr
+        )
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self._fh is None:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self._fh.write(json.dumps(record, sort_keys=False) + "\n")
+        self._fh.flush()
+
+    def layer_done(self, layer: int, modules: dict[str, dict[str, float]], resumed: bool) -> None:
+        """Layer ``layer`` (0-based) finished; ``modules`` maps a name to its loss and damping."""
+        elapsed = time.monotonic() - self.start
+        done = layer + 1
+        eta = elapsed / done * (self.total - done)
+        self.emit(
+            "layer",
+            layer=done,
+            layers=self.total,
+            elapsed_s=round(elapsed, 3),
+            eta_s=round(eta, 3),
+            resumed=resumed,
+            modules=modules,
+        )
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+        if self._fh is not None and self._fh is not sys.stdout:
+            self._fh.close()

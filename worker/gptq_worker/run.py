@@ -1,0 +1,221 @@
+"""One quantization run, start to finish: what ``gptq-worker quantize`` does.
+
+Crash safety: all work happens in ``.<output-name>.gptq-work/`` beside the output. The
+finished checkpoint is written there, validated, and only then renamed to the output
+path, so a checkpoint at the output path is always complete. The work directory keeps
+finished layers, so running the same command again resumes after the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gptq_worker.arch import architecture_for
+from gptq_worker.calibration import batches, calibration_samples, fingerprint
+from gptq_worker.checkpoint import write_checkpoint
+from gptq_worker.config import WorkerConfig
+from gptq_worker.engine import capture_inputs, plan, quantize_layers
+from gptq_worker.progress import Progress
+from gptq_worker.state import WorkState
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class RunError(RuntimeError):
+    """A problem with the run's inputs or environment, reported to the user as is."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"device {name!r} was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def work_dir_for(output: Path) -> Path:
+    return output.parent / f".{output.name}.gptq-work"
+
+
+def check_output(output: Path, overwrite: bool) -> Path:
+    """Fail before any work if the output cannot be written; returns the work directory."""
+    if output.exists() and not output.is_dir():
+        raise RunError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise RunError(
+            f"output {output} exists and is not empty; choose another path or pass --overwrite"
+        )
+    work = work_dir_for(output)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"output {output} is not writable: {err.strerror} ({work})") from err
+    return work
+
+
+def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool):
+    """Model (on CPU) and tokenizer from a local directory or a Hugging Face model id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source).expanduser()
+    if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
+        raise RunError(
+            f"model {source} does not exist (expected a local directory or a "
+            "Hugging Face id like org/name)"
+        )
+    if path.exists() and not (path / "config.json").exists():
+        raise RunError(f"model directory {path} has no config.json; is it a Hugging Face model?")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
+        )
+    except (OSError, ValueError) as err:
+        raise RunError(f"could not load model {source}: {err}") from err
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def run_fingerprint(cfg: WorkerConfig, model_config: dict, samples_fp: str, dtype: str) -> str:
+    payload = {
+        "model": cfg.model,
+        "model_config": model_config,
+        "quantization": cfg.quantization.model_dump(mode="json"),
+        "calibration": samples_fp,
+        "dtype": dtype,
+        "batch_size": cfg.batch_size,
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def quantize(
+    cfg: WorkerConfig, show_progress: bool = True, on_layer: Callable[[int], None] | None = None
+) -> Path:
+    """Quantize ``cfg.model`` into ``cfg.output``; returns the output path.
+
+    ``on_layer(i)`` is called after decoder layer ``i`` is finished and saved.
+    """
+    started = time.monotonic()
+    output = Path(cfg.output).expanduser().resolve()
+    work = check_output(output, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.calibration.dataset is None:
+        raise RunError(
+            "no calibration data: pass --calibration PATH (a .txt/.jsonl/.parquet "
+            "file or a directory of them) or a Hugging Face dataset name"
+        )
+    model, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code)
+    progress = None
+    try:
+        packed, progress = quantize_model(
+            model, tokenizer, cfg, device, work, show_progress, on_layer
+        )
+        staging = work / "checkpoint"
+        if staging.exists():
+            shutil.rmtree(staging)
+        write_checkpoint(staging, model, tokenizer, packed, cfg.quantization, cfg.max_shard_size)
+        from gptq_worker.validate import validate_checkpoint
+
+        report = validate_checkpoint(staging)
+        if report.errors:
+            raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
+        _publish(staging, output, work)
+        progress.emit(
+            "done",
+            output=str(output),
+            elapsed_s=round(time.monotonic() - started, 3),
+            kernels=report.loadable_kernels(),
+        )
+    except BaseException as err:
+        if progress is not None:
+            progress.emit("failed", error=str(err) or type(err).__name__)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+    shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def quantize_model(
+    model,
+    tokenizer,
+    cfg: WorkerConfig,
+    device: torch.device,
+    work: Path,
+    show_progress: bool = True,
+    on_layer: Callable[[int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], Progress]:
+    """Quantize ``model`` in place (its weights become the dequantized ones).
+
+    Returns the packed tensors of every quantized module and the open progress reporter.
+    Finished layers are kept under ``work`` and reused when the same run starts again.
+    """
+    arch = architecture_for(model)
+    settings = plan(model, arch, cfg.quantization)
+    nsamples, seqlen = cfg.calibration.resolved()
+    samples = calibration_samples(
+        cfg.calibration.dataset, tokenizer, nsamples, seqlen, cfg.calibration.seed
+    )
+    layers = model.get_submodule(arch.layers)
+    state = WorkState(
+        work / "state",
+        run_fingerprint(
+            cfg, model.config.to_dict(), fingerprint(samples), str(next(model.parameters()).dtype)
+        ),
+    )
+    resumed_from = state.open()
+    progress = Progress(cfg.progress_file, len(layers), show_bar=show_progress)
+    progress.emit(
+        "start",
+        model=cfg.model,
+        output=cfg.output,
+        layers=len(layers),
+        modules=len(settings),
+        samples=int(samples.shape[0]),
+        seqlen=seqlen,
+        device=str(device),
+        resumed_from_layer=resumed_from,
+    )
+    try:
+        acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
+        packed = quantize_layers(
+            model, arch, cfg.quantization, settings, acts, device, state, progress, on_layer
+        )
+    except BaseException as err:
+        progress.emit("failed", error=str(err) or type(err).__name__)
+        progress.close()
+        raise
+    return packed, progress
+
+
+def _publish(staging: Path, output: Path, work: Path) -> None:
+    """Move the finished checkpoint to ``output`` with renames only."""
+    if output.exists():
+        old = work / "previous-output"
+        os.replace(output, old)
+    os.replace(staging, output)

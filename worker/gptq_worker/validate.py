@@ -1,0 +1,245 @@
+"""``gptq-worker validate``: does a checkpoint's config describe its tensors, and who can serve it.
+
+Catches what loaders do not: a config that says group_size 128 over tensors packed with 64
+gives garbage output without any error in most serving engines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gptq_worker.checkpoint import QUANT_SUFFIXES, read_quantize_config, shard_files
+from gptq_worker.config import CheckpointFormat, QuantizeConfig
+from gptq_worker.kernels import QuantizedModule, Verdict, serving_kernels
+from gptq_worker.pack import unpack_qzeros, values_per_chunk
+
+_KEYS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format", "lm_head")
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    modules: list[QuantizedModule] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    config: QuantizeConfig | None = None
+
+    def loadable_kernels(self) -> list[str]:
+        return [v.kernel.name for v in self.verdicts if v.loads]
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": not self.errors,
+            "errors": self.errors,
+            "warnings": self.warnings,
+            "modules": len(self.modules),
+            "kernels": {
+                v.kernel.name: {"loads": v.loads, "reasons": v.reasons} for v in self.verdicts
+            },
+        }
+
+
+def validate_checkpoint(directory: str | Path) -> Report:
+    directory = Path(directory)
+    report = Report()
+    try:
+        cfg = read_quantize_config(directory)
+    except (OSError, ValueError) as err:
+        report.errors.append(f"config: {err}")
+        return report
+    report.config = cfg
+    _check_config_agreement(directory, report)
+    tensors = _open_tensors(directory, report)
+    if tensors is None:
+        return report
+
+    prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
+    if not prefixes:
+        report.errors.append("no quantized module (no *.qweight tensor) in the checkpoint")
+    for prefix in prefixes:
+        _check_module(prefix, tensors, cfg, report)
+    has_head = any(p == "lm_head" or p.endswith(".lm_head") for p in prefixes)
+    if cfg.lm_head and not has_head:
+        report.errors.append("config says lm_head is quantized but there is no lm_head.qweight")
+    if has_head and not cfg.lm_head:
+        report.errors.append("lm_head is packed but the config says lm_head false")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            report.errors.append(f"{key}: contains NaN or Inf")
+    report.verdicts = serving_kernels(report.modules, cfg.checkpoint_format)
+    return report
+
+
+def _check_config_agreement(directory: Path, report: Report) -> None:
+    qc_file, config_file = directory / "quantize_config.json", directory / "config.json"
+    if not (qc_file.exists() and config_file.exists()):
+        return
+    qc = json.loads(qc_file.read_text())
+    embedded = json.loads(config_file.read_text()).get("quantization_config")
+    if embedded is None:
+        report.warnings.append("config.json has no quantization_config (vLLM reads it there)")
+        return
+    for key in _KEYS:
+        if key in qc and key in embedded and qc[key] != embedded[key]:
+            report.errors.append(
+                f"quantize_config.json says {key}={qc[key]!r} but "
+                f"config.json says {embedded[key]!r}"
+            )
+
+
+def _open_tensors(directory: Path, report: Report) -> dict[str, torch.Tensor] | None:
+    try:
+        files = shard_files(directory)
+    except FileNotFoundError as err:
+        report.errors.append(str(err))
+        return None
+    index = directory / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.exists():
+            report.errors.append(f"{path.name} is listed in the index but missing")
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118
+                    tensors[key] = fh.get_tensor(key)
+        except Exception as err:  # safetensors raises its own error type for corrupt files
+            report.errors.append(f"{path.name} cannot be read (truncated or corrupt?): {err}")
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(tensors))
+        if missing:
+            report.errors.append(f"index lists tensors not in any shard: {missing[:5]}")
+    return tensors
+
+
+def _check_module(
+    prefix: str, tensors: dict[str, torch.Tensor], cfg: QuantizeConfig, report: Report
+) -> None:
+    parts = {s: tensors.get(f"{prefix}.{s}") for s in QUANT_SUFFIXES}
+    absent = [s for s, t in parts.items() if t is None]
+    if absent:
+        report.errors.append(f"{prefix}: missing {', '.join(absent)}")
+        return
+    settings = cfg.for_module(prefix)
+    if settings is None:
+        report.errors.append(f"{prefix}: packed, but 'dynamic' marks it as not quantized")
+        return
+    qweight, qzeros, scales, g_idx = (parts[s] for s in QUANT_SUFFIXES)
+    for name, t, dtype in (
+        ("qweight", qweight, torch.int32),
+        ("qzeros", qzeros, torch.int32),
+        ("scales", scales, torch.float16),
+        ("g_idx", g_idx, torch.int32),
+    ):
+        if t.dtype != dtype:
+            report.errors.append(f"{prefix}.{name}: dtype {t.dtype}, expected {dtype}")
+    bias = tensors.get(f"{prefix}.bias")
+    if bias is not None and bias.dtype != torch.float16:
+        report.warnings.append(f"{prefix}.bias: dtype {bias.dtype}, loaders expect float16")
+    bits, gs = settings.bits, settings.group_size
+    if g_idx.dim() != 1 or scales.dim() != 2 or qweight.dim() != 2 or qzeros.dim() != 2:
+        report.errors.append(f"{prefix}: tensors have the wrong number of dimensions")
+        return
+    in_f, out_f = g_idx.shape[0], scales.shape[1]
+    errors_before = len(report.errors)
+    chunk = values_per_chunk(bits)
+    if in_f % chunk or out_f % chunk:
+        report.errors.append(
+            f"{prefix}: in/out features {in_f}/{out_f} cannot be packed at "
+            f"{bits} bits (multiples of {chunk} needed)"
+        )
+        return
+    if tuple(qweight.shape) != (in_f * bits // 32, out_f):
+        report.errors.append(
+            f"{prefix}.qweight: shape {list(qweight.shape)}, expected "
+            f"{[in_f * bits // 32, out_f]} for {bits}-bit in={in_f} out={out_f}"
+            + _bits_hint(qweight.shape[0], in_f, bits)
+        )
+    if gs != -1 and in_f % gs:
+        report.errors.append(f"{prefix}: in_features {in_f} is not a multiple of group_size {gs}")
+        return
+    groups = 1 if gs == -1 else in_f // gs
+    if scales.shape[0] != groups:
+        seen = in_f // scales.shape[0] if scales.shape[0] and in_f % scales.shape[0] == 0 else "?"
+        report.errors.append(
+            f"{prefix}.scales: {scales.shape[0]} groups, but group_size {gs} over in_features "
+            f"{in_f} gives {groups} (the tensors look like group_size {seen})"
+        )
+    if tuple(qzeros.shape) != (scales.shape[0], out_f * bits // 32):
+        report.errors.append(
+            f"{prefix}.qzeros: shape {list(qzeros.shape)}, expected "
+            f"{[scales.shape[0], out_f * bits // 32]}"
+        )
+    if len(report.errors) > errors_before:
+        return
+    _check_g_idx(prefix, g_idx, gs, groups, settings.desc_act, report)
+    if not torch.isfinite(scales).all():
+        report.errors.append(f"{prefix}.scales: contains NaN or Inf")
+    _check_zeros(prefix, qzeros, bits, out_f, settings.sym, cfg.checkpoint_format, report)
+    report.modules.append(QuantizedModule(prefix, in_f, out_f, settings))
+
+
+def _bits_hint(rows: int, in_f: int, bits: int) -> str:
+    for other in (2, 3, 4, 8):
+        if other != bits and rows == in_f * other // 32:
+            return f" (the tensor looks {other}-bit)"
+    return ""
+
+
+def _check_g_idx(
+    prefix: str, g_idx: torch.Tensor, gs: int, groups: int, desc_act: bool, report: Report
+) -> None:
+    g = g_idx.long()
+    if g.min() < 0 or g.max() >= groups:
+        report.errors.append(f"{prefix}.g_idx: values outside [0, {groups})")
+        return
+    if gs == -1:
+        if (g != 0).any():
+            report.errors.append(f"{prefix}.g_idx: group_size -1 needs every entry 0")
+        return
+    sequential = torch.arange(g.shape[0]) // gs
+    if torch.equal(g, sequential):
+        return
+    if not desc_act:
+        report.errors.append(
+            f"{prefix}.g_idx: not j // {gs}, yet desc_act is false (the "
+            "checkpoint was quantized with act-order or another group_size)"
+        )
+        return
+    counts = torch.bincount(g, minlength=groups)
+    if (counts != gs).any():
+        report.errors.append(f"{prefix}.g_idx: groups do not each hold {gs} columns")
+
+
+def _check_zeros(
+    prefix: str,
+    qzeros: torch.Tensor,
+    bits: int,
+    out_f: int,
+    sym: bool,
+    fmt: CheckpointFormat,
+    report: Report,
+) -> None:
+    if not sym:
+        return  # any stored value is legal for asymmetric zero points
+    mid = 2 ** (bits - 1)
+    zeros = unpack_qzeros(qzeros, bits, out_f, fmt)
+    if (zeros == mid).all():
+        return
+    other = CheckpointFormat.GPTQ_V2 if fmt == CheckpointFormat.GPTQ else CheckpointFormat.GPTQ
+    if (unpack_qzeros(qzeros, bits, out_f, other) == mid).all():
+        report.errors.append(
+            f"{prefix}.qzeros: symmetric zero points are stored the {other.value} way, but the "
+            f"config says checkpoint_format {fmt.value}"
+        )
+    else:
+        report.errors.append(
+            f"{prefix}.qzeros: symmetric {bits}-bit zero points must all be "
+            f"{mid} ({fmt.value} convention)"
+        )
