@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from gptq_worker.gptq import (
     HessianNotPositiveDefinite,
     accumulate_hessian,
@@ -111,8 +110,9 @@ def test_act_order_g_idx_maps_every_column_to_its_group(static_groups):
     W = torch.randn(16, 128)
     H = _hessian(_calibration(128))
     gs = 32
-    q = gptq_quantize(W, H, bits=4, group_size=gs, sym=True, desc_act=True,
-                      static_groups=static_groups)
+    q = gptq_quantize(
+        W, H, bits=4, group_size=gs, sym=True, desc_act=True, static_groups=static_groups
+    )
     perm = torch.argsort(torch.diag(H), descending=True, stable=True)
     invperm = torch.argsort(perm)
     expected = torch.arange(128) // gs if static_groups else invperm // gs

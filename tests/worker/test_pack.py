@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from gptq_worker.config import CheckpointFormat
 from gptq_worker.pack import (
     dequantize_packed,
@@ -71,8 +70,11 @@ def test_weight_and_zero_round_trips(bits, fmt, sym):
     out_f, in_f, groups = 64, 128, 4
     codes = torch.randint(0, 2**bits, (out_f, in_f), generator=g)
     lo = 1 if fmt == CheckpointFormat.GPTQ else 0  # v1 cannot store a zero point of 0
-    zeros = (torch.full((groups, out_f), 2 ** (bits - 1)) if sym
-             else torch.randint(lo, 2**bits, (groups, out_f), generator=g))
+    zeros = (
+        torch.full((groups, out_f), 2 ** (bits - 1))
+        if sym
+        else torch.randint(lo, 2**bits, (groups, out_f), generator=g)
+    )
     qweight = pack_qweight(codes, bits)
     qzeros = pack_qzeros(zeros, bits, fmt)
     assert qweight.shape == (in_f * bits // 32, out_f)

@@ -71,6 +71,13 @@ def validate_checkpoint(directory: str | Path) -> Report:
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             report.errors.append(f"{key}: contains NaN or Inf")
+    if cfg.checkpoint_format == CheckpointFormat.GPTQ and any(
+        not m.settings.sym for m in report.modules
+    ):
+        report.warnings.append(
+            "asymmetric gptq (v1) checkpoint: vLLM and our runtime load it, but GPTQModel "
+            "loads asymmetric v1 only from its own quantizer; write gptq_v2 for GPTQModel"
+        )
     report.verdicts = serving_kernels(report.modules, cfg.checkpoint_format)
     return report
 

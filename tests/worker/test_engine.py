@@ -1,0 +1,166 @@
+"""End to end on tiny random models (tier 2): quantize -> save -> reload -> same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from gptq_worker.checkpoint import load_quantized_model, load_tensors, write_checkpoint
+from gptq_worker.run import load_model, quantize, quantize_model
+from gptq_worker.validate import validate_checkpoint
+from safetensors.torch import load_file
+
+from .conftest import sample_ids, worker_config
+
+ARCHS = ["llama", "qwen3", "phi3", "gemma", "gpt2"]
+
+
+def _fake_quantized(model_dir, tmp_path, calibration, **quantization):
+    """The model as the engine leaves it in memory, with its packed tensors."""
+    cfg = worker_config(model_dir, tmp_path / "unused", calibration, **quantization)
+    model, tokenizer = load_model(str(model_dir), torch.float32, False)
+    packed, progress = quantize_model(
+        model, tokenizer, cfg, torch.device("cpu"), tmp_path / "work", show_progress=False
+    )
+    progress.close()
+    return model, tokenizer, packed, cfg
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reloaded_checkpoint_matches_fake_quantized_model(
+    arch, model_dir, tmp_path, calibration_file
+):
+    src = model_dir(arch)
+    model, tokenizer, packed, cfg = _fake_quantized(
+        src, tmp_path, calibration_file, bits=4, group_size=32
+    )
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, model, tokenizer, packed, cfg.quantization)
+    assert validate_checkpoint(out).errors == []
+
+    reloaded = load_quantized_model(out)
+    ids = sample_ids(len(tokenizer))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        got = reloaded(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and quantization really changed the model
+    original = load_model(str(src), torch.float32, False)[0]
+    with torch.no_grad():
+        assert not torch.allclose(original(input_ids=ids).logits, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"bits": 3, "group_size": 32, "sym": False, "desc_act": True},
+        {"bits": 2, "group_size": -1, "sym": True, "true_sequential": False},
+        {"bits": 8, "group_size": 64, "desc_act": True, "static_groups": True, "mse": 2.4},
+        {"bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2", "sym": False},
+    ],
+    ids=["3bit-asym-actorder", "2bit-perchannel-nontrueseq", "8bit-static-mse", "4bit-v2"],
+)
+def test_settings_round_trip(settings, model_dir, tmp_path, calibration_file):
+    model, tokenizer, packed, cfg = _fake_quantized(
+        model_dir("llama"), tmp_path, calibration_file, **settings
+    )
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, model, tokenizer, packed, cfg.quantization)
+    report = validate_checkpoint(out)
+    assert report.errors == []
+    ids = sample_ids(len(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_quantized_model(out)(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_dynamic_overrides_and_skips(model_dir, tmp_path, calibration_file):
+    dynamic = {
+        r"-:.*\.1\.mlp\.down_proj": {},
+        r"+:.*\.(q_proj|k_proj|v_proj|qkv_proj)": {"bits": 8, "group_size": 64},
+    }
+    model, tokenizer, packed, cfg = _fake_quantized(
+        model_dir("llama"), tmp_path, calibration_file, bits=4, group_size=32, dynamic=dynamic
+    )
+    assert "model.layers.1.mlp.down_proj.qweight" not in packed
+    assert "model.layers.0.mlp.down_proj.qweight" in packed
+    q = packed["model.layers.0.self_attn.q_proj.qweight"]
+    assert q.shape[0] == 128 * 8 // 32  # 8-bit rows
+    assert packed["model.layers.0.self_attn.q_proj.scales"].shape[0] == 128 // 64
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, model, tokenizer, packed, cfg.quantization)
+    assert validate_checkpoint(out).errors == []
+    tensors = load_tensors(out)
+    assert "model.layers.1.mlp.down_proj.weight" in tensors  # kept in fp16
+    ids = sample_ids(len(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_quantized_model(out)(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_lm_head_quantization_unties_embeddings(model_dir, tmp_path, calibration_file):
+    src = model_dir("llama", tie_word_embeddings=True)
+    model, tokenizer, packed, cfg = _fake_quantized(src, tmp_path, calibration_file, lm_head=True)
+    assert "lm_head.qweight" in packed
+    out = tmp_path / "ckpt"
+    write_checkpoint(out, model, tokenizer, packed, cfg.quantization)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert config["quantization_config"]["lm_head"] is True
+    ids = sample_ids(len(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_quantized_model(out)(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
+def test_cli_run_writes_complete_sharded_checkpoint(model_dir, tmp_path, calibration_file):
+    out = tmp_path / "out"
+    progress = tmp_path / "progress.jsonl"
+    cfg = worker_config(model_dir("llama"), out, calibration_file).model_copy(
+        update={"max_shard_size": "100KB", "progress_file": str(progress)}
+    )
+    quantize(cfg, show_progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors.index.json" in names
+    shards = [n for n in names if n.startswith("model-") and n.endswith(".safetensors")]
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    for required in (
+        "config.json",
+        "quantize_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ):
+        assert required in names
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["checkpoint_format"] == "gptq" and qc["quant_method"] == "gptq"
+    assert qc["meta"]["quantizer"][0].startswith("gptq-operator:")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == qc
+    # sym 4-bit v1: every qzeros word is 0x77777777
+    qzeros = load_file(str(out / shards[0]))
+    for key, t in qzeros.items():
+        if key.endswith(".qzeros"):
+            assert torch.all(t == 0x77777777)
+    # the work directory is gone, and progress events tell the whole story
+    assert not (tmp_path / ".out.gptq-work").exists()
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "layer", "layer", "done"]
+    assert events[1]["layer"] == 1 and events[1]["layers"] == 2
+    assert "model.layers.0.self_attn.q_proj" in events[1]["modules"]
+    assert "vllm/gptq_marlin" in events[-1]["kernels"]
