@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
 from gptq_worker.demo import stdlib_text, tiny_model, train_tokenizer
 
@@ -33,7 +34,7 @@ def model_dir(tmp_path_factory, tokenizer):
     cache: dict[tuple, Path] = {}
 
     def make(model_type: str = "llama", **kwargs) -> Path:
-        key = (model_type, *sorted(kwargs.items()))
+        key = (model_type, repr(sorted(kwargs.items())))
         if key not in cache:
             path = tmp_path_factory.mktemp(model_type)
             model = tiny_model(model_type, len(tokenizer), **kwargs)

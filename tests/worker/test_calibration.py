@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
 from gptq_worker.calibration import CalibrationError, calibration_samples, read_documents
 
 

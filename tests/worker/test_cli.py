@@ -6,6 +6,7 @@ import json
 
 import pytest
 import transformers
+
 from gptq_worker.cli import main
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
 from pydantic import ValidationError
+
+from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
 
 
 def test_defaults_are_the_common_recipe():

@@ -6,14 +6,15 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from gptq_worker.checkpoint import load_quantized_model, load_tensors, write_checkpoint
 from gptq_worker.run import load_model, quantize, quantize_model
 from gptq_worker.validate import validate_checkpoint
-from safetensors.torch import load_file
 
 from .conftest import sample_ids, worker_config
 
-ARCHS = ["llama", "qwen3", "phi3", "gemma", "gpt2"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "gpt2"]
 
 
 def _fake_quantized(model_dir, tmp_path, calibration, **quantization):
@@ -164,3 +165,27 @@ def test_cli_run_writes_complete_sharded_checkpoint(model_dir, tmp_path, calibra
     assert events[1]["layer"] == 1 and events[1]["layers"] == 2
     assert "model.layers.0.self_attn.q_proj" in events[1]["modules"]
     assert "vllm/gptq_marlin" in events[-1]["kernels"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_replaying_captured_inputs_reproduces_hidden_states(arch, model_dir, tokenizer):
+    """Each layer must get its own keyword arguments: in Gemma 3, sliding-window and full
+    attention layers receive different masks and rotary tables."""
+    from gptq_worker.arch import architecture_for
+    from gptq_worker.engine import _forward, capture_inputs
+
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    kwargs = {"layers": 3}
+    if arch == "gemma3_text":
+        kwargs["layer_types"] = layer_types
+    src = model_dir(arch, **kwargs)
+    model, _ = load_model(str(src), torch.float32, False)
+    ids = sample_ids(len(tokenizer), seqlen=64)
+    with torch.no_grad():
+        reference = model(input_ids=ids, output_hidden_states=True).hidden_states
+    arch_entry = architecture_for(model)
+    acts = capture_inputs(model, arch_entry, [ids], torch.device("cpu"))
+    layers = model.get_submodule(arch_entry.layers)
+    for i in range(len(layers) - 1):  # the last entry of hidden_states has the final norm
+        acts.hidden = _forward(layers[i], acts, i)
+        torch.testing.assert_close(acts.hidden[0], reference[i + 1], rtol=1e-5, atol=1e-5)

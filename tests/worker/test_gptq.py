@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from gptq_worker.gptq import (
     HessianNotPositiveDefinite,
     accumulate_hessian,

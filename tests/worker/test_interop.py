@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+
 from gptq_worker.checkpoint import load_quantized_model
 from gptq_worker.run import quantize
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from gptq_worker.config import CheckpointFormat
 from gptq_worker.pack import (
     dequantize_packed,

@@ -10,8 +10,9 @@ import sys
 import time
 
 import pytest
-from gptq_worker.run import quantize, work_dir_for
 from safetensors.torch import load_file
+
+from gptq_worker.run import quantize, work_dir_for
 
 from .conftest import worker_config
 

@@ -6,9 +6,10 @@ import json
 import shutil
 
 import pytest
+from safetensors.torch import load_file, save_file
+
 from gptq_worker.cli import main
 from gptq_worker.run import quantize
-from safetensors.torch import load_file, save_file
 
 from .conftest import worker_config
 

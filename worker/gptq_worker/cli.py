@@ -170,7 +170,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     e.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    s = sub.add_parser("quickstart", help="train a small model offline, quantize, check, compare")
+    s.add_argument("--workdir", default="./gptq-quickstart", help="where models are written")
+    s.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    s.add_argument("--group-size", dest="group_size", type=int, default=128)
+    s.add_argument("--train-steps", dest="train_steps", type=int, default=300)
     return p
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from gptq_worker.quickstart import run_quickstart
+
+    run_quickstart(args.workdir, args.bits, args.group_size, args.train_steps)
+    return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -233,7 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     from gptq_worker.calibration import CalibrationError
     from gptq_worker.run import RunError
 
-    handlers = {"quantize": _quantize, "validate": _validate, "eval": _eval}
+    handlers = {
+        "quantize": _quantize,
+        "validate": _validate,
+        "eval": _eval,
+        "quickstart": _quickstart,
+    }
     try:
         return handlers[args.command](args)
     except ValidationError as err:

@@ -21,15 +21,35 @@ TINY_CONFIGS = {
     "mistral": ("MistralConfig", {"num_key_value_heads": 2}),
     "phi3": ("Phi3Config", {"num_key_value_heads": 4, "pad_token_id": 0}),
     "gemma": ("GemmaConfig", {"num_key_value_heads": 2, "head_dim": 32}),
+    # sliding and full attention layers get different masks and rotary tables
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "sliding_window": 16,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
     "gpt2": ("GPT2Config", {}),
 }
 
 
-def stdlib_text(max_chars: int = 2_000_000, offset: int = 0) -> str:
-    """Python standard-library source, in a fixed order: text any machine has offline."""
+def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in sorted(root.rglob("*.py")) if "site-packages" not in p.parts]
+
+
+def stdlib_text(max_chars: int = 2_000_000, held_out: bool = False) -> str:
+    """Python standard-library source in a fixed order: text any machine has offline.
+
+    Every tenth file is held out: ``held_out=True`` returns text only from those, the
+    default only from the others, so evaluation text is never trained on.
+    """
     parts, size = [], 0
-    for path in sorted(root.glob("*.py"))[offset:]:
+    for i, path in enumerate(_stdlib_files()):
+        if (i % 10 == 0) != held_out:
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         size += len(text)
@@ -71,11 +91,16 @@ def tiny_model(
     heads: int = 4,
     seed: int = 0,
     tie_word_embeddings: bool = False,
+    **overrides,
 ):
-    """A randomly initialised causal LM of ``model_type`` with fp16-exact weights."""
+    """A randomly initialised causal LM of ``model_type`` with fp16-exact weights.
+
+    ``overrides`` go to the config (for example ``layer_types``).
+    """
     import transformers
 
     class_name, extra = TINY_CONFIGS[model_type]
+    extra = {**extra, **overrides}
     config_cls = getattr(transformers, class_name)
     if model_type == "gpt2":
         config = config_cls(
@@ -119,16 +144,21 @@ def train(
     lr: float = 3e-3,
     seed: int = 0,
     log_every: int = 0,
+    device: str = "cpu",
 ) -> float:
-    """A few hundred AdamW steps of next-token training on random windows of ``ids``."""
+    """AdamW steps of next-token training on random windows of ``ids``; leaves ``model`` on CPU."""
     gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+    ids = ids.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=max(0.1, 2 / steps)
+    )
     model.train()
     loss = torch.tensor(0.0)
     for step in range(steps):
         starts = torch.randint(0, ids.numel() - seqlen - 1, (batch,), generator=gen)
-        x = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+        x = torch.stack([ids[s : s + seqlen] for s in starts.tolist()])  # [batch, seqlen]
         loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -137,11 +167,11 @@ def train(
         sched.step()
         if log_every and (step + 1) % log_every == 0:
             print(f"step {step + 1}/{steps} loss {loss.item():.3f}", flush=True)
-    model.eval()
+    model.eval().to("cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.half().float())
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_demo_model(
@@ -152,6 +182,10 @@ def build_demo_model(
     layers: int = 4,
     vocab_size: int = 2048,
     log_every: int = 50,
+    device: str = "cpu",
+    batch: int = 16,
+    seqlen: int = 128,
+    train_chars: int = 3_000_000,
 ) -> dict[str, Path]:
     """Train a small model on stdlib text and save it with calibration and evaluation text.
 
@@ -160,8 +194,8 @@ def build_demo_model(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    train_text = stdlib_text(3_000_000)
-    eval_text = stdlib_text(200_000, offset=len(_stdlib_files()) - 12)
+    train_text = stdlib_text(train_chars)
+    eval_text = stdlib_text(300_000, held_out=True)
     tokenizer = train_tokenizer(train_text, vocab_size)
     model = tiny_model(
         model_type,
@@ -172,7 +206,7 @@ def build_demo_model(
         heads=hidden // 64,
     )
     ids = torch.tensor(tokenizer(train_text, add_special_tokens=False).input_ids)
-    train(model, ids, steps, log_every=log_every)
+    train(model, ids, steps, seqlen=seqlen, batch=batch, log_every=log_every, device=device)
     model_dir = directory / "model"
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
@@ -181,7 +215,3 @@ def build_demo_model(
     held_out = directory / "eval.txt"
     held_out.write_text(eval_text)
     return {"model": model_dir, "calibration": calib, "eval": held_out}
-
-
-def _stdlib_files() -> list[Path]:
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))

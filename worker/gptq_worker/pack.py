@@ -35,7 +35,7 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     if (v < 0).any() or (v >= 2**bits).any():
         raise ValueError(f"values out of range for {bits}-bit packing")
     offsets = torch.arange(chunk, dtype=torch.int64) * bits  # bit offset of each value
-    out = torch.zeros(n // chunk, words_per_chunk, cols, dtype=torch.int64)
+    out = torch.zeros(n // chunk, words_per_chunk, cols, dtype=torch.int64, device=v.device)
     for word in range(words_per_chunk):
         shift = offsets - 32 * word  # position of each value inside this word
         touching = (shift > -bits) & (shift < 32)
@@ -57,7 +57,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         )
     w = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(n // chunk, words_per_chunk, cols)
     mask = 2**bits - 1
-    out = torch.zeros(n // chunk, chunk, cols, dtype=torch.int64)
+    out = torch.zeros(n // chunk, chunk, cols, dtype=torch.int64, device=packed.device)
     for k in range(chunk):
         start = k * bits
         word, shift = divmod(start, 32)

@@ -26,6 +26,8 @@ class Progress:
             self._fh = open(sink, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self.total = total_layers
         self.start = time.monotonic()
+        self._replayed_until = self.start
+        self._fresh = 0
         self._bar = tqdm(
             total=total_layers, unit="layer", desc="quantize", disable=not show_bar, file=sys.stderr
         )
@@ -38,16 +40,23 @@ class Progress:
         self._fh.flush()
 
     def layer_done(self, layer: int, modules: dict[str, dict[str, float]], resumed: bool) -> None:
-        """Layer ``layer`` (0-based) finished; ``modules`` maps a name to its loss and damping."""
-        elapsed = time.monotonic() - self.start
+        """Layer ``layer`` (0-based) finished; ``modules`` maps a name to its loss and damping.
+
+        The ETA extrapolates from freshly quantized layers only: resumed ones are fast replays.
+        """
+        now = time.monotonic()
         done = layer + 1
-        eta = elapsed / done * (self.total - done)
+        if resumed:
+            self._replayed_until = now
+        else:
+            self._fresh += 1
+        per_layer = (now - self._replayed_until) / self._fresh if self._fresh else 0.0
         self.emit(
             "layer",
             layer=done,
             layers=self.total,
-            elapsed_s=round(elapsed, 3),
-            eta_s=round(eta, 3),
+            elapsed_s=round(now - self.start, 3),
+            eta_s=round(per_layer * (self.total - done), 3),
             resumed=resumed,
             modules=modules,
         )

@@ -1,0 +1,119 @@
+"""Perplexity after quantization: FP16 vs RTN vs GPTQ on a small model trained here.
+
+No download: a Llama-style model is trained on Python standard-library source (held-out
+stdlib files are the evaluation text), then quantized with the engine on the chosen device.
+Prints one JSON line per variant and a table. Run: python bench/quality.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_worker.demo import build_demo_model
+from gptq_worker.evaluate import evaluate
+from gptq_worker.run import quantize
+
+VARIANTS = [  # name, settings
+    ("rtn w4 g128", {"bits": 4, "group_size": 128, "method": "rtn"}),
+    ("gptq w4 g128", {"bits": 4, "group_size": 128}),
+    ("gptq w4 g128 act-order", {"bits": 4, "group_size": 128, "desc_act": True}),
+    ("rtn w3 g128", {"bits": 3, "group_size": 128, "method": "rtn"}),
+    ("gptq w3 g128", {"bits": 3, "group_size": 128}),
+    ("gptq w3 g128 act-order", {"bits": 3, "group_size": 128, "desc_act": True}),
+    ("rtn w4 per-channel", {"bits": 4, "group_size": -1, "method": "rtn"}),
+    ("gptq w4 per-channel", {"bits": 4, "group_size": -1}),
+    ("rtn w3 per-channel", {"bits": 3, "group_size": -1, "method": "rtn"}),
+    ("gptq w3 per-channel", {"bits": 3, "group_size": -1}),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/gptq-quality")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--train-chars", type=int, default=30_000_000)
+    p.add_argument("--out", default=None, help="also write the JSON lines here")
+    args = p.parse_args()
+
+    work = Path(args.workdir)
+    t0 = time.monotonic()
+    paths = build_demo_model(
+        work / "demo",
+        steps=args.steps,
+        hidden=args.hidden,
+        layers=args.layers,
+        vocab_size=args.vocab,
+        log_every=250,
+        device=args.device,
+        batch=32,
+        seqlen=256,
+    )
+    print(f"trained in {time.monotonic() - t0:.1f}s", flush=True)
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+
+    def ppl(target: Path) -> float:
+        return evaluate(str(target), str(paths["eval"]), args.eval_seqlen, device, dtype, None)[
+            "perplexity"
+        ]
+
+    rows = [{"variant": "fp16", "perplexity": ppl(paths["model"]), "quantize_s": 0.0}]
+    for name, settings in VARIANTS:
+        out = work / name.replace(" ", "-")
+        cfg = WorkerConfig(
+            model=str(paths["model"]),
+            output=str(out),
+            device=args.device,
+            overwrite=True,
+            quantization=QuantizeConfig(**settings),
+            calibration=CalibrationConfig(
+                dataset=str(paths["calibration"]), nsamples=128, seqlen=512
+            ),
+        )
+        t = time.monotonic()
+        quantize(cfg, show_progress=False)
+        rows.append(
+            {"variant": name, "perplexity": ppl(out), "quantize_s": round(time.monotonic() - t, 2)}
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    fp16 = rows[0]["perplexity"]
+    by_name = {r["variant"]: r["perplexity"] for r in rows}
+    print(f"\n{'variant':26s} {'ppl':>10s} {'vs fp16':>9s} {'RTN gap closed':>15s}")
+    for r in rows:
+        rtn = by_name.get(r["variant"].replace("gptq", "rtn").replace(" act-order", ""))
+        closed = ""
+        if r["variant"].startswith("gptq") and rtn is not None and rtn > fp16:
+            closed = f"{(rtn - r['perplexity']) / (rtn - fp16):.0%}"
+        print(
+            f"{r['variant']:26s} {r['perplexity']:10.3f} {r['perplexity'] - fp16:+9.3f} "
+            f"{closed:>15s}"
+        )
+    meta = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "steps": args.steps,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "vocab": args.vocab,
+        "eval_seqlen": args.eval_seqlen,
+    }
+    if args.out:
+        Path(args.out).write_text("\n".join(json.dumps(r) for r in [meta, *rows]) + "\n")
+    print(json.dumps(meta), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

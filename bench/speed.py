@@ -1,0 +1,140 @@
+"""Engine speed and memory on a randomly initialised model of a real shape.
+
+Timing does not depend on trained weights. Calibration: random token ids, nsamples x seqlen
+(default 128 x 2048). Prints per-layer seconds, total seconds and peak GPU memory.
+Run: python bench/speed.py --shape llama-3.2-1b [--desc-act] [--layers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_worker.run import quantize_model
+
+SHAPES = {  # transformers LlamaConfig fields of the public models
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "llama-3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=SHAPES, default="llama-3.2-1b")
+    p.add_argument("--layers", type=int, default=None, help="quantize only the first N layers")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--desc-act", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--workdir", default="/tmp/gptq-speed")
+    args = p.parse_args()
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    shape = dict(SHAPES[args.shape])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    config = LlamaConfig(**shape, max_position_embeddings=max(4096, args.seqlen))
+    t = time.monotonic()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    print(
+        f"built {args.shape} ({shape['num_hidden_layers']} layers) in {time.monotonic() - t:.1f}s",
+        flush=True,
+    )
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    calib = work / "calibration.jsonl"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.nsamples, args.seqlen), generator=g)
+    calib.write_text("".join(json.dumps({"input_ids": row}) + "\n" for row in ids.tolist()))
+    cfg = WorkerConfig(
+        model=args.shape,
+        output=str(work / "out"),
+        device=args.device,
+        batch_size=args.batch_size,
+        progress_file=str(work / "progress.jsonl"),
+        quantization=QuantizeConfig(
+            bits=args.bits, group_size=args.group_size, desc_act=args.desc_act
+        ),
+        calibration=CalibrationConfig(
+            dataset=str(calib), nsamples=args.nsamples, seqlen=args.seqlen
+        ),
+    )
+    (work / "progress.jsonl").unlink(missing_ok=True)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.monotonic()
+    _packed, progress = quantize_model(
+        model,
+        SimpleNamespace(eos_token_id=None),
+        cfg,
+        device,
+        work / f"state-{time.time_ns()}",
+        show_progress=False,
+    )
+    if cuda:
+        torch.cuda.synchronize()
+    total = time.monotonic() - t
+    progress.close()
+    events = [json.loads(line) for line in (work / "progress.jsonl").read_text().splitlines()]
+    layer_times = []
+    prev = next(e for e in events if e["event"] == "start")["time"]
+    for e in events:
+        if e["event"] == "layer":
+            layer_times.append(round(e["time"] - prev, 3))
+            prev = e["time"]
+    result = {
+        "shape": args.shape,
+        "layers": shape["num_hidden_layers"],
+        "tokens": f"{args.nsamples}x{args.seqlen}",
+        "bits": args.bits,
+        "group_size": args.group_size,
+        "desc_act": args.desc_act,
+        "batch_size": args.batch_size,
+        "total_s": round(total, 2),
+        "s_per_layer_median": sorted(layer_times)[len(layer_times) // 2],
+        "layer_s": layer_times,
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "gpu": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
