@@ -125,3 +125,25 @@ def test_sigkill_mid_run_then_resume(tmp_path, model_dir, calibration_file):
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from_layer"] >= 1
     assert events[-1]["event"] == "done"
+
+
+def test_changed_weights_start_over(tmp_path, model_dir, calibration_file):
+    import shutil
+
+    from gptq_worker.demo import tiny_model
+
+    src = tmp_path / "model"
+    shutil.copytree(model_dir("llama", layers=4), src)
+    out = tmp_path / "out"
+    with pytest.raises(Crash):
+        quantize(
+            worker_config(src, out, calibration_file), show_progress=False, on_layer=_crash_after(1)
+        )
+    vocab = json.loads((src / "config.json").read_text())["vocab_size"]
+    tiny_model("llama", vocab, layers=4, seed=1).save_pretrained(src)  # same path, new weights
+    progress = tmp_path / "p.jsonl"
+    cfg = worker_config(src, out, calibration_file).model_copy(
+        update={"progress_file": str(progress)}
+    )
+    quantize(cfg, show_progress=False)
+    assert json.loads(progress.read_text().splitlines()[0])["resumed_from_layer"] == 0

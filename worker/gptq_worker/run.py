@@ -99,8 +99,18 @@ def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool):
 
 
 def run_fingerprint(cfg: WorkerConfig, model_config: dict, samples_fp: str, dtype: str) -> str:
+    """Everything that decides the result: a run with another fingerprint does not resume."""
+    source = Path(cfg.model).expanduser()
+    weights = (
+        sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.glob("*.safetensors")
+        )
+        if source.is_dir()
+        else []
+    )
     payload = {
         "model": cfg.model,
+        "weights": weights,
         "model_config": model_config,
         "quantization": cfg.quantization.model_dump(mode="json"),
         "calibration": samples_fp,
