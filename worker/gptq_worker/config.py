@@ -148,7 +148,7 @@ class CalibrationConfig(_Model):
         None,
         description=(
             "A local .txt/.jsonl/.parquet file or a directory of them, or a Hugging Face "
-            "dataset name (needs network). Unset: the worker's built-in offline text."
+            "dataset name (needs network). Required to quantize."
         ),
     )
     profile: CalibrationProfile = CalibrationProfile.GENERAL

@@ -1,0 +1,234 @@
+"""The generated CRDs in a real API server: defaults, CEL rules, columns, scale (tier 4)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+import pytest
+import yaml
+
+from gptq_operator.api import QuantizationJobSpec, QuantizedModelSpec
+from gptq_operator.crd import KINDS, path_for
+from tests.controlplane.test_control_plane import wait_for
+
+pytestmark = pytest.mark.controlplane
+kubernetes = pytest.importorskip("kubernetes")
+from kubernetes import client, config  # noqa: E402
+from kubernetes.client.rest import ApiException  # noqa: E402
+
+GROUP, VERSION = "gptq.dev", "v1alpha1"
+
+QJOB = {
+    "apiVersion": "gptq.dev/v1alpha1",
+    "kind": "QuantizationJob",
+    "metadata": {"name": "llama"},
+    "spec": {
+        "model": {"uri": "hf://meta-llama/Llama-3.1-8B-Instruct@main"},
+        "calibration": {"dataset": "allenai/c4"},
+        "output": {"uri": "pvc://models/llama-3.1-8b-w4g128"},
+    },
+}
+QMODEL = {
+    "apiVersion": "gptq.dev/v1alpha1",
+    "kind": "QuantizedModel",
+    "metadata": {"name": "llama"},
+    "spec": {"source": {"job": "llama"}},
+}
+
+
+@pytest.fixture(scope="module")
+def api(control_plane):
+    api = config.new_client_from_config(config_file=str(control_plane.kubeconfig_path()))
+    ext = client.ApiextensionsV1Api(api)
+    for kind in KINDS:
+        body = yaml.safe_load(path_for(kind).read_text())
+        ext.create_custom_resource_definition(body)
+    for kind in KINDS:
+        wait_for(
+            lambda k=kind: any(
+                c.type == "Established" and c.status == "True"
+                for c in ext.read_custom_resource_definition(
+                    f"{k.plural}.{GROUP}"
+                ).status.conditions
+                or []
+            ),
+            what=f"{kind.kind} CRD established",
+        )
+    yield api
+    for kind in KINDS:
+        ext.delete_custom_resource_definition(f"{kind.plural}.{GROUP}")
+
+
+@pytest.fixture
+def namespace(api):
+    name = f"crd-{uuid.uuid4().hex[:8]}"
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
+    yield name
+    client.CoreV1Api(api).delete_namespace(name)
+
+
+def create(api, namespace, body, plural):
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, plural, body, field_validation="Strict"
+    )
+
+
+def with_changes(base: dict, **spec_paths) -> dict:
+    """``with_changes(QJOB, quantization__bits=5)`` sets spec.quantization.bits = 5;
+    a value of ``...`` deletes the key."""
+    body = copy.deepcopy(base)
+    for dotted, value in spec_paths.items():
+        node = body["spec"]
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is ...:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    return body
+
+
+INVALID_JOBS = [
+    ("no model", {"model": ...}, "spec.model: Required value"),
+    ("ftp model", {"model__uri": "ftp://host/model"}, "spec.model.uri"),
+    ("hf without org", {"model__uri": "hf://llama"}, "spec.model.uri"),
+    ("bits 5", {"quantization__bits": 5}, "Unsupported value: 5"),
+    ("group size as text", {"quantization__groupSize": "128"}, "must be of type integer"),
+    (
+        "act-order per channel",
+        {"quantization__descAct": True, "quantization__groupSize": -1},
+        "descAct with groupSize -1 is pointless",
+    ),
+    ("zero damping", {"quantization__dampPercent": 0}, "dampPercent"),
+    ("damping over 1", {"quantization__dampPercent": 1.5}, "dampPercent"),
+    ("awq format", {"quantization__checkpointFormat": "awq"}, 'Unsupported value: "awq"'),
+    (
+        "unknown quantization field",
+        {"quantization__bitz": 4},
+        'unknown field "spec.quantization.bitz"',
+    ),
+    (
+        "no calibration dataset",
+        {"calibration": {"nsamples": 128}},
+        "calibration.dataset is required",
+    ),
+    ("zero samples", {"calibration__nsamples": 0}, "spec.calibration.nsamples"),
+    ("unknown profile", {"calibration__profile": "huge"}, 'Unsupported value: "huge"'),
+    (
+        "hf output without token",
+        {"output__uri": "hf://acme/llama-w4"},
+        "publishing to hf:// needs secretRef",
+    ),
+    (
+        "output equals model",
+        {"model__uri": "pvc://models/llama", "output__uri": "pvc://models/llama"},
+        "output.uri must differ from model.uri",
+    ),
+    ("negative gpus", {"resources__gpus": -1}, "spec.resources.gpus"),
+    ("memory not a quantity", {"resources__memory": "lots"}, "spec.resources.memory"),
+    (
+        "kernel and SM both",
+        {"scheduling": {"targetKernel": "vllm/machete", "minComputeCapability": "9.0"}},
+        "set targetKernel or minComputeCapability, not both",
+    ),
+    (
+        "SM in words",
+        {"scheduling__minComputeCapability": "eight"},
+        "spec.scheduling.minComputeCapability",
+    ),
+    ("unknown kernel", {"scheduling__targetKernel": "tensorrt"}, 'Unsupported value: "tensorrt"'),
+    (
+        "gate without threshold",
+        {"qualityGate": {"remediation": ["descAct"]}},
+        "set maxPerplexityIncrease",
+    ),
+    (
+        "unknown remediation",
+        {"qualityGate": {"maxPerplexityIncrease": 0.5, "remediation": ["quantumLeap"]}},
+        'Unsupported value: "quantumLeap"',
+    ),
+    ("backoff over 10", {"backoffLimit": 11}, "spec.backoffLimit"),
+    ("deadline under a minute", {"activeDeadlineSeconds": 5}, "spec.activeDeadlineSeconds"),
+    ("secretRef without name", {"model__secretRef": {}}, "spec.model.secretRef.name"),
+]
+
+INVALID_MODELS = [
+    (
+        "job and uri",
+        {"source": {"job": "llama", "uri": "pvc://models/x"}},
+        "source needs exactly one of job",
+    ),
+    ("empty source", {"source": {}}, "source needs exactly one of job"),
+    ("unknown backend", {"backend": "tgi"}, 'Unsupported value: "tgi"'),
+    ("negative replicas", {"replicas": -1}, "spec.replicas"),
+    ("tp in words", {"tensorParallelSize": "many"}, "tensorParallelSize is 'auto'"),
+    ("tp zero", {"tensorParallelSize": 0}, "tensorParallelSize is 'auto'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "message"), INVALID_JOBS, ids=[c[0] for c in INVALID_JOBS]
+)
+def test_invalid_quantization_jobs_are_rejected(api, namespace, case, changes, message):
+    with pytest.raises(ApiException) as rejected:
+        create(api, namespace, with_changes(QJOB, **changes), "quantizationjobs")
+    assert rejected.value.status in (400, 422), rejected.value.body  # 400: strict decoding
+    assert message in json.loads(rejected.value.body)["message"]
+
+
+@pytest.mark.parametrize(
+    ("case", "changes", "message"), INVALID_MODELS, ids=[c[0] for c in INVALID_MODELS]
+)
+def test_invalid_quantized_models_are_rejected(api, namespace, case, changes, message):
+    with pytest.raises(ApiException) as rejected:
+        create(api, namespace, with_changes(QMODEL, **changes), "quantizedmodels")
+    assert rejected.value.status in (400, 422), rejected.value.body  # 400: strict decoding
+    assert message in json.loads(rejected.value.body)["message"]
+
+
+def test_server_fills_defaults_that_parse_back_into_the_models(api, namespace):
+    job = create(api, namespace, QJOB, "quantizationjobs")
+    spec = job["spec"]
+    assert spec["quantization"]["bits"] == 4 and spec["quantization"]["groupSize"] == 128
+    assert spec["quantization"]["checkpointFormat"] == "gptq"
+    assert spec["calibration"]["profile"] == "general"
+    assert spec["resources"] == {"gpus": 1} and spec["backoffLimit"] == 2
+    parsed = QuantizationJobSpec.model_validate(spec)
+    assert parsed.quantization.group_size == 128 and parsed.output.uri.startswith("pvc://")
+
+    model = create(api, namespace, QMODEL, "quantizedmodels")
+    assert model["spec"]["backend"] == "auto" and model["spec"]["tensorParallelSize"] == "auto"
+    assert QuantizedModelSpec.model_validate(model["spec"]).replicas == 1
+
+
+def test_scale_subresource_and_printer_columns(control_plane, api, namespace):
+    create(api, namespace, QMODEL, "quantizedmodels")
+    objs = client.CustomObjectsApi(api)
+    objs.patch_namespaced_custom_object_scale(
+        GROUP, VERSION, namespace, "quantizedmodels", "llama", {"spec": {"replicas": 3}}
+    )
+    assert (
+        objs.get_namespaced_custom_object(GROUP, VERSION, namespace, "quantizedmodels", "llama")[
+            "spec"
+        ]["replicas"]
+        == 3
+    )
+    create(api, namespace, QJOB, "quantizationjobs")
+    table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
+    for header in (
+        "PHASE",
+        "PROGRESS",
+        "MODEL",
+        "BITS",
+        "GROUP",
+        "PPL-AFTER",
+        "READY",
+        "BACKEND",
+        "ENDPOINT",
+    ):
+        assert header in table
+    assert "hf://meta-llama/Llama-3.1-8B-Instruct@main" in table
+    assert "gptq" in control_plane.kubectl("api-resources", "--categories=gptq")
