@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
-import uuid
 
 import pytest
-import yaml
 
 from gptq_operator.api import QuantizationJobSpec, QuantizedModelSpec
-from gptq_operator.crd import KINDS, path_for
-from tests.controlplane.test_control_plane import wait_for
 
 pytestmark = pytest.mark.controlplane
 kubernetes = pytest.importorskip("kubernetes")
-from kubernetes import client, config  # noqa: E402
+from kubernetes import client  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
 
 GROUP, VERSION = "gptq.dev", "v1alpha1"
@@ -36,37 +32,6 @@ QMODEL = {
     "metadata": {"name": "llama"},
     "spec": {"source": {"job": "llama"}},
 }
-
-
-@pytest.fixture(scope="module")
-def api(control_plane):
-    api = config.new_client_from_config(config_file=str(control_plane.kubeconfig_path()))
-    ext = client.ApiextensionsV1Api(api)
-    for kind in KINDS:
-        body = yaml.safe_load(path_for(kind).read_text())
-        ext.create_custom_resource_definition(body)
-    for kind in KINDS:
-        wait_for(
-            lambda k=kind: any(
-                c.type == "Established" and c.status == "True"
-                for c in ext.read_custom_resource_definition(
-                    f"{k.plural}.{GROUP}"
-                ).status.conditions
-                or []
-            ),
-            what=f"{kind.kind} CRD established",
-        )
-    yield api
-    for kind in KINDS:
-        ext.delete_custom_resource_definition(f"{kind.plural}.{GROUP}")
-
-
-@pytest.fixture
-def namespace(api):
-    name = f"crd-{uuid.uuid4().hex[:8]}"
-    client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
-    yield name
-    client.CoreV1Api(api).delete_namespace(name)
 
 
 def create(api, namespace, body, plural):

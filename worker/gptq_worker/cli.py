@@ -157,6 +157,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--overwrite", action="store_true", help="replace an existing output")
     q.add_argument("--no-progress-bar", dest="no_progress_bar", action="store_true")
+    q.add_argument(
+        "--termination-message",
+        dest="termination_message",
+        default=None,
+        help="write a JSON summary (or the error) here, e.g. /dev/termination-log",
+    )
 
     v = sub.add_parser("validate", help="check a GPTQ checkpoint and list serving kernels")
     v.add_argument("checkpoint")
@@ -187,11 +193,38 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     from gptq_worker.run import quantize
+    from gptq_worker.validate import validate_checkpoint
 
     cfg = worker_config(args)
     output = quantize(cfg, show_progress=not getattr(args, "no_progress_bar", False))
     print(f"wrote {output}")
+    if getattr(args, "termination_message", None):
+        q = cfg.quantization
+        summary = {
+            "output": str(output),
+            "format": {
+                "bits": q.bits,
+                "groupSize": q.group_size,
+                "descAct": q.desc_act,
+                "sym": q.sym,
+                "checkpointFormat": q.checkpoint_format.value,
+            },
+            "kernels": validate_checkpoint(output).loadable_kernels(),
+        }
+        _write_termination_message(args.termination_message, summary)
     return 0
+
+
+def _write_termination_message(path: str, payload: dict) -> None:
+    """Kubernetes keeps at most 4096 bytes of a termination message."""
+    text = json.dumps(payload, separators=(",", ":"))
+    if len(text) > 4000:
+        text = json.dumps(
+            {k: (str(v)[:3000] if k == "error" else v) for k, v in payload.items()},
+            separators=(",", ":"),
+        )
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -245,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     from gptq_worker.calibration import CalibrationError
     from gptq_worker.run import RunError
 
+    message = None
     handlers = {
         "quantize": _quantize,
         "validate": _validate,
@@ -254,11 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except ValidationError as err:
-        print(f"error: {_format_validation(err)}", file=sys.stderr)
+        message = _format_validation(err)
     except (UsageError, RunError, CalibrationError, UnsupportedModel) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err)
     except ValueError as err:  # shape and settings checks raised before any work is written
-        print(f"error: {err}", file=sys.stderr)
+        message = str(err)
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "termination_message", None):
+        _write_termination_message(args.termination_message, {"error": message})
     return 2
 
 

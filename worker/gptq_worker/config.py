@@ -166,6 +166,7 @@ class WorkerConfig(_Model):
     """Everything ``gptq-worker quantize`` needs; the shape of ``--config FILE``."""
 
     model: str
+    revision: str | None = Field(None, description="branch, tag or commit of a hub model")
     output: str
     quantization: QuantizeConfig = QuantizeConfig()
     calibration: CalibrationConfig = CalibrationConfig()

@@ -74,7 +74,9 @@ def check_output(output: Path, overwrite: bool) -> Path:
     return work
 
 
-def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool):
+def load_model(
+    source: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None = None
+):
     """Model (on CPU) and tokenizer from a local directory or a Hugging Face model id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,9 +89,15 @@ def load_model(source: str, dtype: torch.dtype, trust_remote_code: bool):
     if path.exists() and not (path / "config.json").exists():
         raise RunError(f"model directory {path} has no config.json; is it a Hugging Face model?")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, revision=revision
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, low_cpu_mem_usage=True
+            source,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            low_cpu_mem_usage=True,
+            revision=revision,
         )
     except (OSError, ValueError) as err:
         raise RunError(f"could not load model {source}: {err}") from err
@@ -138,7 +146,7 @@ def quantize(
             "no calibration data: pass --calibration PATH (a .txt/.jsonl/.parquet "
             "file or a directory of them) or a Hugging Face dataset name"
         )
-    model, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code)
+    model, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
     progress = None
     try:
         packed, progress = quantize_model(

@@ -1,0 +1,95 @@
+"""Kopf handlers: decorators, typed arguments, one line of doc, delegation.
+
+Run with ``kopf run -m gptq_operator.handlers --all-namespaces`` (the chart does).
+Handlers never write ``spec``; Kopf keeps its own bookkeeping in annotations, not status.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+
+from gptq_operator import quantization
+from gptq_operator.api import GROUP, VERSION
+from gptq_operator.settings import OperatorSettings
+
+_state: dict[str, Any] = {}
+
+
+def _api() -> client.ApiClient:
+    return _state["api"]
+
+
+def _settings() -> OperatorSettings:
+    return _state["settings"]
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Read settings once, connect to the API server, keep Kopf's state out of status."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        config.load_incluster_config()
+        _state["api"] = client.ApiClient()
+    else:
+        _state["api"] = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
+    _state["settings"] = OperatorSettings.from_env()
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Log in with the pod's ServiceAccount, or with $KUBECONFIG as it is when logging in."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+def _apply(outcome: quantization.Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
+    for key, value in outcome.status.items():
+        patch.status[key] = value
+    for type_, reason, message in outcome.events:
+        (kopf.warn if type_ == "Warning" else kopf.info)(body, reason=reason, message=message)
+    if outcome.permanent:
+        raise kopf.PermanentError(outcome.permanent)
+    if outcome.retry_after:
+        raise kopf.TemporaryError(
+            outcome.status.get("phase", "not ready"), delay=outcome.retry_after
+        )
+
+
+@kopf.on.create(GROUP, VERSION, "quantizationjobs")
+@kopf.on.resume(GROUP, VERSION, "quantizationjobs")
+@kopf.on.update(GROUP, VERSION, "quantizationjobs", field="spec")
+def quantization_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Create the worker Job of a QuantizationJob (or say why no node can run it)."""
+    _apply(quantization.reconcile(_api(), dict(body), _settings()), body, patch)
+
+
+@kopf.on.event(
+    "batch",
+    "v1",
+    "jobs",
+    labels={
+        "app.kubernetes.io/managed-by": "gptq-operator",
+        "app.kubernetes.io/name": "gptq-worker",
+    },
+)
+def worker_job(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Carry a worker Job's state to its QuantizationJob."""
+    if type in (None, "ADDED", "MODIFIED"):
+        quantization.observe_worker(_api(), _as_dict(body), _settings())
+
+
+def _as_dict(body: kopf.Body) -> dict:
+    return {
+        "metadata": dict(body["metadata"]),
+        "status": dict(body.get("status") or {}),
+        "spec": dict(body.get("spec") or {}),
+    }

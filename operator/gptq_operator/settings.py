@@ -1,0 +1,48 @@
+"""The operator's settings: read once from the environment (prefix ``GPTQ_``) at startup."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, Field
+
+
+class LabelKeys(BaseModel):
+    """Node labels that describe GPUs (NVIDIA GPU Feature Discovery's by default)."""
+
+    compute_major: str = "nvidia.com/gpu.compute.major"
+    compute_minor: str = "nvidia.com/gpu.compute.minor"
+    product: str = "nvidia.com/gpu.product"
+    memory: str = "nvidia.com/gpu.memory"
+    count: str = "nvidia.com/gpu.count"
+
+
+class OperatorSettings(BaseModel):
+    worker_image: str = "ghcr.io/gptq-operator/worker:0.1.0"
+    gpu_resource: str = "nvidia.com/gpu"
+    labels: LabelKeys = Field(default_factory=LabelKeys)
+    # Tolerations added to every GPU pod, for clusters that taint GPU nodes.
+    gpu_tolerations: list[dict] = Field(
+        default_factory=lambda: [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    )
+    run_as_user: int = 10001
+    scratch_size: str = "20Gi"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        labels = LabelKeys(
+            **{
+                field: env[f"GPTQ_LABEL_{field.upper()}"]
+                for field in LabelKeys.model_fields
+                if f"GPTQ_LABEL_{field.upper()}" in env
+            }
+        )
+        values = {
+            field: env[f"GPTQ_{field.upper()}"]
+            for field in ("worker_image", "gpu_resource", "scratch_size")
+            if f"GPTQ_{field.upper()}" in env
+        }
+        return cls(labels=labels, **values)
