@@ -219,6 +219,7 @@ class QuantizationResult(_Model):
     perplexity_before: float | None = None
     perplexity_after: float | None = None
     kernels: list[str] | None = None
+    checkpoint_bytes: int | None = None
 
 
 JobPhase = Literal["Pending", "Unschedulable", "Running", "Evaluating", "Succeeded", "Failed"]

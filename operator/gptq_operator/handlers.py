@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes import client, config
 
-from gptq_operator import quantization
+from gptq_operator import models, quantization
 from gptq_operator.api import GROUP, VERSION
 from gptq_operator.settings import OperatorSettings
 
@@ -93,3 +93,26 @@ def _as_dict(body: kopf.Body) -> dict:
         "status": dict(body.get("status") or {}),
         "spec": dict(body.get("spec") or {}),
     }
+
+
+@kopf.on.create(GROUP, VERSION, "quantizedmodels")
+@kopf.on.resume(GROUP, VERSION, "quantizedmodels")
+@kopf.on.update(GROUP, VERSION, "quantizedmodels", field="spec")
+def quantized_model(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    """Serve a QuantizedModel's checkpoint once it exists, on GPUs that can run its kernel."""
+    _apply(models.reconcile(_api(), dict(body), _settings()), body, patch)
+
+
+@kopf.on.event(
+    "apps",
+    "v1",
+    "deployments",
+    labels={
+        "app.kubernetes.io/managed-by": "gptq-operator",
+        "app.kubernetes.io/name": "gptq-serving",
+    },
+)
+def serving_deployment(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Carry a serving Deployment's readiness to its QuantizedModel."""
+    if type in (None, "ADDED", "MODIFIED"):
+        models.observe_deployment(_api(), _as_dict(body))

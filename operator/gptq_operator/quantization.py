@@ -337,6 +337,7 @@ def observe_worker(api: client.ApiClient, job: dict, settings: OperatorSettings)
             "perplexityBefore": before,
             "perplexityAfter": after,
             "kernels": message.get("kernels"),
+            "checkpointBytes": message.get("checkpointBytes"),
         }
         patch["result"] = {k: v for k, v in result.items() if v is not None}
         ladder = (spec.quality_gate.remediation if spec.quality_gate else None) or []

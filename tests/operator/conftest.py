@@ -1,4 +1,4 @@
-"""Operator fixtures on the real control plane: CRDs installed once, fresh namespaces."""
+"""Operator fixtures on the real control plane: CRDs, namespaces, PVCs, a running operator."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import uuid
 
 import pytest
 import yaml
+from kopf.testing import KopfRunner
+from kubernetes.client import CoreV1Api
 
 from gptq_operator.crd import KINDS, path_for
 from tests.controlplane.test_control_plane import wait_for
@@ -54,3 +56,55 @@ def _has_default_sa(core, namespace) -> bool:
         return True
     except ApiException:
         return False
+
+
+@pytest.fixture
+def operator(control_plane, api, monkeypatch):
+    """The operator, running in this process against the control plane."""
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig_path()))
+    args = ["run", "--all-namespaces", "--standalone", "-m", "gptq_operator.handlers"]
+    with KopfRunner(args, timeout=60) as runner:
+        yield runner
+    assert runner.exception is None, runner.output
+
+
+@pytest.fixture
+def volumes(api, namespace):
+    """PVCs "models" and "datasets", pre-bound to hostPath volumes (no provisioner here)."""
+    core = CoreV1Api(api)
+    for claim in ("models", "datasets"):
+        pv = f"{namespace}-{claim}"
+        core.create_persistent_volume(
+            {
+                "metadata": {"name": pv},
+                "spec": {
+                    "capacity": {"storage": "100Gi"},
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "hostPath": {"path": f"/tmp/{pv}"},
+                    "claimRef": {"namespace": namespace, "name": claim},
+                },
+            }
+        )
+        core.create_namespaced_persistent_volume_claim(
+            namespace,
+            {
+                "metadata": {"name": claim},
+                "spec": {
+                    "accessModes": ["ReadWriteMany"],
+                    "storageClassName": "",
+                    "volumeName": pv,
+                    "resources": {"requests": {"storage": "100Gi"}},
+                },
+            },
+        )
+    wait_for(
+        lambda: all(
+            c.status.phase == "Bound"
+            for c in core.list_namespaced_persistent_volume_claim(namespace).items
+        ),
+        what="PVCs bound",
+    )
+    yield
+    for claim in ("models", "datasets"):
+        core.delete_persistent_volume(f"{namespace}-{claim}")

@@ -20,58 +20,6 @@ from kubernetes.client.rest import ApiException  # noqa: E402
 GROUP, VERSION, PLURAL = "gptq.dev", "v1alpha1", "quantizationjobs"
 
 
-@pytest.fixture
-def operator(control_plane, api, monkeypatch):
-    """The operator, running in this process against the control plane."""
-    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig_path()))
-    args = ["run", "--all-namespaces", "--standalone", "-m", "gptq_operator.handlers"]
-    with kopf_testing.KopfRunner(args, timeout=60) as runner:
-        yield runner
-    assert runner.exception is None, runner.output
-
-
-@pytest.fixture
-def volumes(api, namespace):
-    """PVCs "models" and "datasets", pre-bound to hostPath volumes (no provisioner here)."""
-    core = client.CoreV1Api(api)
-    for claim in ("models", "datasets"):
-        pv = f"{namespace}-{claim}"
-        core.create_persistent_volume(
-            {
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "100Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "hostPath": {"path": f"/tmp/{pv}"},
-                    "claimRef": {"namespace": namespace, "name": claim},
-                },
-            }
-        )
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "100Gi"}},
-                },
-            },
-        )
-    wait_for(
-        lambda: all(
-            c.status.phase == "Bound"
-            for c in core.list_namespaced_persistent_volume_claim(namespace).items
-        ),
-        what="PVCs bound",
-    )
-    yield
-    for claim in ("models", "datasets"):
-        core.delete_persistent_volume(f"{namespace}-{claim}")
-
-
 def qjob(name: str, **spec) -> dict:
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",

@@ -210,6 +210,7 @@ def _quantize(args: argparse.Namespace) -> int:
                 "checkpointFormat": q.checkpoint_format.value,
             },
             "kernels": validate_checkpoint(output).loadable_kernels(),
+            "checkpointBytes": sum(f.stat().st_size for f in output.glob("*.safetensors")),
         }
         _write_termination_message(args.termination_message, summary)
     return 0

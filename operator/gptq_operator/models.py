@@ -1,0 +1,232 @@
+"""Reconciling a QuantizedModel: wait for its checkpoint, choose a kernel, roll out serving.
+
+Deployment and Service are applied server-side (field manager ``gptq-operator``), so a
+new checkpoint or setting rolls the pods and re-running the handler changes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
+from gptq_operator.quantization import Outcome, set_condition
+from gptq_operator.scheduling import kernel_named, node_sm, sm_in_range
+from gptq_operator.serving import (
+    Choice,
+    Incompatible,
+    Served,
+    choose,
+    deployment,
+    endpoint,
+    service,
+    service_monitor,
+    tensor_parallel,
+)
+from gptq_operator.settings import OperatorSettings
+
+PLURAL = "quantizedmodels"
+DEFAULT_KERNEL = {
+    "vllm": "vllm/gptq_marlin",
+    "lmdeploy": "lmdeploy/turbomind",
+    "builtin": "builtin/torch",
+}
+
+
+_dynamic: dict[int, DynamicClient] = {}
+
+
+def _apply(api: client.ApiClient, obj: dict) -> dict:
+    """Server-side apply (field manager gptq-operator); returns the object as stored."""
+    if id(api) not in _dynamic:  # discovery is costly: one dynamic client per API client
+        _dynamic[id(api)] = DynamicClient(api)
+    dyn = _dynamic[id(api)]
+    resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    stored = dyn.server_side_apply(
+        resource,
+        body=obj,
+        name=obj["metadata"]["name"],
+        namespace=obj["metadata"]["namespace"],
+        field_manager="gptq-operator",
+        force_conflicts=True,
+    )
+    return stored.to_dict()
+
+
+def _checkpoint(
+    api: client.ApiClient, namespace: str, spec: QuantizedModelSpec
+) -> tuple[str | None, CheckpointSummary | None, list[str] | None, int | None, str]:
+    """(uri, format, loadable kernels, bytes, waiting message); uri None while waiting."""
+    if spec.source.uri:
+        return spec.source.uri, None, None, None, ""
+    try:
+        qjob = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, "quantizationjobs", spec.source.job
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None, None, None, None, f"QuantizationJob {spec.source.job} does not exist"
+        raise
+    status = qjob.get("status") or {}
+    if status.get("phase") != "Succeeded":
+        progress = (status.get("progress") or {}).get("message")
+        detail = f" ({progress})" if progress else ""
+        return (
+            None,
+            None,
+            None,
+            None,
+            f"QuantizationJob {spec.source.job} is {status.get('phase') or 'Pending'}{detail}",
+        )
+    result = status.get("result") or {}
+    fmt = CheckpointSummary.model_validate(result["format"]) if result.get("format") else None
+    return (result.get("outputUri"), fmt, result.get("kernels"), result.get("checkpointBytes"), "")
+
+
+def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> Outcome:
+    meta, status = body["metadata"], body.get("status") or {}
+    generation = meta.get("generation")
+    owner = Served(meta["name"], meta["namespace"], meta["uid"])
+    spec = QuantizedModelSpec.model_validate(body["spec"])
+    conditions = status.get("conditions")
+
+    uri, fmt, loadable, size, waiting = _checkpoint(api, owner.namespace, spec)
+    if uri is None:
+        conditions = set_condition(
+            conditions, "Ready", "False", "WaitingForCheckpoint", waiting, generation
+        )
+        return Outcome(
+            {"phase": "Waiting", "conditions": conditions, "observedGeneration": generation},
+            [],
+            retry_after=10,
+        )
+    nodes = [n.to_dict() for n in client.CoreV1Api(api).list_node().items]
+    selector = spec.scheduling.node_selector or {}
+    nodes = [
+        n
+        for n in nodes
+        if all((n["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
+    ]
+    sms = [sm for n in nodes if (sm := node_sm(n["metadata"].get("labels") or {}, settings.labels))]
+    try:
+        if fmt is None:  # a bare checkpoint URI: its format is unknown until it is read
+            if spec.backend == "auto":
+                raise Incompatible(
+                    "set backend (vllm, lmdeploy or builtin) for a checkpoint "
+                    "given by uri, or point source.job at a QuantizationJob"
+                )
+            kernel = kernel_named(DEFAULT_KERNEL[spec.backend])
+            choice = Choice(spec.backend, kernel.name, kernel.min_sm, kernel.max_sm)
+        else:
+            choice = choose(spec.backend, fmt, loadable or [], sms)
+    except Incompatible as err:
+        conditions = set_condition(
+            conditions, "Ready", "False", "Incompatible", str(err), generation
+        )
+        conditions = set_condition(
+            conditions, "Stalled", "True", "Incompatible", str(err), generation
+        )
+        return Outcome(
+            {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
+            [("Warning", "Incompatible", str(err))],
+            retry_after=120,
+        )
+
+    memories = [
+        int(n["metadata"]["labels"][settings.labels.memory])
+        for n in nodes
+        if settings.labels.memory in (n["metadata"].get("labels") or {})
+        and sm_in_range(
+            node_sm(n["metadata"]["labels"], settings.labels), choice.min_sm, choice.max_sm
+        )
+    ]
+    tp = tensor_parallel(spec.tensor_parallel_size, size, memories)
+    dep = _apply(api, deployment(owner, spec, choice, uri, fmt, tp, settings))
+    _apply(api, service(owner, choice))
+    events: list[tuple[str, str, str]] = []
+    # a ServiceMonitor only where the Prometheus Operator's CRD is installed
+    with contextlib.suppress(ResourceNotFoundError):
+        _apply(api, service_monitor(owner))
+    ready = (dep.get("status") or {}).get("readyReplicas") or 0
+    patch = _readiness(conditions, generation, spec.replicas, ready, choice, owner)
+    patch.update(
+        backend=choice.backend,
+        kernel=choice.kernel,
+        endpoint=endpoint(owner),
+        selector=f"gptq.dev/quantized-model={owner.name}",
+        observedGeneration=generation,
+    )
+    if status.get("kernel") != choice.kernel:
+        events.append(
+            (
+                "Normal",
+                "Deploying",
+                f"serving with {choice.kernel} (tensor parallel {tp}) from {uri}",
+            )
+        )
+    # not ready yet: look again shortly (Deployment events also update readiness)
+    return Outcome(patch, events, retry_after=None if patch["phase"] == "Ready" else 5)
+
+
+def _readiness(
+    conditions: list[dict] | None,
+    generation: int | None,
+    replicas: int,
+    ready: int,
+    choice: Choice,
+    owner: Served,
+) -> dict[str, Any]:
+    if replicas and ready >= replicas:
+        message = f"{ready}/{replicas} replicas ready on {choice.kernel}"
+        conditions = set_condition(conditions, "Ready", "True", "Ready", message, generation)
+        conditions = set_condition(conditions, "Reconciling", "False", "Ready", message, generation)
+        phase = "Ready"
+    else:
+        message = f"{ready}/{replicas} replicas ready"
+        conditions = set_condition(conditions, "Ready", "False", "Deploying", message, generation)
+        conditions = set_condition(
+            conditions, "Reconciling", "True", "Deploying", message, generation
+        )
+        phase = "Deploying"
+    return {"phase": phase, "conditions": conditions, "replicas": replicas, "readyReplicas": ready}
+
+
+def observe_deployment(api: client.ApiClient, dep: dict) -> None:
+    """A serving Deployment changed: refresh readiness on its QuantizedModel."""
+    name = (dep["metadata"].get("labels") or {}).get("gptq.dev/quantized-model")
+    namespace = dep["metadata"]["namespace"]
+    if not name:
+        return
+    objects = client.CustomObjectsApi(api)
+    try:
+        qmodel = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as err:
+        if err.status == 404:
+            return
+        raise
+    status = qmodel.get("status") or {}
+    template = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
+    kernel = (template.get("annotations") or {}).get("gptq.dev/kernel")
+    if not kernel:
+        return
+    replicas = (dep.get("spec") or {}).get("replicas") or 0
+    ready = (dep.get("status") or {}).get("readyReplicas") or 0
+    choice = Choice(kernel.split("/")[0], kernel, None, None)
+    owner = Served(name, namespace, qmodel["metadata"]["uid"])
+    patch = _readiness(
+        status.get("conditions"),
+        qmodel["metadata"].get("generation"),
+        replicas,
+        ready,
+        choice,
+        owner,
+    )
+    if patch["phase"] != status.get("phase") or ready != status.get("readyReplicas"):
+        objects.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
+        )

@@ -1,0 +1,217 @@
+"""QuantizedModel reconciled end to end on the real control plane (simulated GPU nodes).
+
+The examples in examples/ are applied as they are; the test plays both workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.controlplane.test_control_plane import wait_for
+from tests.operator.test_quantization_job_e2e import (
+    GROUP,
+    RESULT,
+    VERSION,
+    condition,
+    finish,
+    qjob,
+    running_pod,
+)
+
+pytestmark = pytest.mark.controlplane
+from kubernetes import client  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def apply_example(control_plane, namespace: str, name: str) -> list[dict]:
+    docs = list(yaml.safe_load_all((EXAMPLES / name).read_text()))
+    control_plane.kubectl("apply", "-n", namespace, "-f", str(EXAMPLES / name))
+    return docs
+
+
+def qmodel(api, namespace, name) -> dict:
+    return client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, namespace, "quantizedmodels", name
+    )
+
+
+def model_phase(api, namespace, name):
+    return (qmodel(api, namespace, name).get("status") or {}).get("phase")
+
+
+def serving_pods(api, namespace, name):
+    return (
+        client.CoreV1Api(api)
+        .list_namespaced_pod(namespace, label_selector=f"gptq.dev/quantized-model={name}")
+        .items
+    )
+
+
+def play_worker(api, namespace, job, result):
+    pod = wait_for(lambda: running_pod(api, namespace, f"{job}-worker-1"), what=f"{job} worker")
+    finish(api, namespace, pod, 0, result)
+    return pod
+
+
+def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
+    operator, control_plane, api, namespace, volumes
+):
+    apply_example(control_plane, namespace, "llama-3.1-8b-vllm-a100.yaml")
+    apply_example(control_plane, namespace, "qwen2.5-7b-lmdeploy-t4.yaml")
+    # until the checkpoints exist, the models wait with a condition that says why
+    wait_for(lambda: model_phase(api, namespace, "llama-3-1-8b") == "Waiting", what="Waiting")
+    waiting = condition(qmodel(api, namespace, "llama-3-1-8b"), "Ready")
+    assert waiting["reason"] == "WaitingForCheckpoint"
+    assert "QuantizationJob llama-3-1-8b-w4g128 is" in waiting["message"]
+
+    llama_worker = play_worker(
+        api,
+        namespace,
+        "llama-3-1-8b-w4g128",
+        {
+            **RESULT,
+            "format": {**RESULT["format"], "descAct": True},
+            "perplexityBefore": 7.21,
+            "perplexityAfter": 7.38,
+            "checkpointBytes": 5_700_000_000,
+        },
+    )
+    qwen_worker = play_worker(
+        api,
+        namespace,
+        "qwen2-5-7b-w4g128",
+        {
+            **RESULT,
+            "kernels": [
+                "vllm/gptq_marlin",
+                "vllm/machete",
+                "vllm/gptq",
+                "lmdeploy/turbomind",
+                "builtin/torch",
+            ],
+            "perplexityBefore": 8.02,
+            "perplexityAfter": 8.19,
+            "checkpointBytes": 5_500_000_000,
+        },
+    )
+    assert llama_worker.spec.node_name in {"gpu-a100", "gpu-l40s", "gpu-h100"}
+    assert qwen_worker.spec.node_name in {"gpu-v100", "gpu-t4", "gpu-a100", "gpu-l40s"}
+
+    for name in ("llama-3-1-8b", "qwen2-5-7b"):
+        wait_for(
+            lambda n=name: model_phase(api, namespace, n) == "Ready",
+            what=f"{name} Ready",
+            timeout=90,
+        )
+    llama, qwen = qmodel(api, namespace, "llama-3-1-8b"), qmodel(api, namespace, "qwen2-5-7b")
+    assert (llama["status"]["backend"], llama["status"]["kernel"]) == ("vllm", "vllm/gptq_marlin")
+    assert (qwen["status"]["backend"], qwen["status"]["kernel"]) == (
+        "lmdeploy",
+        "lmdeploy/turbomind",
+    )
+    assert llama["status"]["endpoint"] == f"http://llama-3-1-8b.{namespace}.svc/v1"
+    assert llama["status"]["readyReplicas"] == 1 and llama["status"]["selector"]
+    assert serving_pods(api, namespace, "llama-3-1-8b")[0].spec.node_name == "gpu-a100"
+    assert serving_pods(api, namespace, "qwen2-5-7b")[0].spec.node_name == "gpu-t4"
+
+    apps = client.AppsV1Api(api)
+    vllm = apps.read_namespaced_deployment("llama-3-1-8b-vllm", namespace)
+    args = vllm.spec.template.spec.containers[0].args
+    assert args[args.index("--quantization") + 1] == "gptq_marlin"
+    assert "--max-model-len" in args and args[args.index("--tensor-parallel-size") + 1] == "1"
+    assert vllm.spec.template.metadata.annotations["prometheus.io/scrape"] == "true"
+    assert vllm.spec.template.spec.containers[0].readiness_probe.http_get.path == "/health"
+    lmdeploy = apps.read_namespaced_deployment("qwen2-5-7b-lmdeploy", namespace)
+    container = lmdeploy.spec.template.spec.containers[0]
+    assert container.command == ["lmdeploy", "serve", "api_server"]
+    assert container.args[container.args.index("--model-format") + 1] == "gptq"
+    assert (
+        client.CoreV1Api(api).read_namespaced_service("qwen2-5-7b", namespace).spec.ports[0].port
+        == 80
+    )
+
+    table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
+    print("\n" + table)
+    assert "Succeeded" in table and "vllm/gptq_marlin" in table and "lmdeploy/turbomind" in table
+
+
+def test_incompatible_backend_is_refused_with_the_rule(operator, api, namespace, volumes):
+    objects = client.CustomObjectsApi(api)
+    objects.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "quantizationjobs",
+        qjob("g64", quantization={"bits": 4, "groupSize": 64}),
+    )
+    play_worker(api, namespace, "g64", {**RESULT, "format": {**RESULT["format"], "groupSize": 64}})
+    objects.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "quantizedmodels",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "QuantizedModel",
+            "metadata": {"name": "g64"},
+            "spec": {"source": {"job": "g64"}, "backend": "lmdeploy"},
+        },
+    )
+    wait_for(lambda: model_phase(api, namespace, "g64") == "Failed", what="refused")
+    ready = condition(qmodel(api, namespace, "g64"), "Ready")
+    assert ready["reason"] == "Incompatible"
+    assert "lmdeploy/turbomind: group_size 64 (needs 128)" in ready["message"]
+    assert client.AppsV1Api(api).list_namespaced_deployment(namespace).items == []
+
+
+def test_changing_the_checkpoint_rolls_the_deployment(operator, api, namespace, volumes):
+    objects = client.CustomObjectsApi(api)
+    for name in ("first", "second"):
+        objects.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, "quantizationjobs", qjob(name)
+        )
+        play_worker(api, namespace, name, RESULT)
+    objects.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "quantizedmodels",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "QuantizedModel",
+            "metadata": {"name": "m"},
+            "spec": {"source": {"job": "first"}, "backend": "vllm"},
+        },
+    )
+    wait_for(lambda: model_phase(api, namespace, "m") == "Ready", what="Ready", timeout=90)
+    apps = client.AppsV1Api(api)
+    before = apps.read_namespaced_deployment("m-vllm", namespace).spec.template.metadata
+    objects.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, "quantizedmodels", "m", {"spec": {"source": {"job": "second"}}}
+    )
+    wait_for(
+        lambda: (
+            apps.read_namespaced_deployment("m-vllm", namespace).spec.template.metadata.annotations[
+                "gptq.dev/served"
+            ]
+            != before.annotations["gptq.dev/served"]
+        ),
+        what="new pod template",
+    )
+    dep = apps.read_namespaced_deployment("m-vllm", namespace)
+    assert "/mnt/pvc/models/second-w4g128" in dep.spec.template.spec.containers[0].args
+    wait_for(
+        lambda: (
+            len(
+                apps.list_namespaced_replica_set(
+                    namespace, label_selector="gptq.dev/quantized-model=m"
+                ).items
+            )
+            == 2
+        ),
+        what="a second ReplicaSet",
+    )
