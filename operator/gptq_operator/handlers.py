@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import datetime, timezone
 from typing import Any
 
 import kopf
 from kubernetes import client, config
 
-from gptq_operator import models, quantization
+from gptq_operator import metrics, models, quantization
 from gptq_operator.api import GROUP, VERSION
 from gptq_operator.settings import OperatorSettings
 
@@ -43,6 +44,11 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     else:
         _state["api"] = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
     _state["settings"] = OperatorSettings.from_env()
+    _state["metrics"] = metrics.serve(_state["settings"].metrics_port)
+
+
+def _metrics() -> metrics.Metrics:
+    return _state["metrics"]
 
 
 @kopf.on.login()
@@ -69,7 +75,15 @@ def _apply(outcome: quantization.Outcome, body: kopf.Body, patch: kopf.Patch) ->
 @kopf.on.update(GROUP, VERSION, "quantizationjobs", field="spec")
 def quantization_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Create the worker Job of a QuantizationJob (or say why no node can run it)."""
-    _apply(quantization.reconcile(_api(), dict(body), _settings()), body, patch)
+    with _metrics().reconcile("QuantizationJob"):
+        _apply(quantization.reconcile(_api(), dict(body), _settings()), body, patch)
+
+
+@kopf.on.event(GROUP, VERSION, "quantizationjobs")
+def quantization_job_phase(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Keep the jobs-by-phase gauge current."""
+    phase = None if type == "DELETED" else (body.get("status") or {}).get("phase") or "Pending"
+    _metrics().job_phase(body["metadata"]["uid"], phase)
 
 
 @kopf.on.event(
@@ -100,7 +114,19 @@ def _as_dict(body: kopf.Body) -> dict:
 @kopf.on.update(GROUP, VERSION, "quantizedmodels", field="spec")
 def quantized_model(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Serve a QuantizedModel's checkpoint once it exists, on GPUs that can run its kernel."""
-    _apply(models.reconcile(_api(), dict(body), _settings()), body, patch)
+    with _metrics().reconcile("QuantizedModel"):
+        outcome = models.reconcile(_api(), dict(body), _settings())
+        if (
+            outcome.status.get("phase") == "Ready"
+            and (body.get("status") or {}).get("phase") != "Ready"
+        ):
+            _metrics().time_to_ready.observe(_age_seconds(body))
+        _apply(outcome, body, patch)
+
+
+def _age_seconds(body: kopf.Body) -> float:
+    created = datetime.fromisoformat(body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+    return (datetime.now(timezone.utc) - created).total_seconds()
 
 
 @kopf.on.event(

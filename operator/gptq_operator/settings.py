@@ -29,6 +29,7 @@ class OperatorSettings(BaseModel):
     )
     run_as_user: int = 10001
     scratch_size: str = "20Gi"
+    metrics_port: int = 8080  # 0: no metrics endpoint
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> OperatorSettings:
@@ -42,7 +43,7 @@ class OperatorSettings(BaseModel):
         )
         values = {
             field: env[f"GPTQ_{field.upper()}"]
-            for field in ("worker_image", "gpu_resource", "scratch_size")
+            for field in ("worker_image", "gpu_resource", "scratch_size", "metrics_port")
             if f"GPTQ_{field.upper()}" in env
         }
         return cls(labels=labels, **values)

@@ -60,12 +60,31 @@ def _has_default_sa(core, namespace) -> bool:
 
 @pytest.fixture
 def operator(control_plane, api, monkeypatch):
-    """The operator, running in this process against the control plane."""
+    """The operator, running in this process against the control plane; yields its
+    metrics URL."""
+    from tests.controlplane.cluster import _free_port
+
+    port = _free_port()
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig_path()))
+    monkeypatch.setenv("GPTQ_METRICS_PORT", str(port))
     args = ["run", "--all-namespaces", "--standalone", "-m", "gptq_operator.handlers"]
     with KopfRunner(args, timeout=60) as runner:
-        yield runner
+        yield f"http://127.0.0.1:{port}/metrics"
     assert runner.exception is None, runner.output
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """Samples of a Prometheus endpoint, parsed by prometheus-client's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 @pytest.fixture

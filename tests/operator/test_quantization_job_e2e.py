@@ -11,6 +11,7 @@ import json
 import pytest
 
 from tests.controlplane.test_control_plane import wait_for
+from tests.operator.conftest import scrape
 
 pytestmark = pytest.mark.controlplane
 kopf_testing = pytest.importorskip("kopf.testing")
@@ -163,6 +164,24 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
         {"attempt": 1, "settings": "initial", "outcome": "Succeeded", "perplexityAfter": 6.31}
     ]
     assert done["status"]["observedGeneration"] == done["metadata"]["generation"]
+    samples = wait_for(
+        lambda: (
+            lambda m: (
+                m
+                if m.get(("gptq_operator_quantization_jobs", (("phase", "Succeeded"),))) == 1
+                else None
+            )
+        )(scrape(operator)),
+        what="metrics",
+    )
+    assert (
+        samples[("gptq_operator_reconciles_total", (("kind", "QuantizationJob"), ("result", "ok")))]
+        >= 1
+    )
+    assert (
+        samples[("gptq_operator_reconcile_duration_seconds_count", (("kind", "QuantizationJob"),))]
+        >= 1
+    )
     assert "spec" in done and done["spec"]["scheduling"] == {
         "targetKernel": "vllm/gptq_marlin"
     }  # never rewritten by the operator
@@ -248,6 +267,7 @@ def test_operator_restart_creates_no_duplicate_children(
     control_plane, api, namespace, volumes, monkeypatch
 ):
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig_path()))
+    monkeypatch.setenv("GPTQ_METRICS_PORT", "0")  # three operators in turn, no metrics port
     args = ["run", "--all-namespaces", "--standalone", "-m", "gptq_operator.handlers"]
     objects = client.CustomObjectsApi(api)
     batch = client.BatchV1Api(api)

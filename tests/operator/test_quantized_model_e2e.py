@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.controlplane.test_control_plane import wait_for
+from tests.operator.conftest import scrape
 from tests.operator.test_quantization_job_e2e import (
     GROUP,
     RESULT,
@@ -134,6 +135,8 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
         == 80
     )
 
+    samples = scrape(operator)
+    assert samples[("gptq_operator_model_time_to_ready_seconds_count", ())] == 2
     table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
     print("\n" + table)
     assert "Succeeded" in table and "vllm/gptq_marlin" in table and "lmdeploy/turbomind" in table
