@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from gptq_worker.report import StatusReporter
 from tests.controlplane.test_control_plane import wait_for
 from tests.operator.conftest import scrape
 
@@ -120,25 +121,12 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
     assert pod.spec.node_name in {"gpu-a100", "gpu-l40s", "gpu-h100"}  # SM >= 8.0
     wait_for(lambda: phase(api, namespace, "llama") == "Running", what="phase Running")
 
-    # the worker reports progress through its own narrowly scoped Role
-    worker = client.CustomObjectsApi(worker_client(control_plane, api, namespace, "llama-worker"))
-    worker.patch_namespaced_custom_object_status(
-        GROUP,
-        VERSION,
-        namespace,
-        PLURAL,
-        "llama",
-        {
-            "status": {
-                "progress": {
-                    "layer": 12,
-                    "layers": 32,
-                    "etaSeconds": 40.5,
-                    "message": "layer 12/32",
-                }
-            }
-        },
-    )
+    # the worker's own reporter, with the worker's token: its Role allows exactly this
+    worker_api = worker_client(control_plane, api, namespace, "llama-worker")
+    StatusReporter(f"{namespace}/llama", worker_api).layer(12, 32, 40.5)
+    worker = client.CustomObjectsApi(worker_api)
+    progress = get(api, namespace, "llama")["status"]["progress"]
+    assert progress == {"layer": 12, "layers": 32, "etaSeconds": 40.5, "message": "layer 12/32"}
     assert get(api, namespace, "llama")["status"]["progress"]["message"] == "layer 12/32"
     table = control_plane.kubectl("get", "qjob", "llama", "-n", namespace)
     assert "layer 12/32" in table and "Running" in table

@@ -28,6 +28,9 @@ class Progress:
         self.start = time.monotonic()
         self._replayed_until = self.start
         self._fresh = 0
+        from gptq_worker.report import from_environment
+
+        self._reporter = from_environment()
         self._bar = tqdm(
             total=total_layers, unit="layer", desc="quantize", disable=not show_bar, file=sys.stderr
         )
@@ -61,6 +64,8 @@ class Progress:
             modules=modules,
         )
         self._bar.update(1)
+        if self._reporter is not None:
+            self._reporter.layer(done, self.total, per_layer * (self.total - done))
 
     def close(self) -> None:
         self._bar.close()
