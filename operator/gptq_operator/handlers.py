@@ -57,6 +57,12 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
+@kopf.on.probe(id="apiserver")
+def apiserver_reachable(**_: Any) -> str:
+    """Liveness detail (``kopf run --liveness=...``): the API server answers us."""
+    return client.VersionApi(_api()).get_code().git_version
+
+
 def _apply(outcome: quantization.Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
     for key, value in outcome.status.items():
         patch.status[key] = value

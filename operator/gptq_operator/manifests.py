@@ -29,14 +29,17 @@ class UnsupportedSource(ValueError):
 
 @dataclass(frozen=True)
 class Owner:
+    """The custom resource whose children these are (controller owner reference)."""
+
     name: str
     namespace: str
     uid: str
+    kind: str = "QuantizationJob"
 
     def reference(self) -> dict:
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizationJob",
+            "kind": self.kind,
             "name": self.name,
             "uid": self.uid,
             "controller": True,

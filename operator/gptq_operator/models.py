@@ -15,12 +15,12 @@ from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
-from gptq_operator.quantization import Outcome, set_condition
+from gptq_operator.manifests import Owner
+from gptq_operator.quantization import Outcome, set_condition, stalled
 from gptq_operator.scheduling import kernel_named, node_sm, sm_in_range
 from gptq_operator.serving import (
     Choice,
     Incompatible,
-    Served,
     choose,
     deployment,
     endpoint,
@@ -91,7 +91,7 @@ def _checkpoint(
 def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> Outcome:
     meta, status = body["metadata"], body.get("status") or {}
     generation = meta.get("generation")
-    owner = Served(meta["name"], meta["namespace"], meta["uid"])
+    owner = Owner(meta["name"], meta["namespace"], meta["uid"], kind="QuantizedModel")
     spec = QuantizedModelSpec.model_validate(body["spec"])
     conditions = status.get("conditions")
 
@@ -125,12 +125,7 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
         else:
             choice = choose(spec.backend, fmt, loadable or [], sms)
     except Incompatible as err:
-        conditions = set_condition(
-            conditions, "Ready", "False", "Incompatible", str(err), generation
-        )
-        conditions = set_condition(
-            conditions, "Stalled", "True", "Incompatible", str(err), generation
-        )
+        conditions = stalled(conditions, "Incompatible", str(err), generation)
         return Outcome(
             {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
             [("Warning", "Incompatible", str(err))],
@@ -179,7 +174,7 @@ def _readiness(
     replicas: int,
     ready: int,
     choice: Choice,
-    owner: Served,
+    owner: Owner,
 ) -> dict[str, Any]:
     if replicas and ready >= replicas:
         message = f"{ready}/{replicas} replicas ready on {choice.kernel}"
@@ -217,7 +212,7 @@ def observe_deployment(api: client.ApiClient, dep: dict) -> None:
     replicas = (dep.get("spec") or {}).get("replicas") or 0
     ready = (dep.get("status") or {}).get("readyReplicas") or 0
     choice = Choice(kernel.split("/")[0], kernel, None, None)
-    owner = Served(name, namespace, qmodel["metadata"]["uid"])
+    owner = Owner(name, namespace, qmodel["metadata"]["uid"], kind="QuantizedModel")
     patch = _readiness(
         status.get("conditions"),
         qmodel["metadata"].get("generation"),

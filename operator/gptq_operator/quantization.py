@@ -66,6 +66,15 @@ def set_condition(
     return out
 
 
+def stalled(
+    conditions: list[dict] | None, reason: str, message: str, generation: int | None
+) -> list[dict]:
+    """Ready False and Stalled True, both for ``reason``: a spec or result that will not
+    work without a change."""
+    conditions = set_condition(conditions, "Ready", "False", reason, message, generation)
+    return set_condition(conditions, "Stalled", "True", reason, message, generation)
+
+
 @dataclass
 class Outcome:
     """What a reconcile decided: a status patch, and events to post."""
@@ -120,12 +129,7 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
         job = worker_job(owner, spec, settings, attempt)
         cm = config_map(owner, spec, attempt)
     except UnsupportedSource as err:
-        conditions = set_condition(
-            conditions, "Ready", "False", "UnsupportedSource", str(err), generation
-        )
-        conditions = set_condition(
-            conditions, "Stalled", "True", "UnsupportedSource", str(err), generation
-        )
+        conditions = stalled(conditions, "UnsupportedSource", str(err), generation)
         return Outcome(
             {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
             [("Warning", "UnsupportedSource", str(err))],
@@ -320,8 +324,7 @@ def observe_worker(api: client.ApiClient, job: dict, settings: OperatorSettings)
         reason = job_conditions["Failed"].get("reason") or "WorkerFailed"
         text = (message or {}).get("error") or job_conditions["Failed"].get("message") or reason
         _record(attempts, attempt, "Failed", message=text)
-        conditions = set_condition(conditions, "Ready", "False", "WorkerFailed", text, generation)
-        conditions = set_condition(conditions, "Stalled", "True", "WorkerFailed", text, generation)
+        conditions = stalled(conditions, "WorkerFailed", text, generation)
         conditions = set_condition(
             conditions, "Reconciling", "False", "WorkerFailed", text, generation
         )
@@ -379,12 +382,7 @@ def observe_worker(api: client.ApiClient, job: dict, settings: OperatorSettings)
             )
         else:
             _record(attempts, attempt, "QualityGateFailed", perplexity_after=after, message=verdict)
-            conditions = set_condition(
-                conditions, "Ready", "False", "QualityGateFailed", verdict, generation
-            )
-            conditions = set_condition(
-                conditions, "Stalled", "True", "QualityGateFailed", verdict, generation
-            )
+            conditions = stalled(conditions, "QualityGateFailed", verdict, generation)
             patch.update(
                 phase="Failed", conditions=conditions, attempts=attempts, completionTime=now()
             )

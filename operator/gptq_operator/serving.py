@@ -12,8 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
-from gptq_operator.manifests import PVC_ROOT, SCRATCH, child_name
+from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
+from gptq_operator.manifests import PVC_ROOT, SCRATCH, Owner, child_name
 from gptq_operator.scheduling import SM, kernel_named, sm_in_range, sm_node_selector_terms
 from gptq_operator.settings import OperatorSettings
 from gptq_worker.config import CheckpointFormat, ModuleSettings
@@ -147,33 +147,17 @@ def engine_command(
     return [], ["serve", model_path, "--port", str(PORTS["builtin"]), *extra]
 
 
-@dataclass(frozen=True)
-class Served:
-    name: str
-    namespace: str
-    uid: str
-
-    def reference(self) -> dict:
-        return {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizedModel",
-            "name": self.name,
-            "uid": self.uid,
-            "controller": True,
-            "blockOwnerDeletion": True,
-        }
-
-    def labels(self) -> dict[str, str]:
-        return {
-            "app.kubernetes.io/name": "gptq-serving",
-            "app.kubernetes.io/instance": self.name,
-            "app.kubernetes.io/managed-by": "gptq-operator",
-            "gptq.dev/quantized-model": self.name,
-        }
+def serving_labels(owner: Owner) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "gptq-serving",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/managed-by": "gptq-operator",
+        "gptq.dev/quantized-model": owner.name,
+    }
 
 
 def deployment(
-    owner: Served,
+    owner: Owner,
     spec: QuantizedModelSpec,
     choice: Choice,
     checkpoint_uri: str,
@@ -260,7 +244,7 @@ def deployment(
     pod_spec["tolerations"] += [
         t.model_dump(by_alias=True, exclude_none=True) for t in spec.scheduling.tolerations or []
     ]
-    labels = owner.labels()
+    labels = serving_labels(owner)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -294,14 +278,14 @@ def deployment(
     }
 
 
-def service(owner: Served, choice: Choice) -> dict:
+def service(owner: Owner, choice: Choice) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
             "name": owner.name,
             "namespace": owner.namespace,
-            "labels": owner.labels(),
+            "labels": serving_labels(owner),
             "ownerReferences": [owner.reference()],
             "annotations": {
                 "prometheus.io/scrape": "true",
@@ -315,14 +299,14 @@ def service(owner: Served, choice: Choice) -> dict:
     }
 
 
-def service_monitor(owner: Served) -> dict:
+def service_monitor(owner: Owner) -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": {
             "name": owner.name,
             "namespace": owner.namespace,
-            "labels": owner.labels(),
+            "labels": serving_labels(owner),
             "ownerReferences": [owner.reference()],
         },
         "spec": {
@@ -332,5 +316,5 @@ def service_monitor(owner: Served) -> dict:
     }
 
 
-def endpoint(owner: Served) -> str:
+def endpoint(owner: Owner) -> str:
     return f"http://{owner.name}.{owner.namespace}.svc/v1"

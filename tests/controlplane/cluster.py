@@ -409,67 +409,56 @@ class ControlPlane:
                 tail = (self.root / f"{name}.log").read_text()[-3000:]
                 raise ControlPlaneUnavailable(f"{name} exited with {proc.returncode}:\n{tail}")
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_until(self, ready, timeout: float, what: str) -> None:
+        """Poll ``ready()`` until true; fail early if a component died."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
-            probe = subprocess.run(
-                [
-                    str(self.bin / "kubectl"),
-                    "--kubeconfig",
-                    str(self.kubeconfig_path()),
-                    "get",
-                    "--raw",
-                    "/readyz",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if probe.returncode == 0 and probe.stdout.strip() == "ok":
+            if ready():
                 return
             time.sleep(0.5)
-        raise ControlPlaneUnavailable("kube-apiserver did not become ready")
+        raise ControlPlaneUnavailable(what)
+
+    def _kubectl_ok(self, *args: str) -> str | None:
+        """kubectl's output, or None when it fails (for polling)."""
+        result = subprocess.run(
+            [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig_path()), *args],
+            capture_output=True,
+            text=True,
+        )
+        return result.stdout if result.returncode == 0 else None
+
+    def _wait_ready(self, timeout: float) -> None:
+        self._wait_until(
+            lambda: (self._kubectl_ok("get", "--raw", "/readyz") or "").strip() == "ok",
+            timeout,
+            "kube-apiserver did not become ready",
+        )
+
+    def _nodes_ready(self) -> bool:
+        out = self._kubectl_ok("get", "nodes", "-o", "json")
+        nodes = json.loads(out)["items"] if out else []
+        ready = [
+            n
+            for n in nodes
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in n["status"].get("conditions", [])
+            )
+        ]
+        return len(ready) == len(NODES)
 
     def _wait_nodes_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            out = self.kubectl("get", "nodes", "-o", "json")
-            nodes = json.loads(out)["items"]
-            ready = [
-                n
-                for n in nodes
-                if any(
-                    c["type"] == "Ready" and c["status"] == "True"
-                    for c in n["status"].get("conditions", [])
-                )
-            ]
-            if len(ready) == len(NODES):
-                return
-            time.sleep(0.5)
-        raise ControlPlaneUnavailable("kwok did not make the simulated nodes Ready")
+        self._wait_until(self._nodes_ready, timeout, "kwok did not make the simulated nodes Ready")
 
     def _wait_default_service_account(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self._check_alive()
-            probe = subprocess.run(
-                [
-                    str(self.bin / "kubectl"),
-                    "--kubeconfig",
-                    str(self.kubeconfig_path()),
-                    "get",
-                    "serviceaccount",
-                    "default",
-                    "-n",
-                    "default",
-                ],
-                capture_output=True,
-            )
-            if probe.returncode == 0:
-                return
-            time.sleep(0.5)
-        raise ControlPlaneUnavailable("the default ServiceAccount never appeared")
+        self._wait_until(
+            lambda: (
+                self._kubectl_ok("get", "serviceaccount", "default", "-n", "default") is not None
+            ),
+            timeout,
+            "the default ServiceAccount never appeared",
+        )
 
     def kubectl(self, *args: str, user: str = "admin", input: str | None = None) -> str:
         result = subprocess.run(

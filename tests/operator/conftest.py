@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -64,13 +65,28 @@ def operator(control_plane, api, monkeypatch):
     metrics URL."""
     from tests.controlplane.cluster import _free_port
 
-    port = _free_port()
+    port, health = _free_port(), _free_port()
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig_path()))
     monkeypatch.setenv("GPTQ_METRICS_PORT", str(port))
-    args = ["run", "--all-namespaces", "--standalone", "-m", "gptq_operator.handlers"]
+    args = [
+        "run",
+        "--all-namespaces",
+        "--standalone",
+        "-m",
+        "gptq_operator.handlers",
+        f"--liveness=http://127.0.0.1:{health}/healthz",
+    ]
     with KopfRunner(args, timeout=60) as runner:
-        yield f"http://127.0.0.1:{port}/metrics"
+        yield OperatorEndpoints(
+            f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{health}/healthz"
+        )
     assert runner.exception is None, runner.output
+
+
+@dataclass(frozen=True)
+class OperatorEndpoints:
+    metrics: str
+    liveness: str
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

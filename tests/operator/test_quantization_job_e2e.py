@@ -7,6 +7,7 @@ and ends the worker pod through kwok with a termination message, as gptq-worker 
 from __future__ import annotations
 
 import json
+import urllib.request
 
 import pytest
 
@@ -159,7 +160,7 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
                 if m.get(("gptq_operator_quantization_jobs", (("phase", "Succeeded"),))) == 1
                 else None
             )
-        )(scrape(operator)),
+        )(scrape(operator.metrics)),
         what="metrics",
     )
     assert (
@@ -170,6 +171,8 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
         samples[("gptq_operator_reconcile_duration_seconds_count", (("kind", "QuantizationJob"),))]
         >= 1
     )
+    liveness = json.loads(urllib.request.urlopen(operator.liveness, timeout=5).read())
+    assert liveness["apiserver"] == "v1.36.3"
     assert "spec" in done and done["spec"]["scheduling"] == {
         "targetKernel": "vllm/gptq_marlin"
     }  # never rewritten by the operator

@@ -135,7 +135,7 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
         == 80
     )
 
-    samples = scrape(operator)
+    samples = scrape(operator.metrics)
     assert samples[("gptq_operator_model_time_to_ready_seconds_count", ())] == 2
     table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
     print("\n" + table)
