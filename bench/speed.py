@@ -99,7 +99,7 @@ def main() -> None:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t = time.monotonic()
-    _packed, progress = quantize_model(
+    _packed, progress, _ = quantize_model(
         model,
         SimpleNamespace(eos_token_id=None),
         cfg,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from gptq_operator.api import GROUP, VERSION, QuantizationJobSpec
 from gptq_operator.scheduling import SM, kernel_named, parse_sm, sm_node_selector_terms
 from gptq_operator.settings import OperatorSettings
-from gptq_worker.config import WorkerConfig
+from gptq_worker.config import EvaluationConfig, WorkerConfig
 
 CONFIG_DIR = "/etc/gptq"
 PVC_ROOT = "/mnt/pvc"
@@ -95,7 +95,7 @@ def _local(uri: str, role: str) -> str:
         return f"{PVC_ROOT}/{claim}/{path}".rstrip("/")
     if uri.startswith("hf://") and role in ("model", "calibration"):
         return uri.removeprefix("hf://").split("@", 1)[0]
-    if role == "calibration" and "://" not in uri:
+    if role in ("calibration", "evaluation") and "://" not in uri:
         return uri  # a Hugging Face dataset name
     raise UnsupportedSource(
         f"{role} {uri!r}: this worker version reads models from hf:// and pvc:// and writes "
@@ -141,7 +141,12 @@ def worker_config(spec: QuantizationJobSpec) -> WorkerConfig:
     calibration = spec.calibration.model_copy(
         update={"dataset": _local(spec.calibration.dataset or "", "calibration")}
     )
+    evaluation = None
+    if spec.quality_gate is not None:  # the gate needs perplexity before and after
+        text = spec.quality_gate.eval_dataset or spec.calibration.dataset or ""
+        evaluation = EvaluationConfig(text=_local(text, "evaluation"))
     return WorkerConfig(
+        evaluation=evaluation,
         model=model,
         revision=revision,
         output=_local(spec.output.uri, "output"),

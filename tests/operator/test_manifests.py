@@ -150,6 +150,21 @@ def test_worker_config_uses_local_paths():
     )
 
 
+def test_quality_gate_asks_the_worker_to_measure_perplexity():
+    gated = {
+        **SPEC,
+        "qualityGate": {
+            "maxPerplexityIncrease": 0.5,
+            "evalDataset": "pvc://datasets/wiki.test.txt",
+        },
+    }
+    cm = config_map(OWNER, QuantizationJobSpec.model_validate(gated), attempt=1)
+    cfg = WorkerConfig.model_validate(json.loads(cm["data"]["worker.json"]))
+    assert cfg.evaluation.text == "/mnt/pvc/datasets/wiki.test.txt"
+    ungated = config_map(OWNER, QuantizationJobSpec.model_validate(SPEC), attempt=1)
+    assert json.loads(ungated["data"]["worker.json"])["evaluation"] is None
+
+
 def test_unsupported_sources_are_named():
     s3 = {**SPEC, "model": {"uri": "s3://bucket/llama"}}
     with pytest.raises(UnsupportedSource, match="model 's3://bucket/llama'"):

@@ -21,7 +21,7 @@ def _fake_quantized(model_dir, tmp_path, calibration, **quantization):
     """The model as the engine leaves it in memory, with its packed tensors."""
     cfg = worker_config(model_dir, tmp_path / "unused", calibration, **quantization)
     model, tokenizer = load_model(str(model_dir), torch.float32, False)
-    packed, progress = quantize_model(
+    packed, progress, _ = quantize_model(
         model, tokenizer, cfg, torch.device("cpu"), tmp_path / "work", show_progress=False
     )
     progress.close()
@@ -189,3 +189,67 @@ def test_replaying_captured_inputs_reproduces_hidden_states(arch, model_dir, tok
     for i in range(len(layers) - 1):  # the last entry of hidden_states has the final norm
         acts.hidden = _forward(layers[i], acts, i)
         torch.testing.assert_close(acts.hidden[0], reference[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def test_perplexity_measured_in_the_pass_equals_eval(model_dir, tmp_path, calibration_file):
+    """Before/after perplexity from the layer-by-layer pass equals `gptq-worker eval` of the
+    source model and of the written checkpoint on the same windows."""
+    from gptq_worker.config import EvaluationConfig
+    from gptq_worker.evaluate import evaluate
+
+    src, out = model_dir("llama"), tmp_path / "ckpt"
+    cfg = worker_config(src, out, calibration_file, bits=3, group_size=32).model_copy(
+        update={
+            "evaluation": EvaluationConfig(text=str(calibration_file), seqlen=64, max_samples=4)
+        }
+    )
+    quantize(cfg, show_progress=False)
+    measured = json.loads((out / "quantize_config.json").read_text())["meta"]["perplexity"]
+    cpu = torch.device("cpu")
+    before = evaluate(str(src), str(calibration_file), 64, cpu, torch.float32, 4)
+    after = evaluate(str(out), str(calibration_file), 64, cpu, torch.float32, 4)
+    assert measured["before"] == pytest.approx(before["perplexity"], rel=1e-4)
+    assert measured["after"] == pytest.approx(after["perplexity"], rel=1e-4)
+    assert measured["after"] != measured["before"]
+
+
+def test_termination_message_carries_the_result(model_dir, tmp_path, calibration_file):
+    from gptq_worker.cli import main
+
+    message = tmp_path / "termination-log"
+    args = [
+        "quantize",
+        "--no-progress-bar",
+        "--model",
+        str(model_dir("llama")),
+        "--output",
+        str(tmp_path / "out"),
+        "--calibration",
+        str(calibration_file),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--device",
+        "cpu",
+        "--eval-text",
+        str(calibration_file),
+        "--eval-samples",
+        "2",
+        "--termination-message",
+        str(message),
+    ]
+    assert main(args) == 0
+    result = json.loads(message.read_text())
+    assert result["format"] == {
+        "bits": 4,
+        "groupSize": 128,
+        "descAct": False,
+        "sym": True,
+        "checkpointFormat": "gptq",
+    }
+    assert "vllm/gptq_marlin" in result["kernels"] and result["checkpointBytes"] > 0
+    assert result["perplexityAfter"] > 0 and result["perplexityBefore"] > 0
+    bad = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in args]
+    assert main([*bad, "--group-size", "48"]) == 2
+    assert "not a multiple of group_size 48" in json.loads(message.read_text())["error"]

@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
-def quantization_config(cfg: QuantizeConfig) -> dict[str, Any]:
+def quantization_config(cfg: QuantizeConfig, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``quantize_config.json`` and ``config.json["quantization_config"]`` hold."""
     return {
         "quant_method": "gptq",
@@ -53,7 +53,7 @@ def quantization_config(cfg: QuantizeConfig) -> dict[str, Any]:
         "lm_head": cfg.lm_head,
         "dynamic": cfg.dynamic,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [QUANTIZER], "method": cfg.method.value},
+        "meta": {"quantizer": [QUANTIZER], "method": cfg.method.value, **(meta or {})},
     }
 
 
@@ -135,13 +135,16 @@ def write_checkpoint(
     packed: dict[str, torch.Tensor],
     cfg: QuantizeConfig,
     max_shard_size: str = "4GB",
+    meta: dict[str, Any] | None = None,
 ) -> None:
-    """Write a complete checkpoint into ``directory`` (which must be empty or absent)."""
+    """Write a complete checkpoint into ``directory`` (which must be empty or absent).
+
+    ``meta`` joins ``quantization_config.meta`` (for example the measured perplexities)."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = checkpoint_tensors(model, packed)
     _save_shards(directory, tensors, parse_size(max_shard_size))
 
-    qc = quantization_config(cfg)
+    qc = quantization_config(cfg, meta)
     (directory / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
     config = copy.deepcopy(model.config)
     config.quantization_config = qc

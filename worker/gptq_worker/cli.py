@@ -87,6 +87,13 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     for flag, key in _CALIB.items():
         if flag in given:
             data["calibration"][key] = given[flag]
+    for flag, key in (
+        ("eval_text", "text"),
+        ("eval_samples", "max_samples"),
+        ("eval_seqlen", "seqlen"),
+    ):
+        if flag in given:
+            data.setdefault("evaluation", {})[key] = given[flag]
     if "dynamic" in data["quantization"] and isinstance(data["quantization"]["dynamic"], str):
         try:
             data["quantization"]["dynamic"] = json.loads(data["quantization"]["dynamic"])
@@ -142,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("gptq", "rtn"), help="rtn = round-to-nearest baseline")
     q.add_argument("--calibration", help="calibration file/directory or HF dataset name")
     q.add_argument("--profile", choices=("general", "code", "long-context"))
+    q.add_argument(
+        "--eval-text",
+        dest="eval_text",
+        help="score perplexity on this text before and after quantization",
+    )
+    q.add_argument("--eval-samples", dest="eval_samples", type=int)
+    q.add_argument("--eval-seqlen", dest="eval_seqlen", type=int)
     q.add_argument("--nsamples", type=int)
     q.add_argument("--seqlen", type=int)
     q.add_argument("--seed", type=int)
@@ -212,6 +226,12 @@ def _quantize(args: argparse.Namespace) -> int:
             "kernels": validate_checkpoint(output).loadable_kernels(),
             "checkpointBytes": sum(f.stat().st_size for f in output.glob("*.safetensors")),
         }
+        measured = json.loads((output / "quantize_config.json").read_text())["meta"].get(
+            "perplexity"
+        )
+        if measured:
+            summary["perplexityBefore"] = measured["before"]
+            summary["perplexityAfter"] = measured["after"]
         _write_termination_message(args.termination_message, summary)
     return 0
 

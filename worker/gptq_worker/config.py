@@ -162,6 +162,14 @@ class CalibrationConfig(_Model):
         return self.nsamples or nsamples, self.seqlen or seqlen
 
 
+class EvaluationConfig(_Model):
+    """Held-out text scored before and after quantization (the quality gate's numbers)."""
+
+    text: str = Field(description="UTF-8 text file; its first windows are scored")
+    seqlen: Annotated[int, Field(ge=8)] | None = Field(None, description="default: calibration's")
+    max_samples: Annotated[int, Field(ge=1)] = 32
+
+
 class WorkerConfig(_Model):
     """Everything ``gptq-worker quantize`` needs; the shape of ``--config FILE``."""
 
@@ -170,6 +178,7 @@ class WorkerConfig(_Model):
     output: str
     quantization: QuantizeConfig = QuantizeConfig()
     calibration: CalibrationConfig = CalibrationConfig()
+    evaluation: EvaluationConfig | None = None
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     batch_size: int = Field(1, ge=1)

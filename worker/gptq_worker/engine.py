@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,9 @@ from gptq_worker.pack import (
     values_per_chunk,
 )
 from gptq_worker.progress import Progress
+
+if TYPE_CHECKING:
+    from gptq_worker.evalstream import EvalStreams
 from gptq_worker.state import WorkState
 
 
@@ -241,6 +244,7 @@ def quantize_layers(
     state: WorkState,
     progress: Progress,
     on_layer: Callable[[int], None] | None = None,
+    evaluation: EvalStreams | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
 
@@ -253,6 +257,8 @@ def quantize_layers(
         prefix = f"{arch.layers}.{i}"
         names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
         layer.to(device)
+        if evaluation is not None:  # original weights: the "before" stream
+            evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
         losses: dict[str, dict[str, float]] = {}
         layer_packed: dict[str, torch.Tensor] = {}
@@ -288,6 +294,8 @@ def quantize_layers(
                         del q
                 del hessians
         acts.hidden = _forward(layer, acts, i)
+        if evaluation is not None:
+            evaluation.after_layer(layer, i)
         layer.to("cpu")
         if not resumed:
             state.save_layer(i, layer_packed, losses)
@@ -295,12 +303,16 @@ def quantize_layers(
         progress.layer_done(i, losses or _saved_losses(state, names), resumed)
         if on_layer is not None:
             on_layer(i)
+    if evaluation is not None:  # before lm_head is quantized
+        evaluation.ppl_before = evaluation.perplexity(model, arch, device, evaluation.before)
     if cfg.lm_head and arch.lm_head in settings:
         packed.update(
             _quantize_lm_head(
                 model, arch, cfg, settings[arch.lm_head], acts, device, state, len(layers)
             )
         )
+    if evaluation is not None:
+        evaluation.ppl_after = evaluation.perplexity(model, arch, device, evaluation.after)
     return packed
 
 

@@ -17,6 +17,40 @@ def is_gptq_checkpoint(directory: Path) -> bool:
     return config.exists() and "quantization_config" in json.loads(config.read_text())
 
 
+def windows(ids: torch.Tensor, seqlen: int, max_samples: int | None = None) -> torch.Tensor:
+    """The first non-overlapping ``seqlen`` windows of ``ids``: ``[n, seqlen]``."""
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(
+            f"evaluation text has {ids.numel()} tokens, fewer than one window of "
+            f"{seqlen}; pass a longer text or a smaller --seqlen"
+        )
+    if max_samples:
+        n = min(n, max_samples)
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def text_ids(path: str, tokenizer) -> torch.Tensor:
+    text_file = Path(path)
+    if not text_file.is_file():
+        raise ValueError(f"evaluation text {path} does not exist")
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"evaluation text {path} is empty")
+    return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.int64)
+
+
+def window_nll(logits: torch.Tensor, x: torch.Tensor) -> float:
+    """Summed next-token NLL of ``[b, seq]`` windows (fp32 logits)."""
+    return float(
+        nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+            x[:, 1:].reshape(-1),
+            reduction="sum",
+        )
+    )
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -29,20 +63,10 @@ def perplexity(
 
     Returns (perplexity, tokens scored).
     """
-    windows = ids.numel() // seqlen
-    if windows == 0:
-        raise ValueError(
-            f"evaluation text has {ids.numel()} tokens, fewer than one window of "
-            f"{seqlen}; pass a longer text or a smaller --seqlen"
-        )
-    if max_samples:
-        windows = min(windows, max_samples)
     nll, count = 0.0, 0
-    for w in range(windows):
-        x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
-        logits = model(input_ids=x, use_cache=False).logits.float()
-        loss = nn.functional.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-        nll += float(loss)
+    for w in windows(ids, seqlen, max_samples):
+        x = w.unsqueeze(0).to(device)
+        nll += window_nll(model(input_ids=x, use_cache=False).logits, x)
         count += seqlen - 1
     return math.exp(nll / count), count
 
@@ -59,12 +83,8 @@ def evaluate(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_path)
-    text_file = Path(text_path)
-    if not text_file.is_file():
+    if not Path(text_path).is_file():
         raise ValueError(f"evaluation text {text_path} does not exist")
-    text = text_file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ValueError(f"evaluation text {text_path} is empty")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     quantized = path.is_dir() and is_gptq_checkpoint(path)
     if quantized:
@@ -81,7 +101,7 @@ def evaluate(
             .to(device)
             .eval()
         )
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.int64)
+    ids = text_ids(text_path, tokenizer)
     ppl, tokens = perplexity(model, ids, seqlen, device, max_samples)
     return {
         "model": model_path,

@@ -16,6 +16,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -149,13 +150,21 @@ def quantize(
     model, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
     progress = None
     try:
-        packed, progress = quantize_model(
+        packed, progress, perplexity = quantize_model(
             model, tokenizer, cfg, device, work, show_progress, on_layer
         )
         staging = work / "checkpoint"
         if staging.exists():
             shutil.rmtree(staging)
-        write_checkpoint(staging, model, tokenizer, packed, cfg.quantization, cfg.max_shard_size)
+        write_checkpoint(
+            staging,
+            model,
+            tokenizer,
+            packed,
+            cfg.quantization,
+            cfg.max_shard_size,
+            meta={"perplexity": perplexity} if perplexity else None,
+        )
         from gptq_worker.validate import validate_checkpoint
 
         report = validate_checkpoint(staging)
@@ -167,6 +176,7 @@ def quantize(
             output=str(output),
             elapsed_s=round(time.monotonic() - started, 3),
             kernels=report.loadable_kernels(),
+            perplexity=perplexity,
         )
     except BaseException as err:
         if progress is not None:
@@ -187,10 +197,11 @@ def quantize_model(
     work: Path,
     show_progress: bool = True,
     on_layer: Callable[[int], None] | None = None,
-) -> tuple[dict[str, torch.Tensor], Progress]:
+) -> QuantizeResult:
     """Quantize ``model`` in place (its weights become the dequantized ones).
 
-    Returns the packed tensors of every quantized module and the open progress reporter.
+    Returns the packed tensors of every quantized module, the open progress reporter, and
+    the perplexities before and after when ``cfg.evaluation`` asks for them.
     Finished layers are kept under ``work`` and reused when the same run starts again.
     """
     arch = architecture_for(model)
@@ -220,15 +231,53 @@ def quantize_model(
         resumed_from_layer=resumed_from,
     )
     try:
+        evaluation = None
+        if cfg.evaluation is not None:
+            from gptq_worker.evalstream import EvalStreams
+            from gptq_worker.evaluate import text_ids, windows
+
+            ids = text_ids(cfg.evaluation.text, tokenizer)
+            evaluation = EvalStreams.capture(
+                model,
+                arch,
+                windows(ids, cfg.evaluation.seqlen or seqlen, cfg.evaluation.max_samples),
+                device,
+            )
         acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
         packed = quantize_layers(
-            model, arch, cfg.quantization, settings, acts, device, state, progress, on_layer
+            model,
+            arch,
+            cfg.quantization,
+            settings,
+            acts,
+            device,
+            state,
+            progress,
+            on_layer,
+            evaluation,
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)
         progress.close()
         raise
-    return packed, progress
+    perplexity = None
+    if evaluation is not None:
+        perplexity = {
+            "before": round(evaluation.ppl_before, 4),
+            "after": round(evaluation.ppl_after, 4),
+        }
+        progress.emit(
+            "evaluated",
+            perplexity_before=perplexity["before"],
+            perplexity_after=perplexity["after"],
+        )
+    return QuantizeResult(packed, progress, perplexity)
+
+
+class QuantizeResult(NamedTuple):
+    packed: dict[str, torch.Tensor]
+    progress: Progress
+    perplexity: dict[str, float] | None  # {"before", "after"} when evaluation was asked for
 
 
 def _publish(staging: Path, output: Path, work: Path) -> None:
