@@ -10,13 +10,12 @@ import contextlib
 from typing import Any
 
 from kubernetes import client
-from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import Owner
-from gptq_operator.quantization import Outcome, set_condition, stalled
+from gptq_operator.quantization import Outcome, read_owner, set_condition, stalled
 from gptq_operator.scheduling import kernel_named, node_sm, sm_in_range
 from gptq_operator.serving import (
     Choice,
@@ -64,14 +63,9 @@ def _checkpoint(
     """(uri, format, loadable kernels, bytes, waiting message); uri None while waiting."""
     if spec.source.uri:
         return spec.source.uri, None, None, None, ""
-    try:
-        qjob = client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, "quantizationjobs", spec.source.job
-        )
-    except ApiException as err:
-        if err.status == 404:
-            return None, None, None, None, f"QuantizationJob {spec.source.job} does not exist"
-        raise
+    qjob = read_owner(api, "quantizationjobs", namespace, spec.source.job)
+    if qjob is None:
+        return None, None, None, None, f"QuantizationJob {spec.source.job} does not exist"
     status = qjob.get("status") or {}
     if status.get("phase") != "Succeeded":
         progress = (status.get("progress") or {}).get("message")
@@ -195,15 +189,10 @@ def observe_deployment(api: client.ApiClient, dep: dict) -> None:
     """A serving Deployment changed: refresh readiness on its QuantizedModel."""
     name = (dep["metadata"].get("labels") or {}).get("gptq.dev/quantized-model")
     namespace = dep["metadata"]["namespace"]
-    if not name:
+    qmodel = read_owner(api, PLURAL, namespace, name)
+    if qmodel is None:
         return
     objects = client.CustomObjectsApi(api)
-    try:
-        qmodel = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as err:
-        if err.status == 404:
-            return
-        raise
     status = qmodel.get("status") or {}
     template = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
     kernel = (template.get("annotations") or {}).get("gptq.dev/kernel")

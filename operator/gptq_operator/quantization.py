@@ -286,20 +286,29 @@ def gate_verdict(
     return True, f"perplexity {before:.4f} -> {after:.4f} is within the gate"
 
 
+def read_owner(api: client.ApiClient, plural: str, namespace: str, name: str | None) -> dict | None:
+    """The gptq.dev object a child belongs to, or None when it is gone (or unnamed)."""
+    if not name:
+        return None
+    try:
+        return client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, plural, name
+        )
+    except ApiException as err:
+        if err.status == 404:
+            return None
+        raise
+
+
 def observe_worker(api: client.ApiClient, job: dict, settings: OperatorSettings) -> None:
     """A worker Job changed: carry its state to the owning QuantizationJob's status."""
     labels = job["metadata"].get("labels") or {}
     name, namespace = labels.get("gptq.dev/quantization-job"), job["metadata"]["namespace"]
     attempt = int(labels.get("gptq.dev/attempt", "1"))
-    if not name:
+    qjob = read_owner(api, PLURAL, namespace, name)
+    if qjob is None:
         return
     objects = client.CustomObjectsApi(api)
-    try:
-        qjob = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-    except ApiException as err:
-        if err.status == 404:
-            return
-        raise
     status = qjob.get("status") or {}
     if attempt != current_attempt(status) or status.get("phase") in ("Succeeded", "Failed"):
         return

@@ -329,42 +329,15 @@ class ControlPlane:
         self._spawn(
             "kube-controller-manager",
             [
-                "--kubeconfig",
-                str(self.kubeconfig_path("controller-manager")),
-                "--authentication-kubeconfig",
-                str(self.kubeconfig_path("controller-manager")),
-                "--authorization-kubeconfig",
-                str(self.kubeconfig_path("controller-manager")),
+                *self._component_flags("controller-manager"),
                 "--service-account-private-key-file",
                 str(pki / "sa.key"),
                 "--root-ca-file",
                 str(pki / "ca.crt"),
                 "--use-service-account-credentials=true",
-                "--leader-elect=false",
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                str(_free_port()),
-                "--v=1",
             ],
         )
-        self._spawn(
-            "kube-scheduler",
-            [
-                "--kubeconfig",
-                str(self.kubeconfig_path("scheduler")),
-                "--authentication-kubeconfig",
-                str(self.kubeconfig_path("scheduler")),
-                "--authorization-kubeconfig",
-                str(self.kubeconfig_path("scheduler")),
-                "--leader-elect=false",
-                "--bind-address",
-                "127.0.0.1",
-                "--secure-port",
-                str(_free_port()),
-                "--v=1",
-            ],
-        )
+        self._spawn("kube-scheduler", self._component_flags("scheduler"))
         self._spawn(
             "kwok",
             [
@@ -393,6 +366,24 @@ class ControlPlane:
         self._wait_default_service_account(timeout - (time.monotonic() - started))
         self.startup_s = time.monotonic() - started
         return self
+
+    def _component_flags(self, user: str) -> list[str]:
+        """Connection and serving flags shared by controller-manager and scheduler."""
+        kubeconfig = str(self.kubeconfig_path(user))
+        return [
+            "--kubeconfig",
+            kubeconfig,
+            "--authentication-kubeconfig",
+            kubeconfig,
+            "--authorization-kubeconfig",
+            kubeconfig,
+            "--leader-elect=false",
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(_free_port()),
+            "--v=1",
+        ]
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (lives as long as the process)
