@@ -122,16 +122,13 @@ def quantized_model(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """Serve a QuantizedModel's checkpoint once it exists, on GPUs that can run its kernel."""
     with _metrics().reconcile("QuantizedModel"):
         outcome = models.reconcile(_api(), dict(body), _settings())
-        if (
-            outcome.status.get("phase") == "Ready"
-            and (body.get("status") or {}).get("phase") != "Ready"
-        ):
-            _metrics().time_to_ready.observe(_age_seconds(body))
+        if outcome.status.get("phase") == "Ready":
+            _metrics().model_ready(body["metadata"]["uid"], _age_seconds(body["metadata"]))
         _apply(outcome, body, patch)
 
 
-def _age_seconds(body: kopf.Body) -> float:
-    created = datetime.fromisoformat(body["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
+def _age_seconds(metadata: dict) -> float:
+    created = datetime.fromisoformat(metadata["creationTimestamp"].replace("Z", "+00:00"))
     return (datetime.now(timezone.utc) - created).total_seconds()
 
 
@@ -147,4 +144,6 @@ def _age_seconds(body: kopf.Body) -> float:
 def serving_deployment(body: kopf.Body, type: str | None, **_: Any) -> None:
     """Carry a serving Deployment's readiness to its QuantizedModel."""
     if type in (None, "ADDED", "MODIFIED"):
-        models.observe_deployment(_api(), _as_dict(body))
+        ready = models.observe_deployment(_api(), _as_dict(body))
+        if ready is not None:
+            _metrics().model_ready(ready["metadata"]["uid"], _age_seconds(ready["metadata"]))

@@ -38,6 +38,7 @@ class Metrics:
             buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200, 14400),
         )
         self._phases: dict[str, str] = {}
+        self._ready: set[str] = set()
 
     @contextmanager
     def reconcile(self, kind: str) -> Iterator[None]:
@@ -53,6 +54,12 @@ class Metrics:
         finally:
             self.reconciles.labels(kind, result).inc()
             self.reconcile_seconds.labels(kind).observe(time.monotonic() - started)
+
+    def model_ready(self, uid: str, seconds: float) -> None:
+        """A QuantizedModel is Ready; only its first time counts, whichever path saw it."""
+        if uid not in self._ready:
+            self._ready.add(uid)
+            self.time_to_ready.observe(seconds)
 
     def job_phase(self, uid: str, phase: str | None) -> None:
         """Track one QuantizationJob's phase (None: deleted) and refresh the counts."""

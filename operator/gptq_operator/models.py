@@ -185,19 +185,21 @@ def _readiness(
     return {"phase": phase, "conditions": conditions, "replicas": replicas, "readyReplicas": ready}
 
 
-def observe_deployment(api: client.ApiClient, dep: dict) -> None:
-    """A serving Deployment changed: refresh readiness on its QuantizedModel."""
+def observe_deployment(api: client.ApiClient, dep: dict) -> dict | None:
+    """A serving Deployment changed: refresh readiness on its QuantizedModel.
+
+    Returns the QuantizedModel when this change made it Ready, else None."""
     name = (dep["metadata"].get("labels") or {}).get("gptq.dev/quantized-model")
     namespace = dep["metadata"]["namespace"]
     qmodel = read_owner(api, PLURAL, namespace, name)
     if qmodel is None:
-        return
+        return None
     objects = client.CustomObjectsApi(api)
     status = qmodel.get("status") or {}
     template = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
     kernel = (template.get("annotations") or {}).get("gptq.dev/kernel")
     if not kernel:
-        return
+        return None
     replicas = (dep.get("spec") or {}).get("replicas") or 0
     ready = (dep.get("status") or {}).get("readyReplicas") or 0
     choice = Choice(kernel.split("/")[0], kernel, None, None)
@@ -214,3 +216,4 @@ def observe_deployment(api: client.ApiClient, dep: dict) -> None:
         objects.patch_namespaced_custom_object_status(
             GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
         )
+    return qmodel if patch["phase"] == "Ready" else None

@@ -1,0 +1,42 @@
+"""The operator's metrics bookkeeping (registered on a private registry, as at startup)."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gptq_operator.metrics import Metrics
+
+
+def test_time_to_ready_counts_each_model_once_whichever_path_sees_it():
+    m = Metrics(CollectorRegistry())
+    m.model_ready("uid-a", 42.0)  # seen by the reconcile
+    m.model_ready("uid-a", 43.0)  # and again by the Deployment watcher
+    m.model_ready("uid-b", 7.0)
+    get = m.registry.get_sample_value
+    assert get("gptq_operator_model_time_to_ready_seconds_count") == 2
+    assert get("gptq_operator_model_time_to_ready_seconds_sum") == 49.0
+
+
+def test_jobs_by_phase_follow_transitions_and_deletions():
+    m = Metrics(CollectorRegistry())
+    m.job_phase("a", "Pending")
+    m.job_phase("b", "Running")
+    m.job_phase("a", "Running")
+    m.job_phase("b", None)  # deleted
+    get = m.registry.get_sample_value
+    assert get("gptq_operator_quantization_jobs", {"phase": "Running"}) == 1
+    assert get("gptq_operator_quantization_jobs", {"phase": "Pending"}) == 0
+
+
+def test_reconcile_results_are_counted_by_kind():
+    m = Metrics(CollectorRegistry())
+    with m.reconcile("QuantizationJob"):
+        pass
+    with pytest.raises(RuntimeError), m.reconcile("QuantizationJob"):
+        raise RuntimeError("boom")
+    get = m.registry.get_sample_value
+    assert get("gptq_operator_reconciles_total", {"kind": "QuantizationJob", "result": "ok"}) == 1
+    assert (
+        get("gptq_operator_reconciles_total", {"kind": "QuantizationJob", "result": "error"}) == 1
+    )
