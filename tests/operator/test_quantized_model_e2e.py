@@ -44,6 +44,21 @@ def model_phase(api, namespace, name):
     return (qmodel(api, namespace, name).get("status") or {}).get("phase")
 
 
+def create_qmodel(api, namespace: str, name: str, job: str, backend: str) -> None:
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        "quantizedmodels",
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "QuantizedModel",
+            "metadata": {"name": name},
+            "spec": {"source": {"job": job}, "backend": backend},
+        },
+    )
+
+
 def serving_pods(api, namespace, name):
     return (
         client.CoreV1Api(api)
@@ -152,18 +167,7 @@ def test_incompatible_backend_is_refused_with_the_rule(operator, api, namespace,
         qjob("g64", quantization={"bits": 4, "groupSize": 64}),
     )
     play_worker(api, namespace, "g64", {**RESULT, "format": {**RESULT["format"], "groupSize": 64}})
-    objects.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "quantizedmodels",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizedModel",
-            "metadata": {"name": "g64"},
-            "spec": {"source": {"job": "g64"}, "backend": "lmdeploy"},
-        },
-    )
+    create_qmodel(api, namespace, "g64", "g64", "lmdeploy")
     wait_for(lambda: model_phase(api, namespace, "g64") == "Failed", what="refused")
     ready = condition(qmodel(api, namespace, "g64"), "Ready")
     assert ready["reason"] == "Incompatible"
@@ -178,18 +182,7 @@ def test_changing_the_checkpoint_rolls_the_deployment(operator, api, namespace, 
             GROUP, VERSION, namespace, "quantizationjobs", qjob(name)
         )
         play_worker(api, namespace, name, RESULT)
-    objects.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "quantizedmodels",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizedModel",
-            "metadata": {"name": "m"},
-            "spec": {"source": {"job": "first"}, "backend": "vllm"},
-        },
-    )
+    create_qmodel(api, namespace, "m", "first", "vllm")
     wait_for(lambda: model_phase(api, namespace, "m") == "Ready", what="Ready", timeout=90)
     apps = client.AppsV1Api(api)
     before = apps.read_namespaced_deployment("m-vllm", namespace).spec.template.metadata

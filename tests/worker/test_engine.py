@@ -14,6 +14,19 @@ from gptq_worker.validate import validate_checkpoint
 
 from .conftest import sample_ids, worker_config
 
+
+def assert_reload_matches(out, model, tokenizer) -> None:
+    """The checkpoint at ``out``, read back, gives the in-memory model's logits."""
+    ids = sample_ids(len(tokenizer))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_quantized_model(out)(input_ids=ids).logits,
+            model(input_ids=ids).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
+
+
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma3_text", "gpt2"]
 
 
@@ -70,14 +83,7 @@ def test_settings_round_trip(settings, model_dir, tmp_path, calibration_file):
     write_checkpoint(out, model, tokenizer, packed, cfg.quantization)
     report = validate_checkpoint(out)
     assert report.errors == []
-    ids = sample_ids(len(tokenizer))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            load_quantized_model(out)(input_ids=ids).logits,
-            model(input_ids=ids).logits,
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    assert_reload_matches(out, model, tokenizer)
 
 
 def test_dynamic_overrides_and_skips(model_dir, tmp_path, calibration_file):
@@ -98,14 +104,7 @@ def test_dynamic_overrides_and_skips(model_dir, tmp_path, calibration_file):
     assert validate_checkpoint(out).errors == []
     tensors = load_tensors(out)
     assert "model.layers.1.mlp.down_proj.weight" in tensors  # kept in fp16
-    ids = sample_ids(len(tokenizer))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            load_quantized_model(out)(input_ids=ids).logits,
-            model(input_ids=ids).logits,
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    assert_reload_matches(out, model, tokenizer)
 
 
 def test_lm_head_quantization_unties_embeddings(model_dir, tmp_path, calibration_file):
@@ -117,14 +116,7 @@ def test_lm_head_quantization_unties_embeddings(model_dir, tmp_path, calibration
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     assert config["quantization_config"]["lm_head"] is True
-    ids = sample_ids(len(tokenizer))
-    with torch.no_grad():
-        torch.testing.assert_close(
-            load_quantized_model(out)(input_ids=ids).logits,
-            model(input_ids=ids).logits,
-            rtol=1e-4,
-            atol=1e-4,
-        )
+    assert_reload_matches(out, model, tokenizer)
 
 
 def test_cli_run_writes_complete_sharded_checkpoint(model_dir, tmp_path, calibration_file):
