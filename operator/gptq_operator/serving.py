@@ -144,7 +144,17 @@ def engine_command(
                 *extra,
             ],
         )
-    return [], ["serve", model_path, "--port", str(PORTS["builtin"]), *extra]
+    return [], [
+        "serve",
+        model_path,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(PORTS["builtin"]),
+        "--served-model-name",
+        name,
+        *extra,
+    ]
 
 
 def serving_labels(owner: Owner) -> dict[str, str]:
@@ -192,7 +202,11 @@ def deployment(
         resources["limits"]["memory"] = spec.resources.memory
     if spec.resources.cpu:
         resources["requests"]["cpu"] = spec.resources.cpu
+    # readiness: the model is loaded; liveness: the process answers (builtin tells them apart)
     health = "/v1/models" if choice.backend == "lmdeploy" else "/health"
+    alive = "/healthz" if choice.backend == "builtin" else health
+    if choice.backend == "builtin":
+        health = "/readyz"
     claim = checkpoint_uri.removeprefix("pvc://").split("/", 1)[0]
     container = {
         "name": "server",
@@ -203,7 +217,7 @@ def deployment(
         "resources": resources,
         "readinessProbe": {"httpGet": {"path": health, "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {
-            "httpGet": {"path": health, "port": "http"},
+            "httpGet": {"path": alive, "port": "http"},
             "initialDelaySeconds": 30,
             "periodSeconds": 15,
             "failureThreshold": 8,

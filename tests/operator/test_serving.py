@@ -57,3 +57,29 @@ def test_auto_tensor_parallel_fits_weights_with_headroom(size_gb, gpu_mib, tp):
     size = int(size_gb * 1e9) if size_gb else None
     assert tensor_parallel("auto", size, gpu_mib) == tp
     assert tensor_parallel(2, size, gpu_mib) == 2
+
+
+def test_builtin_pods_run_a_command_the_worker_accepts():
+    """The Deployment's args parse with ``gptq-worker serve``'s own parser; probes match."""
+    from gptq_operator.api import QuantizedModelSpec
+    from gptq_operator.manifests import Owner
+    from gptq_operator.serving import Choice, deployment
+    from gptq_operator.settings import OperatorSettings
+    from gptq_worker.cli import _parser
+
+    spec = QuantizedModelSpec.model_validate(
+        {"source": {"uri": "pvc://models/tiny-w4g128"}, "backend": "builtin"}
+    )
+    owner = Owner("tiny", "ml", "uid-1", kind="QuantizedModel")
+    choice = Choice("builtin", "builtin/torch", None, None)
+    settings = OperatorSettings.from_env({})
+    manifest = deployment(owner, spec, choice, "pvc://models/tiny-w4g128", W4G128, 1, settings)
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    args = _parser().parse_args(container["args"])
+    assert args.command == "serve"
+    assert (args.host, args.port, args.served_model_name) == ("0.0.0.0", 8080, "tiny")
+    assert args.checkpoint.endswith("/models/tiny-w4g128")
+    assert container["ports"][0]["containerPort"] == 8080
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["image"] == settings.worker_image

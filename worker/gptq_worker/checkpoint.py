@@ -21,7 +21,7 @@ from torch import nn
 
 from gptq_worker import __version__
 from gptq_worker.config import OVERRIDABLE, CheckpointFormat, QuantizeConfig
-from gptq_worker.pack import dequantize_packed
+from gptq_worker.pack import unpack_qzeros, unpack_rows
 
 QUANTIZER = f"gptq-operator:{__version__}"
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -206,7 +206,9 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 class QuantLinear(nn.Module):
     """A Linear whose weight stays packed in memory and is dequantized in each forward.
 
-    The portable torch path: correct on any device, not fast.
+    The portable torch path: correct on any device, not fast. ``qweight`` stays packed
+    (``bits/16`` of the fp16 weight); zero points are kept unpacked, one small
+    ``[groups, out]`` tensor in the scales' dtype, so each forward only unpacks codes.
     """
 
     def __init__(
@@ -227,15 +229,36 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("g_idx", g_idx)
         self.register_buffer("bias", bias)
+        zeros = unpack_qzeros(qzeros, bits, self.out_features, fmt)
+        self.register_buffer("zeros", zeros.to(scales.dtype), persistent=False)
+        pf = 32 // bits if 32 % bits == 0 else 0
+        shifts = torch.arange(pf, dtype=torch.int32) * bits if pf else torch.zeros(0)
+        self.register_buffer("shifts", shifts.view(1, -1, 1), persistent=False)
 
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_packed(
-            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.fmt
-        )
+    def codes(self) -> torch.Tensor:
+        """``[in, out]`` integer codes, unpacked from ``qweight``."""
+        if self.shifts.numel() == 0:  # 3-bit: values straddle words
+            return unpack_rows(self.qweight, self.bits, self.in_features)
+        words = self.qweight.unsqueeze(1)  # [in/pf, 1, out]
+        values = torch.bitwise_right_shift(words, self.shifts) & (2**self.bits - 1)
+        return values.reshape(self.in_features, self.out_features)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[out, in]`` weight: ``scale[g] * (code - zero[g])``, computed in ``dtype``."""
+        g = self.g_idx.long()
+        w = (self.codes().to(dtype) - self.zeros.to(dtype)[g]) * self.scales.to(dtype)[g]
+        return w.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        # fp16 * fp16 rounds exactly like the fp32 product cast to fp16; bf16 would not
+        exact = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
+        return F.linear(x, self.dequantized_weight(exact).to(x.dtype), bias)
+
+    def packed_bytes(self) -> int:
+        """Bytes this module keeps for its weight (packed codes, scales, zeros, g_idx)."""
+        tensors = (self.qweight, self.scales, self.zeros, self.g_idx)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def load_quantized_model(
@@ -252,9 +275,10 @@ def load_quantized_model(
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we build the quantized modules ourselves
-    model = AutoModelForCausalLM.from_config(
-        config, dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    with _no_init():  # the dense weights are replaced at once: never fill them
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     tensors = load_tensors(directory)
     prefixes = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
     for prefix in prefixes:
@@ -280,6 +304,15 @@ def load_quantized_model(
     if still_missing:
         raise ValueError(f"checkpoint lacks tensors: {still_missing}")
     return model.to(device).eval()
+
+
+def _no_init():
+    """transformers' context that skips random initialisation (moved in transformers 5)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

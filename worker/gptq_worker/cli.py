@@ -1,4 +1,4 @@
-"""``gptq-worker``: quantize, validate and evaluate GPTQ checkpoints.
+"""``gptq-worker``: quantize, validate, evaluate and serve GPTQ checkpoints.
 
 Exit codes: 0 success, 1 the checkpoint or run failed a check, 2 bad input (arguments,
 config, model, calibration data, output path).
@@ -190,6 +190,36 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     e.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    sv = sub.add_parser("serve", help="serve a GPTQ checkpoint over an OpenAI-compatible HTTP API")
+    sv.add_argument("checkpoint", help="directory of a GPTQ checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    sv.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    sv.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        default=None,
+        help="the name clients ask for (default: the directory's name)",
+    )
+    sv.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    sv.add_argument(
+        "--max-batch", dest="max_batch", type=int, default=8, help="requests decoded together"
+    )
+    sv.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a batch; more are refused with 429",
+    )
+    sv.add_argument(
+        "--shutdown-grace",
+        dest="grace",
+        type=float,
+        default=30.0,
+        help="seconds to finish accepted requests after SIGTERM",
+    )
+    sv.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+
     s = sub.add_parser("quickstart", help="train a small model offline, quantize, check, compare")
     s.add_argument("--workdir", default="./gptq-quickstart", help="where models are written")
     s.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
@@ -203,6 +233,27 @@ def _quickstart(args: argparse.Namespace) -> int:
 
     run_quickstart(args.workdir, args.bits, args.group_size, args.train_steps)
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gptq_worker.server import serve
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, not {value}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, not {args.port}")
+    return serve(
+        args.checkpoint,
+        name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        grace=args.grace,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _quantize(args: argparse.Namespace) -> int:
@@ -305,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         "validate": _validate,
         "eval": _eval,
         "quickstart": _quickstart,
+        "serve": _serve,
     }
     try:
         return handlers[args.command](args)

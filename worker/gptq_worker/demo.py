@@ -58,6 +58,13 @@ def stdlib_text(max_chars: int = 2_000_000, held_out: bool = False) -> str:
     return "\n".join(parts)[:max_chars]
 
 
+# The demo models read Python source, so a chat turns into comments they can continue.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '# ' + m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '# assistant:\\n' }}{% endif %}"
+)
+
+
 def train_tokenizer(text: str, vocab_size: int = 1024):
     """A byte-level BPE tokenizer trained on ``text``, as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -73,13 +80,15 @@ def train_tokenizer(text: str, vocab_size: int = 1024):
         show_progress=False,
     )
     tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<unk>",
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def tiny_model(

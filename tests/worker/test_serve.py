@@ -1,0 +1,187 @@
+"""The built-in runtime's model path: packed weights, batched decoding, text streaming."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from gptq_worker.checkpoint import QuantLinear, load_quantized_model
+from gptq_worker.generate import Chunk, Engine, Request, Sampling, TextStream
+from gptq_worker.pack import dequantize_packed
+from gptq_worker.run import quantize
+
+from .conftest import worker_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model_dir, calibration_file):
+    out = tmp_path_factory.mktemp("serve") / "w4g32"
+    quantize(worker_config(model_dir("llama"), out, calibration_file, bits=4, group_size=32))
+    return out
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """The same model with every QuantLinear replaced by an nn.Linear of its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = nn.Linear(module.in_features, module.out_features, module.bias is not None)
+            weight = dequantize_packed(
+                module.qweight, module.qzeros, module.scales, module.g_idx, module.bits, module.fmt
+            )
+            linear.weight.data.copy_(weight)
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias.float())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
+def greedy(model: nn.Module, ids: list[int], steps: int, eos: set[int]) -> list[int]:
+    """Plain greedy decoding without a cache, one prompt, no padding."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(torch.tensor([out])).logits[0, -1].argmax())
+            out.append(token)
+            if token in eos:
+                break
+    return out[len(ids) :]
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], sampling: Sampling) -> list[list[Chunk]]:
+    """Submit all prompts at once (one batch) and collect every chunk."""
+    results: list[list[Chunk]] = [[] for _ in prompts]
+    finished = [threading.Event() for _ in prompts]
+
+    def collector(i: int):
+        def emit(chunk: Chunk) -> None:
+            results[i].append(chunk)
+            if chunk.finish_reason is not None:
+                finished[i].set()
+
+        return emit
+
+    for i, p in enumerate(prompts):
+        engine.submit(Request(p, sampling, collector(i)))
+    for f in finished:
+        assert f.wait(60)
+    return results
+
+
+def test_packed_forward_equals_the_dequantized_model(checkpoint, tokenizer):
+    served = load_quantized_model(checkpoint)
+    dense = dense_copy(load_quantized_model(checkpoint))
+    ids = torch.tensor([tokenizer("def parse(self, text):\n    return").input_ids])
+    with torch.no_grad():
+        a, b = served(ids).logits, dense(ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_quantlinear_in_fp16_matches_the_fp32_product_rounded(checkpoint):
+    served = load_quantized_model(checkpoint)
+    layer = next(m for m in served.modules() if isinstance(m, QuantLinear))
+    exact = layer.dequantized_weight(torch.float32).half()
+    assert torch.equal(layer.dequantized_weight(torch.float16), exact)
+
+
+def test_batched_greedy_tokens_equal_the_dequantized_model(checkpoint, tokenizer):
+    """Prompts of different lengths share one left-padded batch and one KV cache."""
+    served = load_quantized_model(checkpoint)
+    dense = dense_copy(load_quantized_model(checkpoint))
+    prompts = [
+        tokenizer("import os\nimport sys\n\ndef main(argv):\n    ").input_ids,
+        tokenizer("class").input_ids,
+        tokenizer("    for key, value in sorted(items.items()):\n").input_ids,
+    ]
+    engine = Engine(served, tokenizer, torch.device("cpu"), max_batch=8)
+    try:
+        steps = 24
+        chunks = run_engine(engine, prompts, Sampling(max_tokens=steps, temperature=0))
+    finally:
+        engine.stop()
+    for prompt, got in zip(prompts, chunks, strict=True):
+        expected = greedy(dense, prompt, steps, engine.eos)
+        text = "".join(c.text for c in got)
+        assert text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert got[-1].tokens == len(expected)
+        assert got[-1].finish_reason == ("stop" if expected[-1] in engine.eos else "length")
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(checkpoint, tokenizer):
+    served = load_quantized_model(checkpoint)
+    engine = Engine(served, tokenizer, torch.device("cpu"))
+    prompt = tokenizer("def ").input_ids
+    try:
+        texts = []
+        for seed in (1, 1, 2):
+            s = Sampling(max_tokens=20, temperature=1.0, top_p=0.9, seed=seed)
+            texts.append("".join(c.text for c in run_engine(engine, [prompt], s)[0]))
+    finally:
+        engine.stop()
+    assert texts[0] == texts[1]
+    assert texts[0] != texts[2]
+
+
+def test_packed_weights_take_about_a_quarter_of_fp16(tmp_path, model_dir, calibration_file):
+    """Measured on the loaded model's tensors: packed codes + scales + zeros + g_idx."""
+    source = model_dir("llama", hidden=512, intermediate=1024, layers=2, heads=8)
+    out = tmp_path / "w4g128"
+    quantize(
+        worker_config(
+            source, out, calibration_file, bits=4, group_size=128, method="rtn", nsamples=2
+        )
+    )
+    served = load_quantized_model(out, dtype=torch.float16)
+    layers = [m for m in served.modules() if isinstance(m, QuantLinear)]
+    packed = sum(m.packed_bytes() for m in layers)
+    fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
+    # 4/16 for the codes, plus fp16 scales and zeros per 128 weights and int32 g_idx per row
+    assert 0.25 < packed / fp16 < 0.28
+    buffers = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())
+    assert buffers / fp16 < 0.30  # everything the layers hold, shifts and raw qzeros included
+
+
+class _CharTokenizer:
+    """One character per token: enough to exercise TextStream."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected", "hit"),
+    [
+        ("hello world", ("wor",), "hello ", True),
+        ("hello world", ("xyz",), "hello world", False),
+        ("a\n\nb", ("\n\n",), "a", True),
+        ("abcab", ("abd",), "abcab", False),  # a partial match is held back, then released
+        ("stop at once", ("stop",), "", True),
+    ],
+)
+def test_text_stream_cuts_at_stop_strings(text, stop, expected, hit):
+    stream = TextStream(_CharTokenizer(), stop)
+    sent, stopped = "", False
+    for ch in text:
+        delta, stopped = stream.push(ord(ch))
+        sent += delta
+        if stopped:
+            break
+    if not stopped:
+        sent += stream.flush()
+    assert (sent, stopped) == (expected, hit)
+
+
+def test_text_stream_holds_back_a_partial_character():
+    class Bytes:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(Bytes(), ())
+    euro = "€".encode()
+    assert stream.push(ord("x")) == ("x", False)
+    assert stream.push(euro[0]) == ("", False)
+    assert stream.push(euro[1]) == ("", False)
+    assert stream.push(euro[2]) == ("€", False)

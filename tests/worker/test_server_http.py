@@ -1,0 +1,439 @@
+"""``gptq-worker serve`` as a real process: the OpenAI-compatible API, metrics, limits, shutdown."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gptq_worker.checkpoint import load_quantized_model
+from gptq_worker.generate import eos_ids
+from gptq_worker.run import quantize
+
+from .conftest import worker_config
+from .test_serve import dense_copy, greedy
+
+NAME = "tiny-w4g32"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, model_dir, calibration_file) -> Path:
+    out = tmp_path_factory.mktemp("http") / NAME
+    quantize(worker_config(model_dir("llama"), out, calibration_file, bits=4, group_size=32))
+    return out
+
+
+class Served:
+    """A ``gptq-worker serve`` subprocess on a free port."""
+
+    def __init__(self, checkpoint: Path, *flags: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gptq_worker.cli",
+                "serve",
+                str(checkpoint),
+                "--port",
+                "0",
+                "--device",
+                "cpu",
+                *flags,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.port = int(self._wait_for(r"listening on http://[^:]+:(\d+)").group(1))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def _wait_for(self, pattern: str, timeout: float = 60) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} in the server's output:\n{''.join(self.lines)}")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.get("/readyz")[0] == 200:
+                return
+            time.sleep(0.1)
+        raise AssertionError("".join(self.lines))
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, data, resp
+
+    def get(self, path: str):
+        status, data, _ = self.request("GET", path)
+        return status, data
+
+    def post(self, path: str, payload) -> tuple[int, dict]:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        status, data, _ = self.request("POST", path, body, {"Content-Type": "application/json"})
+        return status, json.loads(data)
+
+    def stream(self, path: str, payload: dict) -> list:
+        """The parsed ``data:`` events of a streamed response (``[DONE]`` kept as a string)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn.request(
+            "POST",
+            path,
+            json.dumps({**payload, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.getheader("Content-Type").startswith("text/event-stream")
+        events = [
+            line[len("data: ") :]
+            for line in resp.read().decode().split("\n\n")
+            if line.startswith("data: ")
+        ]
+        conn.close()
+        return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        status, data = self.get("/metrics")
+        assert status == 200
+        out = {}
+        for family in text_string_to_metric_families(data.decode()):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    s = Served(checkpoint, "--served-model-name", NAME)
+    s.wait_ready()
+    yield s
+    assert s.stop() == 0, "".join(s.lines)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """Greedy text from the dequantized dense model, and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    dense = dense_copy(load_quantized_model(checkpoint))
+    eos = eos_ids(dense, tokenizer)
+
+    def text(prompt_ids: list[int], steps: int) -> tuple[str, list[int]]:
+        ids = greedy(dense, prompt_ids, steps, eos)
+        return tokenizer.decode(ids, skip_special_tokens=True), ids
+
+    return tokenizer, text
+
+
+PROMPT = "def read_config(path):\n    "
+
+
+def test_probes_and_model_list(server):
+    assert server.get("/healthz")[0] == 200
+    status, body = server.get("/readyz")
+    assert status == 200 and json.loads(body)["model"] == NAME
+    status, body = server.get("/v1/models")
+    card = json.loads(body)["data"][0]
+    assert card["id"] == NAME
+    assert card["max_model_len"] == 1024
+    assert card["quantization"] == {
+        "bits": "4",
+        "group_size": "32",
+        "desc_act": "false",
+        "kernel": "builtin/torch",
+    }
+
+
+def test_greedy_completion_equals_the_dequantized_model(server, reference):
+    tokenizer, text = reference
+    expected, ids = text(tokenizer(PROMPT).input_ids, 20)
+    status, body = server.post(
+        "/v1/completions",
+        {"model": NAME, "prompt": PROMPT, "max_tokens": 20, "temperature": 0},
+    )
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["text"] == expected
+    assert body["object"] == "text_completion" and body["model"] == NAME
+    assert body["usage"] == {
+        "prompt_tokens": len(tokenizer(PROMPT).input_ids),
+        "completion_tokens": len(ids),
+        "total_tokens": len(tokenizer(PROMPT).input_ids) + len(ids),
+    }
+
+
+def test_token_id_prompt_gives_the_same_text(server, reference):
+    tokenizer, _ = reference
+    ids = tokenizer(PROMPT).input_ids
+    by_text = server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+    by_ids = server.post("/v1/completions", {"prompt": ids, "max_tokens": 8, "temperature": 0})
+    assert by_text[1]["choices"][0]["text"] == by_ids[1]["choices"][0]["text"]
+
+
+def test_streamed_completion_adds_up_to_the_whole(server):
+    payload = {"prompt": PROMPT, "max_tokens": 20, "temperature": 0}
+    whole = server.post("/v1/completions", payload)[1]["choices"][0]
+    events = server.stream(
+        "/v1/completions", {**payload, "stream_options": {"include_usage": True}}
+    )
+    assert events[-1] == "[DONE]"
+    usage = events[-2]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+    chunks = events[:-2]
+    assert "".join(e["choices"][0]["text"] for e in chunks) == whole["text"]
+    assert [e["choices"][0]["finish_reason"] for e in chunks][-1] == whole["finish_reason"]
+    assert all(e["choices"][0]["finish_reason"] is None for e in chunks[:-1])
+
+
+def test_chat_completion_uses_the_chat_template(server, reference):
+    tokenizer, text = reference
+    messages = [{"role": "user", "content": "write a function that adds two numbers"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    expected, _ = text(list(ids), 12)
+    status, body = server.post(
+        "/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0}
+    )
+    assert status == 200, body
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": expected}
+    events = server.stream(
+        "/v1/chat/completions", {"messages": messages, "max_tokens": 12, "temperature": 0}
+    )
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == expected
+    assert events[-2]["object"] == "chat.completion.chunk"
+
+
+def test_stop_string_ends_the_text_before_it(server):
+    payload = {"prompt": PROMPT, "max_tokens": 30, "temperature": 0}
+    full = server.post("/v1/completions", payload)[1]["choices"][0]["text"]
+    assert len(full) > 6
+    stop = full[4:7]
+    cut = full[: full.index(stop)]
+    status, body = server.post("/v1/completions", {**payload, "stop": [stop]})
+    assert status == 200
+    assert body["choices"][0] == {
+        "index": 0,
+        "text": cut,
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
+    streamed = server.stream("/v1/completions", {**payload, "stop": stop})
+    assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == cut
+
+
+def test_seed_makes_sampling_repeatable(server):
+    payload = {"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
+    a = server.post("/v1/completions", {**payload, "seed": 7})[1]["choices"][0]["text"]
+    b = server.post("/v1/completions", {**payload, "seed": 7})[1]["choices"][0]["text"]
+    c = server.post("/v1/completions", {**payload, "seed": 8})[1]["choices"][0]["text"]
+    assert a == b != c
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "says"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (b"[1, 2]", 400, "must be a JSON object"),
+        ({"prompt": "x", "model": "gpt-4"}, 404, "'gpt-4' is not served here"),
+        ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 5000}, 400, "ask for at most"),
+        ({"prompt": "x", "temperature": 3}, 400, "temperature"),
+        ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+        ({"prompt": "x", "n": 2}, 400, "n"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 stop"),
+        ({"prompt": ["a", "b"]}, 400, "one prompt per request"),
+        ({"prompt": [1, 10**9]}, 400, "token ids must lie in"),
+        ({"max_tokens": 3}, 400, "prompt"),
+    ],
+)
+def test_bad_completion_requests_are_named(server, payload, status, says):
+    got, body = server.post("/v1/completions", payload)
+    assert got == status, body
+    assert says in body["error"]["message"]
+    assert body["error"]["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_unknown_model_error_has_openai_shape(server):
+    status, body = server.post(
+        "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert status == 404
+    assert body["error"]["code"] == "model_not_found" and body["error"]["param"] == "model"
+
+
+def test_oversized_prompt_is_refused(server, reference):
+    tokenizer, _ = reference
+    words = " ".join(f"name_{i}" for i in range(2000))
+    assert len(tokenizer(words).input_ids) > 1024
+    status, body = server.post("/v1/completions", {"prompt": words, "max_tokens": 1})
+    assert status == 400
+    assert body["error"]["code"] == "context_length_exceeded"
+    assert "context is 1024 tokens" in body["error"]["message"]
+    status, body = server.post(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": words}]}
+    )
+    assert status == 400 and body["error"]["param"] == "messages"
+
+
+def test_chat_rejects_empty_and_non_text_messages(server):
+    status, body = server.post("/v1/chat/completions", {"messages": []})
+    assert status == 400 and "messages" in body["error"]["message"]
+    image = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    status, body = server.post("/v1/chat/completions", {"messages": [image]})
+    assert status == 400 and "only text is served" in body["error"]["message"]
+
+
+def test_unknown_path_and_method(server):
+    status, data = server.get("/v1/embeddings")
+    assert status == 404 and "error" in json.loads(data)
+    status, data = server.get("/v1/completions")
+    assert status == 405
+
+
+def test_metrics_count_requests_and_tokens(server):
+    before = server.metrics()
+    key = ("gptq_serve_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
+    bad = ("gptq_serve_requests_total", (("endpoint", "/v1/completions"), ("status", "400")))
+    for _ in range(3):
+        assert (
+            server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0})[0]
+            == 200
+        )
+    assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 0})[0] == 400
+    after = server.metrics()
+    assert after[key] - before.get(key, 0) == 3
+    assert after[bad] - before.get(bad, 0) == 1
+    gen = ("gptq_serve_generation_tokens_total", ())
+    assert 3 <= after[gen] - before.get(gen, 0) <= 15
+    ttft = ("gptq_serve_time_to_first_token_seconds_count", ())
+    assert after[ttft] - before.get(ttft, 0) == 3
+    latency = ("gptq_serve_request_duration_seconds_count", (("endpoint", "/v1/completions"),))
+    assert after[latency] - before.get(latency, 0) == 4
+    prompt = ("gptq_serve_prompt_tokens_total", ())
+    assert after[prompt] > before.get(prompt, 0)
+    assert after[("gptq_serve_requests_running", ())] == 0
+    assert after[("gptq_serve_requests_waiting", ())] == 0
+    info = next(labels for (name, labels) in after if name == "gptq_serve_model_info")
+    assert dict(info) | {"device": "cpu"} == dict(info)
+    assert dict(info)["bits"] == "4" and dict(info)["kernel"] == "builtin/torch"
+    packed = after[("gptq_serve_model_weight_bytes", (("form", "packed"),))]
+    fp16 = after[("gptq_serve_model_weight_bytes", (("form", "fp16"),))]
+    assert 0.25 < packed / fp16 < 0.35
+
+
+def _stream_in_background(server: Served, payload: dict):
+    """Start a streamed completion; returns (thread, first-event flag, collected events)."""
+    events: list = []
+    started = threading.Event()
+
+    def go():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+        conn.request(
+            "POST",
+            "/v1/completions",
+            json.dumps({**payload, "stream": True}),
+            {"Content-Type": "application/json"},
+        )
+        resp = conn.getresponse()
+        events.append(resp.status)
+        buffer = b""
+        while chunk := resp.read1(65536):
+            buffer += chunk
+            if b"data: " in buffer:
+                started.set()
+        events.extend(p[6:].decode() for p in buffer.split(b"\n\n") if p.startswith(b"data: "))
+        started.set()
+
+    thread = threading.Thread(target=go, daemon=True)
+    thread.start()
+    return thread, started, events
+
+
+def test_full_queue_answers_429_at_once(checkpoint):
+    s = Served(checkpoint, "--max-batch", "1", "--max-queue", "1")
+    try:
+        s.wait_ready()
+        long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stop": ["\u0000"]}
+        running, started, _ = _stream_in_background(s, long)
+        assert started.wait(60)
+        queued, _, queued_events = _stream_in_background(s, {**long, "max_tokens": 2})
+        deadline = time.monotonic() + 30
+        while s.metrics()[("gptq_serve_requests_waiting", ())] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        status, body = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+        assert status == 429 and body["error"]["type"] == "rate_limit_error"
+        assert time.monotonic() - t0 < 5
+        running.join(120)
+        queued.join(120)
+        assert queued_events[0] == 200 and queued_events[-1] == "[DONE]"
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_finishes_accepted_requests_then_exits(checkpoint):
+    s = Served(checkpoint, "--max-batch", "1")
+    s.wait_ready()
+    payload = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stop": ["\u0000"]}
+    thread, started, events = _stream_in_background(s, payload)
+    assert started.wait(60)
+    s.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while s.get("/readyz")[0] != 503:  # draining: not ready, and new work is refused
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status, body = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
+    assert status == 503 and "shutting down" in body["error"]["message"]
+    thread.join(120)
+    assert s.proc.wait(60) == 0
+    assert events[0] == 200 and events[-1] == "[DONE]"
+    final = json.loads(events[-2])["choices"][0]
+    assert final["finish_reason"] in ("length", "stop")
+    assert "stopped" in "".join(s.lines)
+
+
+def test_checkpoint_that_is_not_gptq_exits_2(model_dir):
+    s = Served(model_dir("llama"))
+    assert s.proc.wait(120) == 2
+    s._reader.join(5)
+    assert "no quantize_config.json or quantization_config" in "".join(s.lines)

@@ -1,0 +1,290 @@
+"""Token generation for ``gptq-worker serve``: one engine thread, requests in batches.
+
+Requests wait in a bounded queue. The engine thread takes up to ``max_batch`` of them,
+left-pads their prompts into one batch and decodes it step by step with one KV cache;
+each row samples with its own settings and seed, stops on its own (end of sequence, a
+stop string, ``max_tokens``, or the client going away) and streams its text as it goes.
+Requests that arrive meanwhile wait for the next batch. A full queue is refused at once
+(:class:`QueueFull`), never left to hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Draining(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Chunk:
+    """What one decode step gave a request: new text and, at the end, why it stopped."""
+
+    text: str
+    tokens: int  # generated so far
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    sampling: Sampling
+    emit: Callable[[Chunk], None]  # called from the engine thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class TextStream:
+    """Turns generated token ids into text deltas, holding back what may still change.
+
+    Held back: a trailing partial UTF-8 character (decoded as U+FFFD) and a tail that could
+    be the start of a stop string. A stop string ends the text just before it.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.text = ""
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text safe to send, whether a stop string was hit)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        hit = self._first_stop()
+        if hit is not None:
+            delta, self.sent = self.text[self.sent : hit], hit
+            return delta, True
+        end = len(self.text)
+        if self.text.endswith("\ufffd"):
+            end -= 1
+        end -= self._partial_stop(self.text[:end])
+        if end <= self.sent:
+            return "", False
+        delta, self.sent = self.text[self.sent : end], end
+        return delta, False
+
+    def flush(self) -> str:
+        """The held-back tail, once generation has ended without a stop string."""
+        delta, self.sent = self.text[self.sent :], len(self.text)
+        return delta
+
+    def _first_stop(self) -> int | None:
+        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
+        found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
+        return min(found) if found else None
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that begins some stop string."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
+    """One token from ``logits`` ``[vocab]``: greedy at temperature 0, else top-p sampling."""
+    if s.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < s.top_p  # always keeps one
+        sorted_probs = sorted_probs * keep
+        pick = torch.multinomial(sorted_probs, 1, generator=generator)
+        return int(order[pick])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """Owns the model; runs batches on its own thread."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        device: torch.device,
+        max_batch: int = 8,
+        max_queue: int = 64,
+    ) -> None:
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.context = context_length(model)
+        self.eos = eos_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._running = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._draining = False
+        self._thread = threading.Thread(target=self._loop, name="gptq-engine", daemon=True)
+        self._thread.start()
+
+    # -- queue ------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self._cv:
+            if self._draining:
+                raise Draining("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(request)
+            self._cv.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new work and wait until every accepted request has finished."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            self._draining = True
+            while self._waiting or self._running:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._waiting and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._waiting:
+                    return
+                batch = [
+                    self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))
+                ]
+                self._running = len(batch)
+            try:
+                self.generate(batch)
+            except Exception as err:  # one bad batch must not kill the server
+                log.exception("generation failed")
+                for r in batch:
+                    r.emit(Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
+            finally:
+                with self._cv:
+                    self._running = 0
+                    self._cv.notify_all()
+
+    # -- decoding ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, batch: list[Request]) -> None:
+        from transformers import DynamicCache
+
+        n = len(batch)
+        longest = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((n, longest), self.pad, dtype=torch.long)
+        mask = torch.zeros((n, longest), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding: every row's last token is at -1
+            ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, longest - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        streams = [TextStream(self.tokenizer, r.sampling.stop) for r in batch]
+        generators = []
+        for r in batch:
+            g = None
+            if r.sampling.temperature > 0:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(r.sampling.seed if r.sampling.seed is not None else g.seed())
+            generators.append(g)
+        done = [False] * n
+        counts = [0] * n
+        cache = DynamicCache()
+        step_ids, step_pos = ids, positions
+        while not all(done):
+            out = self.model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :]
+            cache = out.past_key_values
+            next_ids = torch.full((n,), self.pad, dtype=torch.long)
+            for i, r in enumerate(batch):
+                if done[i]:
+                    continue
+                if r.cancelled.is_set():
+                    done[i] = True
+                    r.emit(Chunk("", counts[i], "cancelled"))
+                    continue
+                token = sample(logits[i], r.sampling, generators[i])
+                next_ids[i] = token
+                counts[i] += 1
+                if token in self.eos:
+                    done[i] = True
+                    r.emit(Chunk(streams[i].flush(), counts[i], "stop"))
+                    continue
+                delta, stopped = streams[i].push(token)
+                if stopped:
+                    done[i] = True
+                    r.emit(Chunk(delta, counts[i], "stop"))
+                elif counts[i] >= r.sampling.max_tokens:
+                    done[i] = True
+                    r.emit(Chunk(delta + streams[i].flush(), counts[i], "length"))
+                else:
+                    r.emit(Chunk(delta, counts[i], None))
+            step_ids = next_ids.view(n, 1).to(self.device)
+            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], 1)
+            step_pos = step_pos[:, -1:] + 1
+
+
+def context_length(model) -> int:
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    found: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            found.add(value)
+        elif isinstance(value, (list, tuple)):
+            found.update(v for v in value if isinstance(v, int))
+    return found
