@@ -24,6 +24,7 @@ _TOP = (
     "device",
     "dtype",
     "batch_size",
+    "hessian_precision",
     "max_shard_size",
     "trust_remote_code",
     "progress_file",
@@ -161,7 +162,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     q.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"))
-    q.add_argument("--batch-size", dest="batch_size", type=int)
+    q.add_argument(
+        "--batch-size", dest="batch_size", type=int, help="calibration samples per forward"
+    )
+    q.add_argument(
+        "--hessian-precision",
+        dest="hessian_precision",
+        choices=("tensor-core", "fp32"),
+        help="tensor-core (default): fp16/bf16 products with fp32 accumulation on the GPU",
+    )
     q.add_argument("--max-shard-size", dest="max_shard_size")
     q.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     q.add_argument(

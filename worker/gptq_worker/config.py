@@ -181,7 +181,12 @@ class WorkerConfig(_Model):
     evaluation: EvaluationConfig | None = None
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    batch_size: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass of a layer")
+    hessian_precision: Literal["tensor-core", "fp32"] = Field(
+        "tensor-core",
+        description="tensor-core: fp16/bf16 products on the GPU's matrix units with fp32 "
+        "accumulation (exact products); fp32: convert inputs to fp32 first",
+    )
     max_shard_size: str = "4GB"
     trust_remote_code: bool = False
     progress_file: str | None = None

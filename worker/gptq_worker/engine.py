@@ -13,6 +13,9 @@ Only the current layer is on the accelerator; the rest of the model stays on the
 from __future__ import annotations
 
 import contextlib
+import os
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,7 +31,7 @@ from gptq_worker.arch import (
     weight_matrix,
 )
 from gptq_worker.config import CheckpointFormat, Method, ModuleSettings, QuantizeConfig
-from gptq_worker.gptq import QuantizedWeight, accumulate_hessian, gptq_quantize, rtn_quantize
+from gptq_worker.gptq import Hessian, QuantizedWeight, gptq_quantize, rtn_quantize
 from gptq_worker.pack import (
     dequantize_packed,
     pack_qweight,
@@ -44,6 +47,49 @@ from gptq_worker.state import WorkState
 
 class _Stop(Exception):
     """Raised from a hook once everything needed from a forward pass has been seen."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine computes, not what it writes (the checkpoint format is QuantizeConfig's).
+
+    The defaults are the fast path. ``hessian_precision="fp32"``, ``solver="torch"`` and
+    ``fuse=False`` give the straightforward path the equality tests compare against.
+    """
+
+    hessian_precision: str = "tensor-core"  # or "fp32"
+    solver: str = "auto"  # "torch", "triton", or auto: Triton on CUDA
+    fuse: bool = True  # modules that share a Hessian and settings are solved as one matrix
+    profile: bool = field(default_factory=lambda: os.environ.get("GPTQ_WORKER_PROFILE") == "1")
+
+
+class Phases:
+    """Seconds per phase of one layer (synchronising the GPU at boundaries when profiling)."""
+
+    def __init__(self, device: torch.device, enabled: bool) -> None:
+        self.enabled = enabled
+        self.cuda = enabled and device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - start
+
+    def take(self) -> dict[str, float]:
+        out = {k: round(v, 4) for k, v in self.seconds.items()}
+        self.seconds.clear()
+        return out
 
 
 @dataclass
@@ -113,40 +159,51 @@ def _forward(layer: nn.Module, acts: Activations, index: int) -> list[torch.Tens
 
 @torch.no_grad()
 def _collect_hessians(
-    layer: nn.Module, groups: list[list[str]], acts: Activations, index: int, device: torch.device
+    layer: nn.Module,
+    groups: list[list[str]],
+    acts: Activations,
+    index: int,
+    device: torch.device,
+    options: EngineOptions,
+    phases: Phases,
 ) -> dict[str, torch.Tensor]:
-    """One fp32 Hessian per group (keyed by its first module), from one pass over the batches."""
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
+
+    The pass stops at the last group's first module: nothing after it is computed.
+    """
+    hessians: dict[str, Hessian] = {}
     handles = []
     for g, group in enumerate(groups):
         head = group[0]
         in_features, _ = features(layer.get_submodule(head))
-        hessians[head] = torch.zeros(in_features, in_features, device=device)
-        counts[head] = 0
+        hessians[head] = Hessian(in_features, device, options.hessian_precision)
 
         def hook(
             _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
         ) -> None:
-            hessians[head], counts[head] = accumulate_hessian(
-                hessians[head], counts[head], inputs[0]
-            )
+            with phases("hessian"):
+                hessians[head].add(inputs[0])
             if stop:
                 raise _Stop
 
         handles.append(layer.get_submodule(head).register_forward_pre_hook(hook))
     try:
-        for b, h in enumerate(acts.hidden):
-            with contextlib.suppress(_Stop):
-                layer(h, *acts.args[index][b], **acts.kwargs[index][b])
+        with phases("forward+hessian"):
+            for b, h in enumerate(acts.hidden):
+                with contextlib.suppress(_Stop):
+                    layer(h, *acts.args[index][b], **acts.kwargs[index][b])
     finally:
         for handle in handles:
             handle.remove()
-    return hessians
+    return {head: acc.result() for head, acc in hessians.items()}
 
 
 def _solve(
-    weight: torch.Tensor, H: torch.Tensor | None, s: ModuleSettings, cfg: QuantizeConfig
+    weight: torch.Tensor,
+    H: torch.Tensor | None,
+    s: ModuleSettings,
+    cfg: QuantizeConfig,
+    solver: str = "auto",
 ) -> QuantizedWeight:
     min_zero = 1 if cfg.checkpoint_format == CheckpointFormat.GPTQ and not s.sym else 0
     if H is None:
@@ -165,17 +222,46 @@ def _solve(
         damp_increment=cfg.damp_auto_increment,
         mse=s.mse,
         min_zero=min_zero,
+        solver=solver,
     )
+
+
+def _solve_group(
+    layer: nn.Module,
+    group: list[str],
+    names: dict[str, str],
+    H: torch.Tensor | None,
+    settings: dict[str, ModuleSettings],
+    cfg: QuantizeConfig,
+    options: EngineOptions,
+) -> dict[str, QuantizedWeight]:
+    """Quantize the modules of one group. GPTQ treats rows independently given ``H``, so
+    modules that share ``H`` and settings (q/k/v, gate/up) are stacked and solved once."""
+    modules = [layer.get_submodule(short) for short in group]
+    same = all(settings[names[short]] == settings[names[group[0]]] for short in group)
+    if options.fuse and same and len(group) > 1:
+        weights = [weight_matrix(m) for m in modules]
+        q = _solve(torch.cat(weights, 0), H, settings[names[group[0]]], cfg, options.solver)
+        out, start = {}, 0
+        for short, w in zip(group, weights, strict=True):
+            out[short] = q.rows(start, start + w.shape[0])
+            start += w.shape[0]
+        return out
+    return {
+        short: _solve(weight_matrix(m), H, settings[names[short]], cfg, options.solver)
+        for short, m in zip(group, modules, strict=True)
+    }
 
 
 def packed_tensors(
     prefix: str, q: QuantizedWeight, bits: int, fmt: CheckpointFormat
 ) -> dict[str, torch.Tensor]:
+    """Packed on the solve's device (fast on a GPU), returned on the CPU."""
     return {
-        f"{prefix}.qweight": pack_qweight(q.codes.cpu(), bits),
-        f"{prefix}.qzeros": pack_qzeros(q.zeros.cpu(), bits, fmt),
-        f"{prefix}.scales": q.scales.cpu().half(),
-        f"{prefix}.g_idx": q.g_idx.cpu().to(torch.int32),
+        f"{prefix}.qweight": pack_qweight(q.codes, bits).cpu(),
+        f"{prefix}.qzeros": pack_qzeros(q.zeros, bits, fmt).cpu(),
+        f"{prefix}.scales": q.scales.half().contiguous().cpu(),
+        f"{prefix}.g_idx": q.g_idx.to(torch.int32).cpu().clone(),  # fused modules share it
     }
 
 
@@ -245,18 +331,22 @@ def quantize_layers(
     progress: Progress,
     on_layer: Callable[[int], None] | None = None,
     evaluation: EvalStreams | None = None,
+    options: EngineOptions | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
 
     ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
     """
+    options = options or EngineOptions()
+    phases = Phases(device, options.profile)
     fmt = cfg.checkpoint_format
     layers = model.get_submodule(arch.layers)
     packed: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
         names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
-        layer.to(device)
+        with phases("move"):
+            layer.to(device)
         if evaluation is not None:  # original weights: the "before" stream
             evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
@@ -279,28 +369,33 @@ def quantize_layers(
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
-                    else _collect_hessians(layer, groups, acts, i, device)
+                    else _collect_hessians(layer, groups, acts, i, device, options, phases)
                 )
                 for group in groups:
-                    for short in group:
-                        full = names[short]
-                        module = layer.get_submodule(short)
-                        q = _solve(
-                            weight_matrix(module), hessians.get(group[0]), settings[full], cfg
+                    with phases("solve"):
+                        results = _solve_group(
+                            layer, group, names, hessians.get(group[0]), settings, cfg, options
                         )
-                        set_weight_matrix(module, q.weight)
-                        layer_packed.update(packed_tensors(full, q, settings[full].bits, fmt))
+                    for short, q in results.items():
+                        full = names[short]
+                        set_weight_matrix(layer.get_submodule(short), q.weight)
+                        with phases("pack"):
+                            layer_packed.update(packed_tensors(full, q, settings[full].bits, fmt))
                         losses[full] = {"loss": round(q.loss, 6), "damp": round(q.damp, 6)}
-                        del q
+                    del results
                 del hessians
-        acts.hidden = _forward(layer, acts, i)
+        with phases("forward"):
+            acts.hidden = _forward(layer, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
-        layer.to("cpu")
-        if not resumed:
-            state.save_layer(i, layer_packed, losses)
+        with phases("move"):
+            layer.to("cpu")
+        with phases("save"):
+            if not resumed:
+                state.save_layer(i, layer_packed, losses)
         packed.update(layer_packed)
-        progress.layer_done(i, losses or _saved_losses(state, names), resumed)
+        timing = phases.take() if options.profile else None
+        progress.layer_done(i, losses or _saved_losses(state, names), resumed, timing)
         if on_layer is not None:
             on_layer(i)
     if evaluation is not None:  # before lm_head is quantized
@@ -308,7 +403,7 @@ def quantize_layers(
     if cfg.lm_head and arch.lm_head in settings:
         packed.update(
             _quantize_lm_head(
-                model, arch, cfg, settings[arch.lm_head], acts, device, state, len(layers)
+                model, arch, cfg, settings[arch.lm_head], acts, device, state, len(layers), options
             )
         )
     if evaluation is not None:
@@ -329,6 +424,7 @@ def _quantize_lm_head(
     device: torch.device,
     state: WorkState,
     index: int,
+    options: EngineOptions,
 ) -> dict[str, torch.Tensor]:
     head = model.get_submodule(arch.lm_head)
     if getattr(model.config, "tie_word_embeddings", False):  # quantized head cannot stay tied
@@ -343,10 +439,11 @@ def _quantize_lm_head(
     H = None
     if cfg.method != Method.RTN:
         in_features, _ = features(head)
-        H, n = torch.zeros(in_features, in_features, device=device), 0
+        acc = Hessian(in_features, device, options.hessian_precision)
         for h in acts.hidden:
-            H, n = accumulate_hessian(H, n, norm(h))
-    q = _solve(weight_matrix(head), H, s, cfg)
+            acc.add(norm(h))
+        H = acc.result()
+    q = _solve(weight_matrix(head), H, s, cfg, options.solver)
     set_weight_matrix(head, q.weight)
     tensors = packed_tensors(arch.lm_head, q, s.bits, cfg.checkpoint_format)
     norm.to("cpu")

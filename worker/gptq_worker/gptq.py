@@ -36,6 +36,54 @@ def accumulate_hessian(H: torch.Tensor, nsamples: int, x: torch.Tensor) -> tuple
     return H, total
 
 
+class Hessian:
+    """Running ``H = 2/n * sum x x^T`` over batches of layer inputs.
+
+    ``precision="tensor-core"``: fp16/bf16 inputs on CUDA are multiplied on the tensor
+    cores with fp32 accumulation and an fp32 result (``torch.mm(..., out_dtype=float32)``).
+    Products of fp16/bf16 values are exact in fp32, so this differs from the fp32 path only
+    in the order of the additions. ``"fp32"`` always converts to fp32 first (the switch for
+    comparing, and what CPUs do anyway). The scale ``2/n`` is applied once, at the end.
+    """
+
+    def __init__(self, features: int, device: torch.device, precision: str = "tensor-core"):
+        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.count = 0
+        self.fast = (
+            precision == "tensor-core" and torch.device(device).type == "cuda" and _has_mm_dtype()
+        )
+
+    def add(self, x: torch.Tensor) -> None:
+        """``x`` is ``[batch, ..., in]``: each leading entry counts as one sample."""
+        self.count += x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1])
+        if self.fast and x.dtype in (torch.float16, torch.bfloat16):
+            self.sum += torch.mm(x.t(), x, out_dtype=torch.float32)
+        else:
+            x = x.float()
+            self.sum.addmm_(x.t(), x)
+
+    def result(self) -> torch.Tensor:
+        return self.sum.mul_(2 / max(self.count, 1))
+
+
+def _has_mm_dtype() -> bool:
+    import inspect
+
+    try:
+        return "out_dtype" in str(inspect.signature(torch.mm)) or _probe_mm_dtype()
+    except (TypeError, ValueError):
+        return _probe_mm_dtype()
+
+
+def _probe_mm_dtype() -> bool:
+    try:
+        a = torch.zeros(2, 2, dtype=torch.float16, device="cuda")
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
 @dataclass(frozen=True)
 class GroupParams:
     """Scale and zero point of one quantization group, per output row."""
@@ -140,8 +188,25 @@ class QuantizedWeight:
     zeros: torch.Tensor  # [groups, out] int32
     g_idx: torch.Tensor  # [in] int32, group of each input column
     weight: torch.Tensor  # [out, in] fp32, dequantized (what the model computes with)
-    loss: float  # sum over columns of (w - q)^2 / [H^-1]_jj^2 / 2 (the solve's objective)
+    row_losses: torch.Tensor  # [out]: sum over columns of (w - q)^2 / [H^-1]_jj^2 / 2
     damp: float  # damping that was used
+
+    @property
+    def loss(self) -> float:
+        """The solve's objective, summed over rows."""
+        return float(self.row_losses.sum())
+
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """The result for output rows ``start:stop`` (one module of a fused solve)."""
+        return QuantizedWeight(
+            codes=self.codes[start:stop],
+            scales=self.scales[:, start:stop],
+            zeros=self.zeros[:, start:stop],
+            g_idx=self.g_idx,
+            weight=self.weight[start:stop],
+            row_losses=self.row_losses[start:stop],
+            damp=self.damp,
+        )
 
 
 def gptq_quantize(
@@ -158,13 +223,16 @@ def gptq_quantize(
     mse: float = 0.0,
     min_zero: int = 0,
     block_size: int = 128,
+    solver: str = "auto",
 ) -> QuantizedWeight:
     """Quantize ``W`` (``[out, in]``) column by column, compensating with ``H`` (``[in, in]``).
 
     Implements Algorithm 1 of the paper with lazy batch updates (section 4, step 2):
     within a block each column's error is spread over the block's later columns; the
     block's accumulated error updates the rest of ``W`` once at the end of the block.
-    ``H`` is not modified.
+    ``H`` is not modified. ``solver`` picks the block loop: ``torch`` (a Python loop over
+    columns), ``triton`` (one kernel per block, :mod:`gptq_worker.solve_triton`) or
+    ``auto`` (Triton on CUDA when it is installed). Both give the same bits.
     """
     out_features, in_features = W.shape
     if group_size != -1 and in_features % group_size:
@@ -192,13 +260,9 @@ def gptq_quantize(
     if group_size == -1:
         params = record(0, find_params(W, bits, sym, mse, min_zero))
     elif static_groups:  # parameters from the unpermuted, not yet updated weights
-        static = [
-            record(
-                g,
-                find_params(W[:, g * group_size : (g + 1) * group_size], bits, sym, mse, min_zero),
-            )
-            for g in range(groups)
-        ]
+        for g in range(groups):
+            cols = W[:, g * group_size : (g + 1) * group_size]
+            record(g, find_params(cols, bits, sym, mse, min_zero))
 
     perm = None
     if desc_act:  # act-order: most salient inputs first (section 4, "act-order")
@@ -209,36 +273,39 @@ def gptq_quantize(
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     losses = torch.zeros(out_features, device=dev)
+    solve_block = _block_solver(solver, W)
+    column_group = None
+    if group_size != -1:
+        # the group whose parameters each (possibly permuted) column uses
+        order = perm if (perm is not None and static_groups) else torch.arange(in_features)
+        column_group = (order.to(dev) // group_size).long()
 
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
+        if group_size != -1 and not static_groups:
+            # Groups starting in this block take their parameters from W, which carries
+            # earlier blocks' updates but not this block's, as the reference does (it reads
+            # W at the group's first column, and W is only updated between blocks). Measured
+            # lower output error at 2-3 bits than fully updated weights, whose range the
+            # error feedback inflates. All of them can be found before the block's loop.
+            first = -(-i1 // group_size) * group_size
+            starts = list(range(first, i2, group_size))
+            if starts:
+                gs = torch.stack([W[:, c : c + group_size] for c in starts], 0)  # [n, out, gs]
+                p = find_params(gs.reshape(-1, group_size), bits, sym, mse, min_zero)
+                g0 = starts[0] // group_size
+                scales[g0 : g0 + len(starts)] = p.scale.view(len(starts), out_features)
+                zeros[g0 : g0 + len(starts)] = p.zero.view(len(starts), out_features)
+        if group_size == -1:
+            S = params.scale[:, None].expand(-1, i2 - i1)
+            Z = params.zero[:, None].expand(-1, i2 - i1)
+        else:
+            g = column_group[i1:i2]
+            S, Z = scales[g].t(), zeros[g].t()  # [out, b]
         W1 = W[:, i1:i2].clone()  # [out, b]
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if group_size != -1:
-                if static_groups:
-                    params = static[
-                        int(perm[col]) // group_size if perm is not None else col // group_size
-                    ]
-                elif col % group_size == 0:
-                    # As the reference does: from W, which carries earlier blocks' updates but
-                    # not yet this block's. Measured lower output error at 2-3 bits than the
-                    # fully updated weights, whose range the error feedback inflates.
-                    params = record(
-                        col // group_size,
-                        find_params(W[:, col : col + group_size], bits, sym, mse, min_zero),
-                    )
-            w = W1[:, i]  # [out]
-            d = Hinv1[i, i]
-            q = quantize(w, params.scale, params.zero, maxq)
-            codes[:, col] = q
-            Q[:, col] = dequantize(q, params.scale, params.zero)
-            losses += (w - Q[:, col]) ** 2 / d**2 / 2
-            err = (w - Q[:, col]) / d
-            W1[:, i:] -= err[:, None] @ Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+        Q1, C1, Err1 = solve_block(W1, Hinv1, S.contiguous(), Z.contiguous(), maxq, losses)
+        Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if group_size == -1:
@@ -257,9 +324,49 @@ def gptq_quantize(
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
         weight=Q,
-        loss=float(losses.sum()),
+        row_losses=losses,
         damp=damp,
     )
+
+
+def solve_block_torch(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    S: torch.Tensor,
+    Z: torch.Tensor,
+    maxq: int,
+    losses: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One block of Algorithm 1, column by column: (dequantized, codes, errors).
+
+    ``W1`` (``[out, b]``) is updated in place; each column ``i`` uses scale ``S[:, i]`` and
+    zero ``Z[:, i]``; ``losses`` (``[out]``) gets the block's loss added.
+    """
+    Q1, C1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+    for i in range(W1.shape[1]):
+        w = W1[:, i]
+        d = Hinv1[i, i]
+        s, z = S[:, i], Z[:, i]
+        q = quantize(w, s, z, maxq)
+        dq = dequantize(q, s, z)
+        diff = w - dq
+        losses += diff * diff / (d * d) * 0.5
+        err = diff / d
+        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        Q1[:, i], C1[:, i], Err1[:, i] = dq, q, err
+    return Q1, C1, Err1
+
+
+def _block_solver(solver: str, W: torch.Tensor):
+    if solver == "torch" or (solver == "auto" and W.device.type != "cuda"):
+        return solve_block_torch
+    try:
+        from gptq_worker.solve_triton import solve_block_triton
+    except ImportError:
+        if solver == "triton":
+            raise
+        return solve_block_torch
+    return solve_block_triton
 
 
 def rtn_quantize(

@@ -42,7 +42,13 @@ class Progress:
         self._fh.write(json.dumps(record, sort_keys=False) + "\n")
         self._fh.flush()
 
-    def layer_done(self, layer: int, modules: dict[str, dict[str, float]], resumed: bool) -> None:
+    def layer_done(
+        self,
+        layer: int,
+        modules: dict[str, dict[str, float]],
+        resumed: bool,
+        phases: dict[str, float] | None = None,
+    ) -> None:
         """Layer ``layer`` (0-based) finished; ``modules`` maps a name to its loss and damping.
 
         The ETA extrapolates from freshly quantized layers only: resumed ones are fast replays.
@@ -62,6 +68,7 @@ class Progress:
             eta_s=round(per_layer * (self.total - done), 3),
             resumed=resumed,
             modules=modules,
+            **({"phases_s": phases} if phases else {}),
         )
         self._bar.update(1)
         if self._reporter is not None:

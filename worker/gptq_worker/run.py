@@ -24,7 +24,7 @@ from gptq_worker.arch import architecture_for
 from gptq_worker.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.checkpoint import write_checkpoint
 from gptq_worker.config import WorkerConfig
-from gptq_worker.engine import capture_inputs, plan, quantize_layers
+from gptq_worker.engine import EngineOptions, capture_inputs, plan, quantize_layers
 from gptq_worker.progress import Progress
 from gptq_worker.state import WorkState
 
@@ -255,6 +255,7 @@ def quantize_model(
             progress,
             on_layer,
             evaluation,
+            EngineOptions(hessian_precision=cfg.hessian_precision),
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)
