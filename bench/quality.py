@@ -27,6 +27,13 @@ VARIANTS = [  # name, settings
     ("rtn w3 g128", {"bits": 3, "group_size": 128, "method": "rtn"}),
     ("gptq w3 g128", {"bits": 3, "group_size": 128}),
     ("gptq w3 g128 act-order", {"bits": 3, "group_size": 128, "desc_act": True}),
+    # the fp32 switch: Hessians from fp32 products instead of the tensor cores
+    ("gptq w4 g128 fp32-hessian", {"bits": 4, "group_size": 128, "hessian_precision": "fp32"}),
+    ("gptq w3 g128 fp32-hessian", {"bits": 3, "group_size": 128, "hessian_precision": "fp32"}),
+    (
+        "gptq w3 g128 act-order fp32-hessian",
+        {"bits": 3, "group_size": 128, "desc_act": True, "hessian_precision": "fp32"},
+    ),
     ("rtn w4 per-channel", {"bits": 4, "group_size": -1, "method": "rtn"}),
     ("gptq w4 per-channel", {"bits": 4, "group_size": -1}),
     ("rtn w3 per-channel", {"bits": 3, "group_size": -1, "method": "rtn"}),
@@ -45,6 +52,7 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--train-chars", type=int, default=30_000_000)
     p.add_argument("--out", default=None, help="also write the JSON lines here")
+    p.add_argument("--only", default=None, help="comma-separated variant names to run")
     args = p.parse_args()
 
     work = Path(args.workdir)
@@ -70,13 +78,19 @@ def main() -> None:
         ]
 
     rows = [{"variant": "fp16", "perplexity": ppl(paths["model"]), "quantize_s": 0.0}]
+    chosen = set(args.only.split(",")) if args.only else None
     for name, settings in VARIANTS:
+        if chosen is not None and name not in chosen:
+            continue
+        settings = dict(settings)
+        precision = settings.pop("hessian_precision", "tensor-core")
         out = work / name.replace(" ", "-")
         cfg = WorkerConfig(
             model=str(paths["model"]),
             output=str(out),
             device=args.device,
             overwrite=True,
+            hessian_precision=precision,
             quantization=QuantizeConfig(**settings),
             calibration=CalibrationConfig(
                 dataset=str(paths["calibration"]), nsamples=128, seqlen=512
@@ -93,7 +107,8 @@ def main() -> None:
     by_name = {r["variant"]: r["perplexity"] for r in rows}
     print(f"\n{'variant':26s} {'ppl':>10s} {'vs fp16':>9s} {'RTN gap closed':>15s}")
     for r in rows:
-        rtn = by_name.get(r["variant"].replace("gptq", "rtn").replace(" act-order", ""))
+        base = r["variant"].replace(" fp32-hessian", "").replace(" act-order", "")
+        rtn = by_name.get(base.replace("gptq", "rtn"))
         closed = ""
         if r["variant"].startswith("gptq") and rtn is not None and rtn > fp16:
             closed = f"{(rtn - r['perplexity']) / (rtn - fp16):.0%}"
