@@ -17,6 +17,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,75 @@ class Phases:
         return out
 
 
+class LayerMover:
+    """Moves decoder layers between host and GPU on a side stream, off the main thread.
+
+    While layer ``i`` is computed, layer ``i+1`` is copied in and layer ``i-1`` (with its
+    packed tensors) is copied out and saved. One helper thread keeps these in order; each
+    copy out first waits for an event recorded after the layer's last use on the main
+    stream. On a CPU everything happens in line.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gptq-mover") if self.cuda else None
+        self._stream = torch.cuda.Stream(device) if self.cuda else None
+        self._pending: list[Future] = []
+
+    def fetch(self, layer: nn.Module) -> Future | None:
+        if not self.cuda:
+            layer.to(self.device)
+            return None
+        return self._submit(self._to_device, layer)
+
+    def ready(self, fetched: Future | None, layer: nn.Module) -> None:
+        """Wait for ``fetch`` and hand the layer's tensors to the main stream."""
+        if fetched is None:
+            return
+        fetched.result()
+        main = torch.cuda.current_stream(self.device)
+        for t in (*layer.parameters(), *layer.buffers()):
+            t.data.record_stream(main)  # freed while main-stream kernels may still read it
+
+    def retire(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (copy a finished layer out, save it) after the main stream's work."""
+        if not self.cuda:
+            job()
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._submit(self._after, event, job)
+
+    def drain(self) -> None:
+        """Wait for every queued copy and job; re-raise the first failure."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        for err in errors:
+            if err is not None:
+                raise err
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def _submit(self, fn, *args) -> Future:
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def _to_device(self, layer: nn.Module) -> None:
+        with torch.cuda.stream(self._stream):
+            layer.to(self.device)
+        self._stream.synchronize()
+
+    def _after(self, event: torch.cuda.Event, job: Callable[[], None]) -> None:
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(event)
+            job()
+        self._stream.synchronize()
+
+
 @dataclass
 class Activations:
     hidden: list[torch.Tensor] = field(default_factory=list)  # per batch, [b, seq, hidden]
@@ -133,6 +203,12 @@ def capture_inputs(
     acts = Activations(args=[[] for _ in originals], kwargs=[[] for _ in originals])
     for i, layer in enumerate(originals):
         layers[i] = _Recorder(layer, i, acts, last=i == len(originals) - 1)
+    # the forward stops at the last layer: an untied lm_head (1 GB for 8B) need not travel
+    head = model.get_output_embeddings()
+    parent, _, child = arch.lm_head.rpartition(".")
+    untied = head is not None and head.weight is not model.get_input_embeddings().weight
+    if untied:
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
     try:
         model.to(device)  # embeddings, rotary tables, norms: the layers are not submodules now
         for batch in batches:
@@ -141,6 +217,8 @@ def capture_inputs(
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+        if untied:
+            setattr(model.get_submodule(parent) if parent else model, child, head)
         model.to("cpu")
     return acts
 
@@ -256,13 +334,17 @@ def _solve_group(
 def packed_tensors(
     prefix: str, q: QuantizedWeight, bits: int, fmt: CheckpointFormat
 ) -> dict[str, torch.Tensor]:
-    """Packed on the solve's device (fast on a GPU), returned on the CPU."""
+    """Packed on the solve's device (fast on a GPU); the caller moves them to the CPU."""
     return {
-        f"{prefix}.qweight": pack_qweight(q.codes, bits).cpu(),
-        f"{prefix}.qzeros": pack_qzeros(q.zeros, bits, fmt).cpu(),
-        f"{prefix}.scales": q.scales.half().contiguous().cpu(),
-        f"{prefix}.g_idx": q.g_idx.to(torch.int32).cpu().clone(),  # fused modules share it
+        f"{prefix}.qweight": pack_qweight(q.codes, bits),
+        f"{prefix}.qzeros": pack_qzeros(q.zeros, bits, fmt),
+        f"{prefix}.scales": q.scales.half().contiguous(),
+        f"{prefix}.g_idx": q.g_idx.to(torch.int32).clone(),  # fused modules share g_idx
     }
+
+
+def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to("cpu") for k, v in tensors.items()}
 
 
 def restore_weight(
@@ -338,15 +420,34 @@ def quantize_layers(
     ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
     """
     options = options or EngineOptions()
+    mover = LayerMover(device)
+    try:
+        return _quantize_layers(
+            model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
+            options, mover,
+        )  # fmt: skip
+    finally:
+        try:
+            mover.drain()
+        finally:
+            mover.close()
+
+
+def _quantize_layers(
+    model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover
+) -> dict[str, torch.Tensor]:
     phases = Phases(device, options.profile)
     fmt = cfg.checkpoint_format
     layers = model.get_submodule(arch.layers)
     packed: dict[str, torch.Tensor] = {}
+    fetched = mover.fetch(layers[0])
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
         names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
         with phases("move"):
-            layer.to(device)
+            mover.ready(fetched, layer)
+        if i + 1 < len(layers):
+            fetched = mover.fetch(layers[i + 1])  # copied in while this layer is computed
         if evaluation is not None:  # original weights: the "before" stream
             evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
@@ -388,16 +489,22 @@ def quantize_layers(
             acts.hidden = _forward(layer, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
-        with phases("move"):
+
+        def finish(i=i, layer=layer, layer_packed=layer_packed, losses=losses, resumed=resumed):
             layer.to("cpu")
-        with phases("save"):
+            on_cpu = _to_cpu(layer_packed)
             if not resumed:
-                state.save_layer(i, layer_packed, losses)
-        packed.update(layer_packed)
+                state.save_layer(i, on_cpu, losses)
+            packed.update(on_cpu)
+
+        mover.retire(finish)  # copied out and saved while the next layer is computed
+        if on_layer is not None or not mover.cuda:
+            mover.drain()  # callers that watch each layer see it saved
         timing = phases.take() if options.profile else None
         progress.layer_done(i, losses or _saved_losses(state, names), resumed, timing)
         if on_layer is not None:
             on_layer(i)
+    mover.drain()
     if evaluation is not None:  # before lm_head is quantized
         evaluation.ppl_before = evaluation.perplexity(model, arch, device, evaluation.before)
     if cfg.lm_head and arch.lm_head in settings:
