@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -402,6 +403,29 @@ def plan(model: nn.Module, arch: Architecture, cfg: QuantizeConfig) -> dict[str,
 
 
 @torch.no_grad()
+def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Thread | None:
+    """Compile the Triton solve in the background while calibration inputs are captured."""
+    if device.type != "cuda" or options.solver == "torch":
+        return None
+    try:
+        from gptq_worker.solve_triton import warm_up
+    except ImportError:
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
+            warm_up(device)
+
+    key = str(device)
+    if key not in _WARMING:  # once per process and device
+        _WARMING[key] = threading.Thread(target=run, name="gptq-triton-warm-up", daemon=True)
+        _WARMING[key].start()
+    return _WARMING[key]
+
+
+_WARMING: dict[str, threading.Thread] = {}
+
+
 def quantize_layers(
     model: nn.Module,
     arch: Architecture,

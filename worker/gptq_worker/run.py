@@ -24,7 +24,13 @@ from gptq_worker.arch import architecture_for
 from gptq_worker.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.checkpoint import write_checkpoint
 from gptq_worker.config import WorkerConfig
-from gptq_worker.engine import EngineOptions, capture_inputs, plan, quantize_layers
+from gptq_worker.engine import (
+    EngineOptions,
+    capture_inputs,
+    plan,
+    quantize_layers,
+    warm_up_solver,
+)
 from gptq_worker.progress import Progress
 from gptq_worker.state import WorkState
 
@@ -147,6 +153,7 @@ def quantize(
             "no calibration data: pass --calibration PATH (a .txt/.jsonl/.parquet "
             "file or a directory of them) or a Hugging Face dataset name"
         )
+    warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
     model, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
     progress = None
     try:
@@ -204,6 +211,8 @@ def quantize_model(
     the perplexities before and after when ``cfg.evaluation`` asks for them.
     Finished layers are kept under ``work`` and reused when the same run starts again.
     """
+    options = EngineOptions(hessian_precision=cfg.hessian_precision)
+    warming = warm_up_solver(device, options)  # compiles while the inputs are prepared
     arch = architecture_for(model)
     settings = plan(model, arch, cfg.quantization)
     nsamples, seqlen = cfg.calibration.resolved()
@@ -244,6 +253,8 @@ def quantize_model(
                 device,
             )
         acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
+        if warming is not None:
+            warming.join()
         packed = quantize_layers(
             model,
             arch,
@@ -255,7 +266,7 @@ def quantize_model(
             progress,
             on_layer,
             evaluation,
-            EngineOptions(hessian_precision=cfg.hessian_precision),
+            options,
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)

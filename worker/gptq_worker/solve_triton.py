@@ -105,3 +105,13 @@ def solve_block_triton(
         B=B, BLOCK_R=block_rows, enable_fp_fusion=False,
     )  # fmt: skip
     return Q[:, :b], C[:, :b], E[:, :b]
+
+
+def warm_up(device: torch.device) -> None:
+    """Compile the kernel now (about 2 s on a cold cache), e.g. in a thread during capture."""
+    rows, b = 16, 128
+    W = torch.zeros(rows, b, device=device)
+    H = torch.eye(b, device=device)
+    ones = torch.ones(rows, b, device=device)
+    solve_block_triton(W, H, ones, ones, 15, torch.zeros(rows, device=device))
+    torch.cuda.synchronize(device)
