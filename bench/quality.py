@@ -41,6 +41,57 @@ VARIANTS = [  # name, settings
 ]
 
 
+PRECISIONS = [  # name, WorkerConfig fields
+    ("tensor-core, batch 8", {"hessian_precision": "tensor-core", "batch_size": 8}),
+    ("fp32, batch 8", {"hessian_precision": "fp32", "batch_size": 8}),
+    ("fp32, batch 1", {"hessian_precision": "fp32", "batch_size": 1}),  # the plain path
+]
+SETTINGS = [
+    ("w4 g128", {"bits": 4, "group_size": 128}),
+    ("w3 g128", {"bits": 3, "group_size": 128}),
+    ("w3 g128 act-order", {"bits": 3, "group_size": 128, "desc_act": True}),
+]
+
+
+def compare_precisions(args, paths, ppl, seeds: list[int]) -> None:
+    """GPTQ perplexity per Hessian precision and batch size, over calibration seeds.
+
+    On a model this small one calibration draw moves perplexity by more than the
+    precision does, so each cell is a mean over seeds.
+    """
+    fp16 = ppl(paths["model"])
+    print(json.dumps({"variant": "fp16", "perplexity": round(fp16, 4)}), flush=True)
+    table: dict[tuple[str, str], list[float]] = {}
+    for setting, quant in SETTINGS:
+        for precision, fields in PRECISIONS:
+            for seed in seeds:
+                out = Path(args.workdir) / "precision"
+                cfg = WorkerConfig(
+                    model=str(paths["model"]),
+                    output=str(out),
+                    device=args.device,
+                    overwrite=True,
+                    quantization=QuantizeConfig(**quant),
+                    calibration=CalibrationConfig(
+                        dataset=str(paths["calibration"]), nsamples=128, seqlen=512, seed=seed
+                    ),
+                    **fields,
+                )
+                quantize(cfg, show_progress=False)
+                value = ppl(out)
+                table.setdefault((setting, precision), []).append(value)
+                row = {"setting": setting, "precision": precision, "seed": seed}
+                print(json.dumps({**row, "perplexity": round(value, 4)}), flush=True)
+    print(f"\nfp16 {fp16:.3f}; mean perplexity over seeds {seeds} (min..max)")
+    print(f"{'setting':20s} " + " ".join(f"{name:>26s}" for name, _ in PRECISIONS))
+    for setting, _ in SETTINGS:
+        cells = []
+        for precision, _ in PRECISIONS:
+            v = table[(setting, precision)]
+            cells.append(f"{sum(v) / len(v):8.3f} ({min(v):.2f}..{max(v):.2f})")
+        print(f"{setting:20s} " + " ".join(f"{c:>26s}" for c in cells))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/gptq-quality")
@@ -53,6 +104,12 @@ def main() -> None:
     p.add_argument("--train-chars", type=int, default=30_000_000)
     p.add_argument("--out", default=None, help="also write the JSON lines here")
     p.add_argument("--only", default=None, help="comma-separated variant names to run")
+    p.add_argument(
+        "--precision-seeds",
+        default=None,
+        help="instead of the variants: compare Hessian precisions over these calibration "
+        "seeds (e.g. 0,1,2), at 4 and 3 bits",
+    )
     args = p.parse_args()
 
     work = Path(args.workdir)
@@ -77,6 +134,9 @@ def main() -> None:
             "perplexity"
         ]
 
+    if args.precision_seeds:
+        compare_precisions(args, paths, ppl, [int(x) for x in args.precision_seeds.split(",")])
+        return
     rows = [{"variant": "fp16", "perplexity": ppl(paths["model"]), "quantize_s": 0.0}]
     chosen = set(args.only.split(",")) if args.only else None
     for name, settings in VARIANTS:
