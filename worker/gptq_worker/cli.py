@@ -169,7 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         "--hessian-precision",
         dest="hessian_precision",
         choices=("tensor-core", "fp32"),
-        help="tensor-core (default): fp16/bf16 products with fp32 accumulation on the GPU",
+        help="tensor-core (default, fast) or fp32 products for the Hessians on a GPU",
     )
     q.add_argument("--max-shard-size", dest="max_shard_size")
     q.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")

@@ -184,8 +184,8 @@ class WorkerConfig(_Model):
     batch_size: int = Field(8, ge=1, description="calibration samples per forward pass of a layer")
     hessian_precision: Literal["tensor-core", "fp32"] = Field(
         "tensor-core",
-        description="tensor-core: fp16/bf16 products on the GPU's matrix units with fp32 "
-        "accumulation (exact products); fp32: convert inputs to fp32 first",
+        description="tensor-core: fp16/bf16 products on the GPU's matrix units into fp32 "
+        "(fast; accumulation slightly below IEEE fp32); fp32: convert inputs to fp32 first",
     )
     max_shard_size: str = "4GB"
     trust_remote_code: bool = False

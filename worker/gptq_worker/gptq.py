@@ -40,10 +40,14 @@ class Hessian:
     """Running ``H = 2/n * sum x x^T`` over batches of layer inputs.
 
     ``precision="tensor-core"``: fp16/bf16 inputs on CUDA are multiplied on the tensor
-    cores with fp32 accumulation and an fp32 result (``torch.mm(..., out_dtype=float32)``).
-    Products of fp16/bf16 values are exact in fp32, so this differs from the fp32 path only
-    in the order of the additions. ``"fp32"`` always converts to fp32 first (the switch for
-    comparing, and what CPUs do anyway). The scale ``2/n`` is applied once, at the end.
+    cores into an fp32 result (``torch.mm(..., out_dtype=float32)``), about 14x faster than
+    fp32 products. The products are exact, but the tensor cores' accumulation is not IEEE
+    fp32: on an H200 the result is 9e-5 (fp16) / 6e-5 (bf16) from an fp64 reference in
+    relative Frobenius norm, against 3e-6 / 5e-6 for the fp32 path
+    (``bench/hessian_precision.py``). Perplexity after quantization showed no systematic
+    change over 3 calibration seeds (``bench/quality.py --precision-seeds``).
+    ``"fp32"`` always converts to fp32 first (the switch, and what CPUs do anyway). The
+    scale ``2/n`` is applied once, at the end.
     """
 
     def __init__(self, features: int, device: torch.device, precision: str = "tensor-core"):
