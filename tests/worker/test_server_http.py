@@ -260,6 +260,14 @@ def test_stop_string_ends_the_text_before_it(server):
     assert "".join(e["choices"][0]["text"] for e in streamed[:-1]) == cut
 
 
+def test_ignore_eos_decodes_every_requested_token(server):
+    payload = {"prompt": PROMPT, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    status, body = server.post("/v1/completions", payload)
+    assert status == 200
+    assert body["usage"]["completion_tokens"] == 40
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
 def test_seed_makes_sampling_repeatable(server):
     payload = {"prompt": PROMPT, "max_tokens": 16, "temperature": 1.0, "top_p": 0.95}
     a = server.post("/v1/completions", {**payload, "seed": 7})[1]["choices"][0]["text"]
@@ -392,7 +400,7 @@ def test_full_queue_answers_429_at_once(checkpoint):
     s = Served(checkpoint, "--max-batch", "1", "--max-queue", "1")
     try:
         s.wait_ready()
-        long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "stop": ["\u0000"]}
+        long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
         running, started, _ = _stream_in_background(s, long)
         assert started.wait(60)
         queued, _, queued_events = _stream_in_background(s, {**long, "max_tokens": 2})
@@ -414,7 +422,7 @@ def test_full_queue_answers_429_at_once(checkpoint):
 def test_sigterm_finishes_accepted_requests_then_exits(checkpoint):
     s = Served(checkpoint, "--max-batch", "1")
     s.wait_ready()
-    payload = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "stop": ["\u0000"]}
+    payload = {"prompt": PROMPT, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
     thread, started, events = _stream_in_background(s, payload)
     assert started.wait(60)
     s.proc.send_signal(signal.SIGTERM)

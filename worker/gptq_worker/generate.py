@@ -37,6 +37,7 @@ class Sampling:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: decode all max_tokens
 
 
 @dataclass
@@ -252,7 +253,7 @@ class Engine:
                 token = sample(logits[i], r.sampling, generators[i])
                 next_ids[i] = token
                 counts[i] += 1
-                if token in self.eos:
+                if token in self.eos and not r.sampling.ignore_eos:
                     done[i] = True
                     r.emit(Chunk(streams[i].flush(), counts[i], "stop"))
                     continue

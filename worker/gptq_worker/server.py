@@ -58,6 +58,7 @@ class _Body(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    ignore_eos: bool = False  # as vLLM: keep decoding past end-of-sequence
     n: Literal[1] = 1
     logprobs: Literal[None, False] = None
 
@@ -403,6 +404,7 @@ class Server:
             top_p=body.top_p,
             stop=tuple(body.stop or ()),
             seed=body.seed,
+            ignore_eos=body.ignore_eos,
         )
         job = Request(ids, sampling, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
         try:
