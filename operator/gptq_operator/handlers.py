@@ -92,6 +92,13 @@ def quantization_job_phase(body: kopf.Body, type: str | None, **_: Any) -> None:
     _metrics().job_phase(body["metadata"]["uid"], phase)
 
 
+@kopf.on.event(GROUP, VERSION, "quantizedmodels")
+def quantized_model_phase(body: kopf.Body, type: str | None, **_: Any) -> None:
+    """Keep the models-by-phase gauge current (the not-ready alert reads it)."""
+    phase = None if type == "DELETED" else (body.get("status") or {}).get("phase") or "Pending"
+    _metrics().model_phase(body["metadata"]["uid"], phase)
+
+
 @kopf.on.event(
     "batch",
     "v1",

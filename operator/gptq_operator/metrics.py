@@ -31,6 +31,12 @@ class Metrics:
             ["phase"],
             registry=registry,
         )
+        self.models = Gauge(
+            "gptq_operator_quantized_models",
+            "QuantizedModels by phase.",
+            ["phase"],
+            registry=registry,
+        )
         self.time_to_ready = Histogram(
             "gptq_operator_model_time_to_ready_seconds",
             "From a QuantizedModel's creation to its first Ready.",
@@ -38,6 +44,7 @@ class Metrics:
             buckets=(10, 30, 60, 120, 300, 600, 1200, 3600, 7200, 14400),
         )
         self._phases: dict[str, str] = {}
+        self._model_phases: dict[str, str] = {}
         self._ready: set[str] = set()
 
     @contextmanager
@@ -63,19 +70,24 @@ class Metrics:
 
     def job_phase(self, uid: str, phase: str | None) -> None:
         """Track one QuantizationJob's phase (None: deleted) and refresh the counts."""
-        if phase is None:
-            self._phases.pop(uid, None)
-        else:
-            self._phases[uid] = phase
-        for known in {
-            "Pending",
-            "Unschedulable",
-            "Running",
-            "Succeeded",
-            "Failed",
-            *self._phases.values(),
-        }:
-            self.jobs.labels(known).set(sum(1 for p in self._phases.values() if p == known))
+        known = ("Pending", "Unschedulable", "Running", "Succeeded", "Failed")
+        _track(self.jobs, self._phases, uid, phase, known)
+
+    def model_phase(self, uid: str, phase: str | None) -> None:
+        """Track one QuantizedModel's phase (None: deleted) and refresh the counts."""
+        known = ("Pending", "Waiting", "Deploying", "Ready", "Degraded", "Failed")
+        _track(self.models, self._model_phases, uid, phase, known)
+
+
+def _track(
+    gauge: Gauge, phases: dict[str, str], uid: str, phase: str | None, known: tuple[str, ...]
+) -> None:
+    if phase is None:
+        phases.pop(uid, None)
+    else:
+        phases[uid] = phase
+    for name in {*known, *phases.values()}:
+        gauge.labels(name).set(sum(1 for p in phases.values() if p == name))
 
 
 def serve(port: int) -> Metrics:

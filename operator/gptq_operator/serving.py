@@ -29,11 +29,6 @@ PREFERENCE = (
 )
 BACKEND_OF = {name: name.split("/")[0] for name in PREFERENCE}
 PORTS = {"vllm": 8000, "lmdeploy": 23333, "builtin": 8080}
-IMAGES = {
-    "vllm": "vllm/vllm-openai:v0.11.0",
-    "lmdeploy": "openmmlab/lmdeploy:v0.10.2",
-    "builtin": "ghcr.io/gptq-operator/worker:0.1.0",
-}
 
 
 class Incompatible(ValueError):
@@ -179,9 +174,7 @@ def deployment(
     model_path = _model_path(checkpoint_uri)
     command, args = engine_command(choice, owner.name, model_path, fmt, tp, spec.engine_args or [])
     images = spec.image.model_dump() if spec.image else {}
-    image = images.get(choice.backend) or IMAGES[choice.backend]
-    if choice.backend == "builtin" and not images.get("builtin"):
-        image = settings.worker_image
+    image = images.get(choice.backend) or settings.serving_image(choice.backend)
     # what the pods serve: a new checkpoint changes this hash and so rolls the Deployment
     served = hashlib.sha256(
         json.dumps(

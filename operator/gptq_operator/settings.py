@@ -27,6 +27,10 @@ class OperatorSettings(BaseModel):
             {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
         ]
     )
+    # serving images per backend (the builtin backend defaults to the worker image)
+    image_vllm: str = "vllm/vllm-openai:v0.11.0"
+    image_lmdeploy: str = "openmmlab/lmdeploy:v0.10.2"
+    image_builtin: str | None = None
     run_as_user: int = 10001
     scratch_size: str = "20Gi"
     metrics_port: int = 8080  # 0: no metrics endpoint
@@ -43,7 +47,20 @@ class OperatorSettings(BaseModel):
         )
         values = {
             field: env[f"GPTQ_{field.upper()}"]
-            for field in ("worker_image", "gpu_resource", "scratch_size", "metrics_port")
+            for field in (
+                "worker_image",
+                "gpu_resource",
+                "scratch_size",
+                "metrics_port",
+                "image_vllm",
+                "image_lmdeploy",
+                "image_builtin",
+            )
             if f"GPTQ_{field.upper()}" in env
         }
-        return cls(labels=labels, **values)
+        return cls(labels=labels, **{k: v for k, v in values.items() if v != ""})
+
+    def serving_image(self, backend: str) -> str:
+        """The default image of a serving backend (a QuantizedModel's spec.image overrides)."""
+        image = {"vllm": self.image_vllm, "lmdeploy": self.image_lmdeploy}.get(backend)
+        return image or self.image_builtin or self.worker_image

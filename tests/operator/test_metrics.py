@@ -29,6 +29,18 @@ def test_jobs_by_phase_follow_transitions_and_deletions():
     assert get("gptq_operator_quantization_jobs", {"phase": "Pending"}) == 0
 
 
+def test_models_by_phase_follow_transitions_and_deletions():
+    m = Metrics(CollectorRegistry())
+    m.model_phase("a", "Waiting")
+    m.model_phase("b", "Deploying")
+    m.model_phase("a", "Ready")
+    m.model_phase("b", None)
+    get = m.registry.get_sample_value
+    assert get("gptq_operator_quantized_models", {"phase": "Ready"}) == 1
+    assert get("gptq_operator_quantized_models", {"phase": "Deploying"}) == 0
+    assert get("gptq_operator_quantized_models", {"phase": "Waiting"}) == 0
+
+
 def test_reconcile_results_are_counted_by_kind():
     m = Metrics(CollectorRegistry())
     with m.reconcile("QuantizationJob"):
