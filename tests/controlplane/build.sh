@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the test control plane's binaries from the Go module proxy, cached between runs:
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (Kubernetes $K8S_VERSION)
-#   etcd ($ETCD_VERSION) and kwok ($KWOK_VERSION)
+#   etcd ($ETCD_VERSION), kwok ($KWOK_VERSION) and helm ($HELM_VERSION, for the chart's tests)
 # into $GPTQ_CONTROLPLANE_CACHE/<k8s version>/bin (default ~/.cache/gptq-operator/controlplane).
 # Idempotent: binaries already built are kept. Prints the bin directory on its last line.
 set -euo pipefail
@@ -9,6 +9,7 @@ set -euo pipefail
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
 CACHE=${GPTQ_CONTROLPLANE_CACHE:-$HOME/.cache/gptq-operator/controlplane}
 ROOT=$CACHE/$K8S_VERSION
 BIN=$ROOT/bin
@@ -55,17 +56,24 @@ if ((${#missing[@]})); then
   done
 fi
 
-build_tool() {  # name module package version
-  local name=$1 module=$2 pkg=$3 version=$4
+build_tool() {  # name module package version [extra ldflags]
+  local name=$1 module=$2 pkg=$3 version=$4 extra=${5:-}
   [[ -x $BIN/$name ]] && return
   local src=$ROOT/src/$name
   mkdir -p "$src"
   cd "$src"
   printf 'module gptq-operator/%s-build\n\ngo 1.24\n\nrequire %s %s\n' "$name" "$module" "$version" > go.mod
   log "building $name $version"
-  go build -trimpath -ldflags "-s -w" -o "$BIN/$name" "$pkg"
+  go build -trimpath -ldflags "-s -w $extra" -o "$BIN/$name" "$pkg"
 }
 build_tool etcd go.etcd.io/etcd/server/v3 go.etcd.io/etcd/server/v3 "$ETCD_VERSION"  # server/v3 holds etcd's main package
 build_tool kwok sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+# helm's release builds stamp its version and the Kubernetes version it assumes; so do we
+minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+helm_flags="-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
+  helm_flags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+done
+build_tool helm helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "$helm_flags"
 
 echo "$BIN"

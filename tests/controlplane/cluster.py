@@ -40,6 +40,7 @@ BINARIES = (
     "kubectl",
     "etcd",
     "kwok",
+    "helm",  # not part of the control plane: the chart's tests install with it
 )
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
