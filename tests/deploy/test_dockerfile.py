@@ -95,9 +95,15 @@ def test_final_stages_run_as_the_fixed_non_root_uid(stage):
     assert users and users[-1] == f"{uid}:{uid}" and uid != 0
 
 
+def base_image(stage: str) -> str:
+    """The registry image a stage starts from, following ``FROM <stage>`` chains."""
+    image = resolve(STAGES[stage][0][1])
+    return base_image(image) if image in STAGES else image
+
+
 def test_every_base_image_is_pinned():
-    for name, steps in STAGES.items():
-        image = resolve(steps[0][1])
+    for name in STAGES:
+        image = base_image(name)
         _, _, tag = image.partition(":")
         assert tag and tag != "latest", (name, image)
         assert re.search(r"\d+\.\d+\.\d+", tag), f"{name}: {image} is not pinned to a release"
@@ -105,12 +111,12 @@ def test_every_base_image_is_pinned():
 
 @pytest.mark.parametrize("stage", ["operator", "worker"])
 def test_final_stages_are_slim_and_install_no_build_tools(stage):
-    steps = STAGES[stage]
-    assert "-slim-" in resolve(steps[0][1])
+    assert "-slim-" in base_image(stage)
+    steps = STAGES[stage] + STAGES["runtime"]
     for word, rest in steps:
         if word == "RUN":
             assert not any(tool in rest for tool in BUILD_TOOLS), rest
-    copies = [rest for word, rest in steps if word == "COPY"]
+    copies = [rest for word, rest in STAGES[stage] if word == "COPY"]
     assert copies == [f"--from=build-{stage} /opt/venv /opt/venv"]
 
 
@@ -131,6 +137,7 @@ def test_entrypoints_match_what_the_operator_runs():
     entry = {s: rest for s in ("operator", "worker") for w, rest in STAGES[s] if w == "ENTRYPOINT"}
     assert entry == {"operator": '["kopf"]', "worker": '["gptq-worker"]'}
     worker_env = " ".join(rest for w, rest in STAGES["worker"] if w == "ENV")
+    assert "PATH=/opt/venv/bin" in " ".join(rest for w, rest in STAGES["runtime"] if w == "ENV")
     assert "HOME=/scratch" in worker_env  # the operator mounts scratch there
 
 
