@@ -9,6 +9,7 @@ Notation: ``W`` is ``[out, in]``; ``H = 2/n * X^T X`` is ``[in, in]``; ``maxq = 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -71,16 +72,9 @@ class Hessian:
         return self.sum.mul_(2 / max(self.count, 1))
 
 
+@functools.cache
 def _has_mm_dtype() -> bool:
-    import inspect
-
-    try:
-        return "out_dtype" in str(inspect.signature(torch.mm)) or _probe_mm_dtype()
-    except (TypeError, ValueError):
-        return _probe_mm_dtype()
-
-
-def _probe_mm_dtype() -> bool:
+    """Whether this torch has ``torch.mm(..., out_dtype=)`` on CUDA (asked once per process)."""
     try:
         a = torch.zeros(2, 2, dtype=torch.float16, device="cuda")
         return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
