@@ -452,13 +452,20 @@ class ControlPlane:
             "the default ServiceAccount never appeared",
         )
 
-    def kubectl(self, *args: str, user: str = "admin", input: str | None = None) -> str:
-        result = subprocess.run(
+    def run_kubectl(
+        self, *args: str, user: str = "admin", input: str | None = None
+    ) -> subprocess.CompletedProcess:
+        """kubectl as ``user``, whatever its exit code (``auth can-i`` exits 1 for "no")."""
+        return subprocess.run(
             [str(self.bin / "kubectl"), "--kubeconfig", str(self.kubeconfig_path(user)), *args],
             input=input,
             capture_output=True,
             text=True,
+            timeout=120,
         )
+
+    def kubectl(self, *args: str, user: str = "admin", input: str | None = None) -> str:
+        result = self.run_kubectl(*args, user=user, input=input)
         if result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
         return result.stdout

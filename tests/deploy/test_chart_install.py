@@ -25,18 +25,6 @@ pytestmark = pytest.mark.controlplane
 MONITORING = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}  # no Prometheus Operator here
 
 
-def kubectl(control_plane, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    from tests.controlplane.cluster import bin_dir
-
-    return subprocess.run(
-        [str(bin_dir() / "kubectl"), "--kubeconfig", str(control_plane.kubeconfig_path()), *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize("sets", [[], CUSTOM], ids=["defaults", "custom"])
 def test_rendered_chart_passes_server_side_validation(control_plane, api, render, sets):
     """Every object is checked by the real API server's schemas (strict fields), not stored."""
@@ -46,8 +34,8 @@ def test_rendered_chart_passes_server_side_validation(control_plane, api, render
             core.create_namespace({"metadata": {"name": ns}})
     objects = [o for o in render(*sets, "crds.install=false") if o["kind"] not in MONITORING]
     text = yaml.safe_dump_all(objects)
-    done = kubectl(
-        control_plane, "apply", "--dry-run=server", "--validate=strict", "-f", "-", stdin=text
+    done = control_plane.run_kubectl(
+        "apply", "--dry-run=server", "--validate=strict", "-f", "-", input=text
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("(server dry run)") == len(objects)
@@ -60,9 +48,9 @@ def test_examples_pass_server_side_validation(control_plane, api, namespace):
         if not ours:
             assert {d["kind"] for d in docs} == {"Application"}, path.name  # Argo CD's CRD
             continue
-        done = kubectl(
-            control_plane, "apply", "-n", namespace, "--dry-run=server", "--validate=strict",
-            "-f", "-", stdin=yaml.safe_dump_all(ours),
+        done = control_plane.run_kubectl(
+            "apply", "-n", namespace, "--dry-run=server", "--validate=strict",
+            "-f", "-", input=yaml.safe_dump_all(ours),
         )  # fmt: skip
         assert done.returncode == 0, f"{path.name}: {done.stderr}"
 
@@ -169,7 +157,7 @@ def test_helm_install_then_the_operator_works_as_the_charts_service_account(
     )
     kind_dir = CUSTOMIZATIONS / "gptq.dev" / "QuantizationJob"
     assert health(kind_dir, json.loads(json.dumps(live)))["status"] in ("Progressing", "Degraded")
-    listing = kubectl(control_plane, "get", "jobs", "-n", namespace, "-o", "wide")
+    listing = control_plane.run_kubectl("get", "jobs", "-n", namespace, "-o", "wide")
     print(f"$ kubectl get jobs -n {namespace} -o wide\n{listing.stdout}")
 
 
@@ -202,7 +190,7 @@ def test_charts_service_account_may_do_what_it_needs_and_nothing_more(
 
     def can(verb: str, resource: str, namespaced: bool) -> bool:
         where = ["-n", namespace] if namespaced else []
-        done = kubectl(control_plane, "auth", "can-i", verb, resource, "--as", subject, *where)
+        done = control_plane.run_kubectl("auth", "can-i", verb, resource, "--as", subject, *where)
         return done.stdout.strip() == "yes"
 
     assert [r for r in ALLOWED if not can(*r)] == []
@@ -239,8 +227,8 @@ def test_watched_namespaces_limit_the_operator_to_them(control_plane, api, helm,
         subject = f"system:serviceaccount:{ns}:scoped-gptq-operator"
 
         def can(verb, resource, where):
-            out = kubectl(
-                control_plane, "auth", "can-i", verb, resource, "--as", subject, "-n", where
+            out = control_plane.run_kubectl(
+                "auth", "can-i", verb, resource, "--as", subject, "-n", where
             )
             return out.stdout.strip() == "yes"
 
