@@ -10,20 +10,18 @@ ARG DEBIAN_RELEASE=bookworm
 ARG VERSION=0.1.0
 
 # ---- build stages: full Python image (compilers, headers); nothing of them ships --------
-FROM python:${PYTHON_VERSION}-${DEBIAN_RELEASE} AS build-operator
+FROM python:${PYTHON_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY worker/ worker/
 COPY operator/ operator/
+
+FROM build AS build-operator
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir ".[operator]" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools
 
-FROM python:${PYTHON_VERSION}-${DEBIAN_RELEASE} AS build-worker
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY worker/ worker/
-COPY operator/ operator/
+FROM build AS build-worker
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir ".[worker]" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools
