@@ -13,6 +13,7 @@ ARG VERSION=0.1.0
 FROM python:${PYTHON_VERSION}-${DEBIAN_RELEASE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY compat/ compat/
 COPY worker/ worker/
 COPY operator/ operator/
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
-from gptq_worker.demo import build_demo_model
-from gptq_worker.evaluate import evaluate
-from gptq_worker.run import quantize
+from gptq_compat.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_worker.demo.models import build_demo_model
+from gptq_worker.eval.perplexity import evaluate
+from gptq_worker.pipeline.run import quantize
 
 VARIANTS = [  # name, settings
     ("rtn w4 g128", {"bits": 4, "group_size": 128, "method": "rtn"}),

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from speed import SHAPES, random_model
 
-from gptq_worker.checkpoint import QuantLinear, load_quantized_model
-from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
-from gptq_worker.demo import stdlib_text, train_tokenizer
-from gptq_worker.generate import Chunk, Engine, Request, Sampling
-from gptq_worker.run import quantize
+from gptq_compat.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_worker.demo.models import stdlib_text, train_tokenizer
+from gptq_worker.pipeline.run import quantize
+from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling
+from gptq_worker.serve.model import QuantLinear, load_quantized_model
 
 
 def gpu_bytes() -> int:

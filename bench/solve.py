@@ -14,7 +14,7 @@ from functools import partial
 
 import torch
 
-from gptq_worker.gptq import gptq_quantize
+from gptq_worker.quant.gptq import gptq_quantize
 
 SHAPES = {  # (rows, columns) of the matrices one solve sees, Llama-3-8B
     "qkv": (6144, 4096),
@@ -40,7 +40,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--torch-loop", action="store_true", help="also time the Python loop")
     args = p.parse_args()
-    from gptq_worker.solve_triton import solve_block_triton
+    from gptq_worker.quant.solve_triton import solve_block_triton
 
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)

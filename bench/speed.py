@@ -17,8 +17,8 @@ from types import SimpleNamespace
 
 import torch
 
-from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
-from gptq_worker.run import quantize_model
+from gptq_compat.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_worker.pipeline.run import quantize_model
 
 SHAPES = {  # transformers LlamaConfig fields of the public models
     "llama-3.2-1b": dict(

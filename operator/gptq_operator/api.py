@@ -15,8 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from gptq_worker.config import CalibrationConfig, QuantizeConfig
-from gptq_worker.kernels import KERNELS
+from gptq_compat.config import CalibrationConfig, QuantizeConfig
 
 GROUP = "gptq.dev"
 VERSION = "v1alpha1"
@@ -24,7 +23,6 @@ VERSION = "v1alpha1"
 # hf://org/name[@revision], s3://bucket/prefix, pvc://claim/path
 MODEL_URI = r"^(hf://[^/@\s]+/[^@\s]+(@\S+)?|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?)$"
 OUTPUT_URI = r"^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/\S*)?|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|hf://[^/@\s]+/[^@\s]+)$"
-KERNEL_NAMES = tuple(k.name for k in KERNELS)
 
 
 def _rules(*rules: tuple[str, str]) -> dict:
@@ -94,19 +92,34 @@ class Toleration(_Model):
 
 
 class Scheduling(_Model):
-    """Which nodes may run the worker: by the serving kernel the result is for, or by SM."""
+    """Which nodes may run the pod: by the serving engine the result is for, or by SM.
+
+    Engine and kernel names are not part of the schema: which GPUs an engine's kernels run
+    on depends on the engine's version, so the operator checks them at reconcile against
+    the serving rules it ships (docs/serving-compatibility.md).
+    """
 
     model_config = ConfigDict(
         json_schema_extra=_rules(
             (
-                "!(has(self.targetKernel) && has(self.minComputeCapability))",
-                "set targetKernel or minComputeCapability, not both",
+                "[has(self.servingBackend), has(self.targetKernel), "
+                "has(self.minComputeCapability)].filter(x, x).size() <= 1",
+                "set at most one of servingBackend, targetKernel and minComputeCapability",
             ),
         )
     )
 
-    target_kernel: Literal[KERNEL_NAMES] | None = Field(  # type: ignore[valid-type]
-        None, description="schedule on nodes whose GPUs can run this serving kernel"
+    serving_backend: Literal["vllm", "lmdeploy", "builtin"] | None = Field(
+        None,
+        description="schedule on nodes whose GPUs some kernel of this serving engine supports",
+    )
+    target_kernel: (
+        Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]*/[a-z][a-z0-9_-]*$", max_length=63)] | None
+    ) = Field(
+        None,
+        description="schedule on nodes whose GPUs can run this serving kernel, written "
+        "'backend/kernel' (e.g. 'vllm/gptq_marlin'); checked at reconcile against the "
+        "serving rules the operator ships",
     )
     min_compute_capability: Annotated[str, Field(pattern=r"^[1-9][0-9]?\.[0-9]$")] | None = Field(
         None, description="explicit minimum SM, e.g. '8.0'"

@@ -17,6 +17,7 @@ from kubernetes import client, config
 from gptq_operator import metrics, models, quantization
 from gptq_operator.api import GROUP, VERSION
 from gptq_operator.settings import OperatorSettings
+from gptq_operator.status import Outcome
 
 _state: dict[str, Any] = {}
 
@@ -63,7 +64,7 @@ def apiserver_reachable(**_: Any) -> str:
     return client.VersionApi(_api()).get_code().git_version
 
 
-def _apply(outcome: quantization.Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
+def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
     for key, value in outcome.status.items():
         patch.status[key] = value
     for type_, reason, message in outcome.events:

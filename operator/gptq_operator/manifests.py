@@ -12,10 +12,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from gptq_compat.config import EvaluationConfig, WorkerConfig
 from gptq_operator.api import GROUP, VERSION, QuantizationJobSpec
-from gptq_operator.scheduling import SM, kernel_named, parse_sm, sm_node_selector_terms
+from gptq_operator.scheduling import (
+    SM,
+    backend_sm_range,
+    kernel_named,
+    parse_sm,
+    sm_node_selector_terms,
+)
 from gptq_operator.settings import OperatorSettings
-from gptq_worker.config import EvaluationConfig, WorkerConfig
 
 CONFIG_DIR = "/etc/gptq"
 PVC_ROOT = "/mnt/pvc"
@@ -69,12 +75,16 @@ def labels(owner: Owner, attempt: int | None = None) -> dict[str, str]:
 
 
 def sm_range(spec: QuantizationJobSpec) -> tuple[SM | None, SM | None]:
-    """The SM range the worker's node must have: from the target kernel or explicit SM."""
-    if spec.scheduling.min_compute_capability:
-        return parse_sm(spec.scheduling.min_compute_capability), None
-    if spec.scheduling.target_kernel:
-        kernel = kernel_named(spec.scheduling.target_kernel)
+    """The SM range the worker's node must have: from the serving backend, the target kernel
+    or an explicit SM. Raises UnknownKernel for a kernel the serving rules do not know."""
+    scheduling = spec.scheduling
+    if scheduling.min_compute_capability:
+        return parse_sm(scheduling.min_compute_capability), None
+    if scheduling.target_kernel:
+        kernel = kernel_named(scheduling.target_kernel)
         return kernel.min_sm, kernel.max_sm
+    if scheduling.serving_backend:
+        return backend_sm_range(scheduling.serving_backend)
     return None, None
 
 

@@ -15,7 +15,6 @@ from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
 from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import Owner
-from gptq_operator.quantization import Outcome, read_owner, set_condition, stalled
 from gptq_operator.scheduling import kernel_named, node_sm, sm_in_range
 from gptq_operator.serving import (
     Choice,
@@ -28,6 +27,7 @@ from gptq_operator.serving import (
     tensor_parallel,
 )
 from gptq_operator.settings import OperatorSettings
+from gptq_operator.status import Outcome, read_owner, set_condition, stalled
 
 PLURAL = "quantizedmodels"
 DEFAULT_KERNEL = {

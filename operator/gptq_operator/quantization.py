@@ -11,14 +11,12 @@ Division of labour (documented in the README):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from gptq_operator.api import GROUP, VERSION, QualityGate, QuantizationJobSpec
+from gptq_operator.api import GROUP, VERSION, QuantizationJobSpec
 from gptq_operator.manifests import (
     Owner,
     UnsupportedSource,
@@ -27,62 +25,12 @@ from gptq_operator.manifests import (
     worker_job,
     worker_rbac,
 )
-from gptq_operator.scheduling import describe_requirement, judge_nodes
+from gptq_operator.quality_gate import REMEDIATIONS, gate_verdict, spec_for_attempt
+from gptq_operator.scheduling import UnknownKernel, describe_requirement, judge_nodes
 from gptq_operator.settings import OperatorSettings
+from gptq_operator.status import Outcome, now, read_owner, set_condition, stalled
 
 PLURAL = "quantizationjobs"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def set_condition(
-    conditions: list[dict] | None,
-    type_: str,
-    status: str,
-    reason: str,
-    message: str,
-    generation: int | None,
-) -> list[dict]:
-    """Conditions with ``type_`` set; lastTransitionTime changes only when status does."""
-    out = [dict(c) for c in conditions or []]
-    for c in out:
-        if c["type"] == type_:
-            if c["status"] != status:
-                c["lastTransitionTime"] = now()
-            c.update(status=status, reason=reason, message=message, observedGeneration=generation)
-            return out
-    out.append(
-        {
-            "type": type_,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": now(),
-            "observedGeneration": generation,
-        }
-    )
-    return out
-
-
-def stalled(
-    conditions: list[dict] | None, reason: str, message: str, generation: int | None
-) -> list[dict]:
-    """Ready False and Stalled True, both for ``reason``: a spec or result that will not
-    work without a change."""
-    conditions = set_condition(conditions, "Ready", "False", reason, message, generation)
-    return set_condition(conditions, "Stalled", "True", reason, message, generation)
-
-
-@dataclass
-class Outcome:
-    """What a reconcile decided: a status patch, and events to post."""
-
-    status: dict[str, Any]
-    events: list[tuple[str, str, str]]  # (type Normal|Warning, reason, message)
-    retry_after: float | None = None  # "not yet": try again later
-    permanent: str | None = None  # a spec that can never work
 
 
 def _create(api: client.ApiClient, obj: dict) -> bool:
@@ -128,17 +76,18 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
     try:
         job = worker_job(owner, spec, settings, attempt)
         cm = config_map(owner, spec, attempt)
-    except UnsupportedSource as err:
-        conditions = stalled(conditions, "UnsupportedSource", str(err), generation)
+        min_sm, max_sm = sm_range(spec)
+    except (UnsupportedSource, UnknownKernel) as err:
+        reason = type(err).__name__
+        conditions = stalled(conditions, reason, str(err), generation)
         return Outcome(
             {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
-            [("Warning", "UnsupportedSource", str(err))],
+            [("Warning", reason, str(err))],
             permanent=str(err),
         )
 
     existing = _read_job(api, owner.namespace, job["metadata"]["name"])
     if existing is None:
-        min_sm, max_sm = sm_range(spec)
         nodes = client.CoreV1Api(api).list_node().to_dict()["items"]
         nodes = [_node_as_manifest(n) for n in nodes]
         tolerations = job["spec"]["template"]["spec"]["tolerations"]
@@ -234,66 +183,6 @@ def _node_as_manifest(node: dict) -> dict:
 def _read_job(api: client.ApiClient, namespace: str, name: str) -> dict | None:
     try:
         return client.BatchV1Api(api).read_namespaced_job(name, namespace).to_dict()
-    except ApiException as err:
-        if err.status == 404:
-            return None
-        raise
-
-
-REMEDIATIONS = {
-    "descAct": ("act-order (descAct)", lambda q: q.model_copy(update={"desc_act": True})),
-    "smallerGroup": (
-        "halved group size",
-        lambda q: q.model_copy(
-            update={"group_size": max(32, q.group_size // 2) if q.group_size > 0 else 128}
-        ),
-    ),
-    "eightBit": ("8-bit", lambda q: q.model_copy(update={"bits": 8})),
-}
-
-
-def spec_for_attempt(spec: QuantizationJobSpec, status: dict, attempt: int) -> QuantizationJobSpec:
-    """The spec with the remediation steps of attempts 2..attempt applied, in order."""
-    ladder = (spec.quality_gate.remediation if spec.quality_gate else None) or []
-    quantization = spec.quantization
-    for step in ladder[: attempt - 1]:
-        quantization = REMEDIATIONS[step][1](quantization)
-    return spec.model_copy(update={"quantization": quantization})
-
-
-def gate_verdict(
-    gate: QualityGate | None, before: float | None, after: float | None
-) -> tuple[bool, str]:
-    if gate is None:
-        return True, "no quality gate"
-    if before is None or after is None:
-        return False, "the worker reported no perplexity to check the quality gate with"
-    increase = after - before
-    if gate.max_perplexity_increase is not None and increase > gate.max_perplexity_increase:
-        return False, (
-            f"perplexity rose {increase:.4f} ({before:.4f} -> {after:.4f}), more than "
-            f"maxPerplexityIncrease {gate.max_perplexity_increase}"
-        )
-    percent = 100 * increase / before if before else float("inf")
-    if (
-        gate.max_perplexity_increase_percent is not None
-        and percent > gate.max_perplexity_increase_percent
-    ):
-        return False, (
-            f"perplexity rose {percent:.2f}% ({before:.4f} -> {after:.4f}), more "
-            f"than maxPerplexityIncreasePercent {gate.max_perplexity_increase_percent}"
-        )
-    return True, f"perplexity {before:.4f} -> {after:.4f} is within the gate"
-
-
-def read_owner(api: client.ApiClient, plural: str, namespace: str, name: str | None) -> dict | None:
-    """The gptq.dev object a child belongs to, or None when it is gone (or unnamed)."""
-    if not name:
-        return None
-    try:
-        return client.CustomObjectsApi(api).get_namespaced_custom_object(
-            GROUP, VERSION, namespace, plural, name
-        )
     except ApiException as err:
         if err.status == 404:
             return None

@@ -1,7 +1,7 @@
 """Which nodes can run a pod that needs a GPU of some compute capability ("SM").
 
 Node affinity compares label values as integers with ``Gt``/``Lt`` only, so "SM >= 8.9"
-becomes two ORed terms: major > 8, or major = 8 and minor > 8 (DESIGN.md section 4).
+becomes two ORed terms: major > 8, or major = 8 and minor > 8 (docs/operations.md, "GPU nodes").
 A range (TurboMind: 7.0 to 8.9) is the product of the lower and upper terms.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptq_compat.kernels import KERNELS, Kernel
 from gptq_operator.settings import LabelKeys
-from gptq_worker.kernels import KERNELS, Kernel
 
 SM = tuple[int, int]
 
@@ -20,11 +20,26 @@ def parse_sm(text: str) -> SM:
     return int(major), int(minor or 0)
 
 
+class UnknownKernel(ValueError):
+    """A kernel name that the serving rules do not know."""
+
+
 def kernel_named(name: str) -> Kernel:
     for kernel in KERNELS:
         if kernel.name == name:
             return kernel
-    raise KeyError(name)
+    known = ", ".join(k.name for k in KERNELS)
+    raise UnknownKernel(f"kernel {name!r} is not in the serving rules; known kernels: {known}")
+
+
+def backend_sm_range(backend: str) -> tuple[SM | None, SM | None]:
+    """The widest SM range that some kernel of ``backend`` runs on."""
+    kernels = [k for k in KERNELS if k.backend == backend]
+    if any(k.min_sm is None for k in kernels):
+        return None, None
+    lowest = min(k.min_sm for k in kernels)
+    highest = None if any(k.max_sm is None for k in kernels) else max(k.max_sm for k in kernels)
+    return lowest, highest
 
 
 def _expr(key: str, operator: str, value: int) -> dict:

@@ -1,4 +1,4 @@
-"""Serving a checkpoint: pick backend and kernel (DESIGN.md section 7), build Deployment+Service.
+"""Serving a checkpoint: pick backend and kernel (docs/serving-compatibility.md), build Deployment+Service.
 
 Pure functions; ``models.py`` applies them. The kernel choice starts from what the worker's
 validator found loadable for the real tensors (``status.result.kernels`` of the
@@ -12,12 +12,12 @@ import json
 import math
 from dataclasses import dataclass
 
+from gptq_compat.config import CheckpointFormat, ModuleSettings
+from gptq_compat.kernels import QuantizedModule, serving_kernels
 from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import PVC_ROOT, SCRATCH, Owner, child_name
 from gptq_operator.scheduling import SM, kernel_named, sm_in_range, sm_node_selector_terms
 from gptq_operator.settings import OperatorSettings
-from gptq_worker.config import CheckpointFormat, ModuleSettings
-from gptq_worker.kernels import QuantizedModule, serving_kernels
 
 # Preference when the backend is "auto": fastest kernels first.
 PREFERENCE = (
@@ -44,7 +44,7 @@ class Choice:
 
 
 def why_not(kernel: str, fmt: CheckpointSummary) -> list[str]:
-    """The rules of DESIGN.md section 7 that ``fmt`` breaks for ``kernel`` (shapes aside)."""
+    """The serving rules that ``fmt`` breaks for ``kernel`` (shapes aside)."""
     settings = ModuleSettings(
         bits=fmt.bits, group_size=fmt.group_size, sym=fmt.sym, desc_act=fmt.desc_act
     )

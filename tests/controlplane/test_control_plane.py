@@ -115,7 +115,7 @@ def test_scheduler_binds_by_compute_capability(api, namespace):
 
 
 def test_sm_89_and_above_is_two_ored_terms(api, namespace):
-    """SM >= 8.9 as DESIGN.md writes it: major > 8, or major 8 and minor > 8."""
+    """SM >= 8.9 as docs/operations.md writes it: major > 8, or major 8 and minor > 8."""
     batch = client.BatchV1Api(api)
     terms = [
         {

@@ -97,14 +97,24 @@ INVALID_JOBS = [
     (
         "kernel and SM both",
         {"scheduling": {"targetKernel": "vllm/machete", "minComputeCapability": "9.0"}},
-        "set targetKernel or minComputeCapability, not both",
+        "set at most one of servingBackend, targetKernel and minComputeCapability",
+    ),
+    (
+        "backend and SM both",
+        {"scheduling": {"servingBackend": "vllm", "minComputeCapability": "9.0"}},
+        "set at most one of servingBackend, targetKernel and minComputeCapability",
     ),
     (
         "SM in words",
         {"scheduling__minComputeCapability": "eight"},
         "spec.scheduling.minComputeCapability",
     ),
-    ("unknown kernel", {"scheduling__targetKernel": "tensorrt"}, 'Unsupported value: "tensorrt"'),
+    ("kernel without backend", {"scheduling__targetKernel": "tensorrt"}, "should match"),
+    (
+        "unknown backend",
+        {"scheduling__servingBackend": "tensorrt"},
+        'Unsupported value: "tensorrt"',
+    ),
     (
         "gate without threshold",
         {"qualityGate": {"remediation": ["descAct"]}},

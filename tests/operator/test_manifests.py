@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from gptq_compat.config import WorkerConfig
 from gptq_operator.api import QualityGate, QuantizationJobSpec
 from gptq_operator.manifests import (
     Owner,
@@ -15,10 +16,10 @@ from gptq_operator.manifests import (
     worker_job,
     worker_rbac,
 )
-from gptq_operator.quantization import gate_verdict, set_condition, spec_for_attempt
+from gptq_operator.quality_gate import gate_verdict, spec_for_attempt
 from gptq_operator.scheduling import judge_nodes, sm_node_selector_terms
 from gptq_operator.settings import LabelKeys, OperatorSettings
-from gptq_worker.config import WorkerConfig
+from gptq_operator.status import set_condition
 
 KEYS = LabelKeys()
 ALL_SM = [

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from gptq_worker.report import StatusReporter
+from gptq_worker.progress.kube import StatusReporter
 from tests.controlplane.test_control_plane import wait_for
 from tests.operator.conftest import scrape
 

@@ -1,4 +1,4 @@
-"""Kernel choice (DESIGN.md section 7) and tensor-parallel sizing, as pure functions."""
+"""Kernel choice (docs/serving-compatibility.md) and tensor-parallel sizing, as pure functions."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_builtin_pods_run_a_command_the_worker_accepts():
     from gptq_operator.manifests import Owner
     from gptq_operator.serving import Choice, deployment
     from gptq_operator.settings import OperatorSettings
-    from gptq_worker.cli import _parser
+    from gptq_worker.cli import parser as _parser
 
     spec = QuantizedModelSpec.model_validate(
         {"source": {"uri": "pvc://models/tiny-w4g128"}, "backend": "builtin"}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
-from gptq_worker.demo import stdlib_text, tiny_model, train_tokenizer
+from gptq_compat.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_worker.demo.models import stdlib_text, tiny_model, train_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from gptq_worker.calibration import CalibrationError, calibration_samples, read_documents
+from gptq_worker.pipeline.calibration import CalibrationError, calibration_samples, read_documents
 
 
 def test_every_source_gives_full_windows(tmp_path, tokenizer, corpus):

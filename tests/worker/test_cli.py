@@ -173,3 +173,68 @@ def test_eval_reports_perplexity_for_model_and_checkpoint(
     assert results[0]["perplexity"] != results[1]["perplexity"]
     assert main(["eval", str(src), "--text", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_setting_has_a_flag_that_reaches_the_config():
+    """Flags are made from the settings models: a field added there gets a flag, and each
+    flag sets its own field (checked by giving a non-default value for every one)."""
+    import argparse
+
+    from gptq_compat.config import WorkerConfig
+    from gptq_worker.cli import parser
+    from gptq_worker.cli.flags import SECTIONS, setting_flags, worker_config
+
+    flags = setting_flags()
+    fields = {
+        (section, name)
+        for section, model, _ in SECTIONS
+        for name in model.model_fields
+        if not (section == "" and name in ("quantization", "calibration", "evaluation"))
+    }
+    assert set(flags.values()) == fields
+    assert "--revision" in flags and "--format" in flags and "--calibration" in flags
+
+    values = {
+        "--bits": "3",
+        "--group-size": "64",
+        "--damp-percent": "0.05",
+        "--damp-auto-increment": "0.01",
+        "--mse": "2.4",
+        "--method": "rtn",
+        "--format": "gptq_v2",
+        "--dynamic": '{"-:.*down_proj": {}}',
+        "--calibration": "calib.txt",
+        "--profile": "code",
+        "--nsamples": "7",
+        "--seqlen": "99",
+        "--seed": "5",
+        "--eval-text": "held-out.txt",
+        "--eval-seqlen": "77",
+        "--eval-samples": "3",
+        "--model": "m",
+        "--revision": "v2",
+        "--output": "o",
+        "--device": "cpu",
+        "--dtype": "bfloat16",
+        "--batch-size": "2",
+        "--hessian-precision": "fp32",
+        "--max-shard-size": "1GB",
+        "--progress-file": "p.jsonl",
+    }
+    argv = ["quantize"]
+    for flag, (section, name) in flags.items():
+        if flag in values:
+            argv += [flag, values[flag]]
+        else:  # booleans: the opposite of the default
+            model = dict((s, m) for s, m, _ in SECTIONS)[section]
+            default = model.model_fields[name].default
+            assert isinstance(default, bool), f"{flag} needs a test value"
+            argv.append(flag if not default else "--no-" + flag.removeprefix("--"))
+    args = parser().parse_args(argv)
+    cfg = worker_config(args)
+    assert isinstance(args, argparse.Namespace) and isinstance(cfg, WorkerConfig)
+    default = WorkerConfig(model="x", output="y", evaluation={"text": "t"})
+    for flag, (section, name) in flags.items():
+        got = getattr(getattr(cfg, section) if section else cfg, name)
+        was = getattr(getattr(default, section) if section else default, name)
+        assert got != was, f"{flag} did not change {section or 'top'}.{name}"

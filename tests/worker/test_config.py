@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gptq_worker.config import CalibrationConfig, QuantizeConfig, WorkerConfig
+from gptq_compat.config import CalibrationConfig, QuantizeConfig, WorkerConfig
 
 
 def test_defaults_are_the_common_recipe():

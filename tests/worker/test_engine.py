@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptq_worker.checkpoint import load_quantized_model, load_tensors, write_checkpoint
-from gptq_worker.run import load_model, quantize, quantize_model
-from gptq_worker.validate import validate_checkpoint
+from gptq_worker.format.checkpoint import load_tensors, write_checkpoint
+from gptq_worker.format.validate import validate_checkpoint
+from gptq_worker.pipeline.run import load_model, quantize, quantize_model
+from gptq_worker.serve.model import load_quantized_model
 
 from .conftest import sample_ids, worker_config
 
@@ -163,8 +164,8 @@ def test_cli_run_writes_complete_sharded_checkpoint(model_dir, tmp_path, calibra
 def test_replaying_captured_inputs_reproduces_hidden_states(arch, model_dir, tokenizer):
     """Each layer must get its own keyword arguments: in Gemma 3, sliding-window and full
     attention layers receive different masks and rotary tables."""
-    from gptq_worker.arch import architecture_for
-    from gptq_worker.engine import _forward, capture_inputs
+    from gptq_worker.pipeline.arch import architecture_for
+    from gptq_worker.pipeline.capture import capture_inputs, forward_layer
 
     layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     kwargs = {"layers": 3}
@@ -179,15 +180,15 @@ def test_replaying_captured_inputs_reproduces_hidden_states(arch, model_dir, tok
     acts = capture_inputs(model, arch_entry, [ids], torch.device("cpu"))
     layers = model.get_submodule(arch_entry.layers)
     for i in range(len(layers) - 1):  # the last entry of hidden_states has the final norm
-        acts.hidden = _forward(layers[i], acts, i)
+        acts.hidden = forward_layer(layers[i], acts, i)
         torch.testing.assert_close(acts.hidden[0], reference[i + 1], rtol=1e-5, atol=1e-5)
 
 
 def test_perplexity_measured_in_the_pass_equals_eval(model_dir, tmp_path, calibration_file):
     """Before/after perplexity from the layer-by-layer pass equals `gptq-worker eval` of the
     source model and of the written checkpoint on the same windows."""
-    from gptq_worker.config import EvaluationConfig
-    from gptq_worker.evaluate import evaluate
+    from gptq_compat.config import EvaluationConfig
+    from gptq_worker.eval.perplexity import evaluate
 
     src, out = model_dir("llama"), tmp_path / "ckpt"
     cfg = worker_config(src, out, calibration_file, bits=3, group_size=32).model_copy(

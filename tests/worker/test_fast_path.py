@@ -23,13 +23,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptq_worker.arch import architecture_for
-from gptq_worker.config import QuantizeConfig
-from gptq_worker.demo import tiny_model
-from gptq_worker.engine import EngineOptions, capture_inputs, plan, quantize_layers
-from gptq_worker.gptq import Hessian, accumulate_hessian, gptq_quantize
-from gptq_worker.progress import Progress
-from gptq_worker.state import WorkState
+from gptq_compat.config import QuantizeConfig
+from gptq_worker.demo.models import tiny_model
+from gptq_worker.pipeline.arch import architecture_for
+from gptq_worker.pipeline.capture import capture_inputs
+from gptq_worker.pipeline.driver import EngineOptions, quantize_layers
+from gptq_worker.pipeline.plan import plan
+from gptq_worker.pipeline.state import WorkState
+from gptq_worker.progress.events import Progress
+from gptq_worker.quant.gptq import Hessian, accumulate_hessian, gptq_quantize
 
 STRAIGHT = EngineOptions(hessian_precision="fp32", solver="torch", fuse=False, profile=False)
 FAST = EngineOptions(profile=False)
@@ -116,7 +118,7 @@ def test_hessian_summed_then_scaled_equals_the_running_rescale():
 TRITON_CHECK = textwrap.dedent(
     """
     import torch
-    from gptq_worker.gptq import gptq_quantize
+    from gptq_worker.quant.gptq import gptq_quantize
 
     cases = [
         (64, 256, 32, False, False, 4, True),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptq_worker.gptq import (
+from gptq_worker.quant.gptq import (
     HessianNotPositiveDefinite,
     accumulate_hessian,
     find_params,

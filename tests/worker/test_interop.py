@@ -14,8 +14,8 @@ import os
 import pytest
 import torch
 
-from gptq_worker.checkpoint import load_quantized_model
-from gptq_worker.run import quantize
+from gptq_worker.pipeline.run import quantize
+from gptq_worker.serve.model import load_quantized_model
 
 from .conftest import sample_ids, worker_config
 

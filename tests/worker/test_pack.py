@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gptq_worker.config import CheckpointFormat
-from gptq_worker.pack import (
+from gptq_compat.config import CheckpointFormat
+from gptq_worker.format.pack import (
     dequantize_packed,
     pack_qweight,
     pack_qzeros,

@@ -12,7 +12,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from gptq_worker.run import quantize, work_dir_for
+from gptq_worker.pipeline.run import quantize, work_dir_for
 
 from .conftest import worker_config
 
@@ -130,7 +130,7 @@ def test_sigkill_mid_run_then_resume(tmp_path, model_dir, calibration_file):
 def test_changed_weights_start_over(tmp_path, model_dir, calibration_file):
     import shutil
 
-    from gptq_worker.demo import tiny_model
+    from gptq_worker.demo.models import tiny_model
 
     src = tmp_path / "model"
     shutil.copytree(model_dir("llama", layers=4), src)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from gptq_worker.checkpoint import QuantLinear, load_quantized_model
-from gptq_worker.generate import Chunk, Engine, Request, Sampling, TextStream
-from gptq_worker.pack import dequantize_packed
-from gptq_worker.run import quantize
+from gptq_worker.format.pack import dequantize_packed
+from gptq_worker.pipeline.run import quantize
+from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling, TextStream
+from gptq_worker.serve.model import QuantLinear, load_quantized_model
 
 from .conftest import worker_config
 

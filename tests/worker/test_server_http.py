@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gptq_worker.checkpoint import load_quantized_model
-from gptq_worker.generate import eos_ids
-from gptq_worker.run import quantize
+from gptq_worker.pipeline.run import quantize
+from gptq_worker.serve.generate import eos_ids
+from gptq_worker.serve.model import load_quantized_model
 
 from .conftest import worker_config
 from .test_serve import dense_copy, greedy

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from gptq_worker.cli import main
-from gptq_worker.run import quantize
+from gptq_worker.pipeline.run import quantize
 
 from .conftest import worker_config
 

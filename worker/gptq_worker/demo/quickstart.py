@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from gptq_worker.config import CalibrationConfig, Method, QuantizeConfig, WorkerConfig
-from gptq_worker.demo import build_demo_model
-from gptq_worker.evaluate import evaluate
-from gptq_worker.kernels import sm_text
-from gptq_worker.run import quantize
-from gptq_worker.validate import validate_checkpoint
+from gptq_compat.config import CalibrationConfig, Method, QuantizeConfig, WorkerConfig
+from gptq_compat.kernels import sm_text
+from gptq_worker.demo.models import build_demo_model
+from gptq_worker.eval.perplexity import evaluate
+from gptq_worker.format.validate import validate_checkpoint
+from gptq_worker.pipeline.run import quantize
 
 
 def run_quickstart(

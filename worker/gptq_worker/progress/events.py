@@ -28,7 +28,7 @@ class Progress:
         self.start = time.monotonic()
         self._replayed_until = self.start
         self._fresh = 0
-        from gptq_worker.report import from_environment
+        from gptq_worker.progress.kube import from_environment
 
         self._reporter = from_environment()
         self._bar = tqdm(

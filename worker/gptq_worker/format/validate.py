@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gptq_worker.checkpoint import QUANT_SUFFIXES, read_quantize_config, shard_files
-from gptq_worker.config import CheckpointFormat, QuantizeConfig
-from gptq_worker.kernels import QuantizedModule, Verdict, serving_kernels
-from gptq_worker.pack import unpack_qzeros, values_per_chunk
+from gptq_compat.config import CheckpointFormat, QuantizeConfig
+from gptq_compat.kernels import QuantizedModule, Verdict, serving_kernels
+from gptq_worker.format.checkpoint import QUANT_SUFFIXES, read_quantize_config, shard_files
+from gptq_worker.format.pack import unpack_qzeros, values_per_chunk
 
 _KEYS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format", "lm_head")
 

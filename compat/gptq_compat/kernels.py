@@ -1,4 +1,4 @@
-"""Which serving kernels can load a GPTQ checkpoint (DESIGN.md section 7), and why not.
+"""Which serving kernels can load a GPTQ checkpoint (docs/serving-compatibility.md), and why not.
 
 Torch-free: the operator uses the same table to pick a backend and the nodes' minimum
 compute capability ("SM"). A checkpoint is described by the settings of each quantized
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gptq_worker.config import CheckpointFormat, ModuleSettings
+from gptq_compat.config import CheckpointFormat, ModuleSettings
 
 
 @dataclass(frozen=True)

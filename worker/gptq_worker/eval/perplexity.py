@@ -88,7 +88,7 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     quantized = path.is_dir() and is_gptq_checkpoint(path)
     if quantized:
-        from gptq_worker.checkpoint import load_quantized_model
+        from gptq_worker.serve.model import load_quantized_model
 
         model = load_quantized_model(
             path, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code

@@ -229,7 +229,7 @@ def gptq_quantize(
     within a block each column's error is spread over the block's later columns; the
     block's accumulated error updates the rest of ``W`` once at the end of the block.
     ``H`` is not modified. ``solver`` picks the block loop: ``torch`` (a Python loop over
-    columns), ``triton`` (one kernel per block, :mod:`gptq_worker.solve_triton`) or
+    columns), ``triton`` (one kernel per block, :mod:`gptq_worker.quant.solve_triton`) or
     ``auto`` (Triton on CUDA when it is installed). Both give the same bits.
     """
     out_features, in_features = W.shape
@@ -359,7 +359,7 @@ def _block_solver(solver: str, W: torch.Tensor):
     if solver == "torch" or (solver == "auto" and W.device.type != "cuda"):
         return solve_block_torch
     try:
-        from gptq_worker.solve_triton import solve_block_triton
+        from gptq_worker.quant.solve_triton import solve_block_triton
     except ImportError:
         if solver == "triton":
             raise

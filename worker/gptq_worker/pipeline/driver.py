@@ -1,8 +1,6 @@
 """The layer-by-layer driver around the GPTQ core (paper, section 4 and Algorithm 1's outer loop).
 
-1. Capture: run the calibration batches through the model with every decoder layer
-   replaced by a recorder, keeping layer 0's hidden states and every keyword argument each
-   layer receives (masks and rotary embeddings can differ per layer type).
+1. Capture (``capture.py``): layer 0's inputs and every argument each layer receives.
 2. Per layer, on the accelerator: for each true-sequential group, run the layer with a
    pre-hook on the group's first module that folds its input into one shared Hessian
    and stops the forward there; quantize the group's modules; then re-run the whole layer
@@ -15,40 +13,33 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-import time
-from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from gptq_worker.arch import (
-    Architecture,
-    features,
-    is_quantizable,
-    set_weight_matrix,
-    weight_matrix,
-)
-from gptq_worker.config import CheckpointFormat, Method, ModuleSettings, QuantizeConfig
-from gptq_worker.gptq import Hessian, QuantizedWeight, gptq_quantize, rtn_quantize
-from gptq_worker.pack import (
+from gptq_compat.config import CheckpointFormat, Method, ModuleSettings, QuantizeConfig
+from gptq_worker.format.pack import (
     dequantize_packed,
     pack_qweight,
     pack_qzeros,
-    values_per_chunk,
 )
-from gptq_worker.progress import Progress
+from gptq_worker.pipeline.arch import (
+    Architecture,
+    features,
+    set_weight_matrix,
+    weight_matrix,
+)
+from gptq_worker.pipeline.capture import Activations, StopForward, forward_layer
+from gptq_worker.pipeline.mover import LayerMover, Phases
+from gptq_worker.pipeline.state import WorkState
+from gptq_worker.progress.events import Progress
+from gptq_worker.quant.gptq import Hessian, QuantizedWeight, gptq_quantize, rtn_quantize
 
 if TYPE_CHECKING:
-    from gptq_worker.evalstream import EvalStreams
-from gptq_worker.state import WorkState
-
-
-class _Stop(Exception):
-    """Raised from a hook once everything needed from a forward pass has been seen."""
+    from gptq_worker.pipeline.eval_stream import EvalStreams
 
 
 @dataclass(frozen=True)
@@ -63,177 +54,6 @@ class EngineOptions:
     solver: str = "auto"  # "torch", "triton", or auto: Triton on CUDA
     fuse: bool = True  # modules that share a Hessian and settings are solved as one matrix
     profile: bool = field(default_factory=lambda: os.environ.get("GPTQ_WORKER_PROFILE") == "1")
-
-
-class Phases:
-    """Seconds per phase of one layer (synchronising the GPU at boundaries when profiling)."""
-
-    def __init__(self, device: torch.device, enabled: bool) -> None:
-        self.enabled = enabled
-        self.cuda = enabled and device.type == "cuda"
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        if not self.enabled:
-            yield
-            return
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds[name] += time.perf_counter() - start
-
-    def take(self) -> dict[str, float]:
-        out = {k: round(v, 4) for k, v in self.seconds.items()}
-        self.seconds.clear()
-        return out
-
-
-class LayerMover:
-    """Moves decoder layers between host and GPU on a side stream, off the main thread.
-
-    While layer ``i`` is computed, layer ``i+1`` is copied in and layer ``i-1`` (with its
-    packed tensors) is copied out and saved. One helper thread keeps these in order; each
-    copy out first waits for an event recorded after the layer's last use on the main
-    stream. On a CPU everything happens in line.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="gptq-mover") if self.cuda else None
-        self._stream = torch.cuda.Stream(device) if self.cuda else None
-        self._pending: list[Future] = []
-
-    def fetch(self, layer: nn.Module) -> Future | None:
-        if not self.cuda:
-            layer.to(self.device)
-            return None
-        return self._submit(self._to_device, layer)
-
-    def ready(self, fetched: Future | None, layer: nn.Module) -> None:
-        """Wait for ``fetch`` and hand the layer's tensors to the main stream."""
-        if fetched is None:
-            return
-        fetched.result()
-        main = torch.cuda.current_stream(self.device)
-        for t in (*layer.parameters(), *layer.buffers()):
-            t.data.record_stream(main)  # freed while main-stream kernels may still read it
-
-    def retire(self, job: Callable[[], None]) -> None:
-        """Run ``job`` (copy a finished layer out, save it) after the main stream's work."""
-        if not self.cuda:
-            job()
-            return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self._submit(self._after, event, job)
-
-    def drain(self) -> None:
-        """Wait for every queued copy and job; re-raise the first failure."""
-        pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]
-        for err in errors:
-            if err is not None:
-                raise err
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-    def _submit(self, fn, *args) -> Future:
-        future = self._pool.submit(fn, *args)
-        self._pending.append(future)
-        return future
-
-    def _to_device(self, layer: nn.Module) -> None:
-        with torch.cuda.stream(self._stream):
-            layer.to(self.device)
-        self._stream.synchronize()
-
-    def _after(self, event: torch.cuda.Event, job: Callable[[], None]) -> None:
-        with torch.cuda.stream(self._stream):
-            self._stream.wait_event(event)
-            job()
-        self._stream.synchronize()
-
-
-@dataclass
-class Activations:
-    hidden: list[torch.Tensor] = field(default_factory=list)  # per batch, [b, seq, hidden]
-    args: list[list[tuple]] = field(default_factory=list)  # per layer, per batch
-    kwargs: list[list[dict[str, Any]]] = field(default_factory=list)  # per layer, per batch
-
-
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer during capture: records its inputs, passes hidden through."""
-
-    def __init__(self, layer: nn.Module, index: int, acts: Activations, last: bool) -> None:
-        super().__init__()
-        object.__setattr__(self, "_wrapped", layer)  # not a submodule: it must not move
-        self._index, self._acts, self._last = index, acts, last
-
-    def __getattr__(self, name: str) -> Any:  # models read e.g. ``decoder_layer.attention_type``
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_wrapped"), name)
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._index == 0:
-            self._acts.hidden.append(hidden_states.detach())
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-        self._acts.args[self._index].append(args)
-        self._acts.kwargs[self._index].append(kwargs)
-        if self._last:
-            raise _Stop
-        return hidden_states
-
-
-@torch.no_grad()
-def capture_inputs(
-    model: nn.Module, arch: Architecture, batches: list[torch.Tensor], device: torch.device
-) -> Activations:
-    layers = model.get_submodule(arch.layers)
-    originals = list(layers)
-    acts = Activations(args=[[] for _ in originals], kwargs=[[] for _ in originals])
-    for i, layer in enumerate(originals):
-        layers[i] = _Recorder(layer, i, acts, last=i == len(originals) - 1)
-    # the forward stops at the last layer: an untied lm_head (1 GB for 8B) need not travel
-    head = model.get_output_embeddings()
-    parent, _, child = arch.lm_head.rpartition(".")
-    untied = head is not None and head.weight is not model.get_input_embeddings().weight
-    if untied:
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
-    try:
-        model.to(device)  # embeddings, rotary tables, norms: the layers are not submodules now
-        for batch in batches:
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
-        if untied:
-            setattr(model.get_submodule(parent) if parent else model, child, head)
-        model.to("cpu")
-    return acts
-
-
-def _layer_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def _forward(layer: nn.Module, acts: Activations, index: int) -> list[torch.Tensor]:
-    return [
-        _layer_output(layer(h, *acts.args[index][b], **acts.kwargs[index][b]))
-        for b, h in enumerate(acts.hidden)
-    ]
 
 
 @torch.no_grad()
@@ -263,13 +83,13 @@ def _collect_hessians(
             with phases("hessian"):
                 hessians[head].add(inputs[0])
             if stop:
-                raise _Stop
+                raise StopForward
 
         handles.append(layer.get_submodule(head).register_forward_pre_hook(hook))
     try:
         with phases("forward+hessian"):
             for b, h in enumerate(acts.hidden):
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopForward):
                     layer(h, *acts.args[index][b], **acts.kwargs[index][b])
     finally:
         for handle in handles:
@@ -367,48 +187,13 @@ def restore_weight(
     set_weight_matrix(module, w)
 
 
-def plan(model: nn.Module, arch: Architecture, cfg: QuantizeConfig) -> dict[str, ModuleSettings]:
-    """Settings of every module that will be quantized, checked against its shape up front."""
-    layers = model.get_submodule(arch.layers)
-    names = [f"{arch.layers}.{i}.{n}" for i in range(len(layers)) for g in arch.groups for n in g]
-    if cfg.lm_head:
-        names.append(arch.lm_head)
-    settings: dict[str, ModuleSettings] = {}
-    for name in names:
-        s = cfg.for_module(name)
-        if s is None:
-            continue
-        module = model.get_submodule(name)
-        if not is_quantizable(module):
-            raise ValueError(f"{name} is {type(module).__name__}, not Linear or Conv1D")
-        in_features, out_features = features(module)
-        if s.group_size != -1 and in_features % s.group_size:
-            divisors = [d for d in (128, 64, 32, 16) if in_features % d == 0]
-            hint = f"use group_size {divisors[0]} or -1" if divisors else "use group_size -1"
-            raise ValueError(
-                f"{name}: in_features {in_features} is not a multiple of group_size "
-                f"{s.group_size}; {hint}, or skip the module with dynamic '-:{name}'"
-            )
-        chunk = values_per_chunk(s.bits)
-        for what, size in (("in_features", in_features), ("out_features", out_features)):
-            if size % chunk:
-                raise ValueError(
-                    f"{name}: {what} {size} is not a multiple of {chunk}, so {s.bits}-bit "
-                    f"values cannot be packed into int32 words; skip it with dynamic '-:{name}'"
-                )
-        settings[name] = s
-    if not settings:
-        raise ValueError("no module is left to quantize: every one is skipped by 'dynamic'")
-    return settings
-
-
 @torch.no_grad()
 def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Thread | None:
     """Compile the Triton solve in the background while calibration inputs are captured."""
     if device.type != "cuda" or options.solver == "torch":
         return None
     try:
-        from gptq_worker.solve_triton import warm_up
+        from gptq_worker.quant.solve_triton import warm_up
     except ImportError:
         return None
 
@@ -510,7 +295,7 @@ def _quantize_layers(
                     del results
                 del hessians
         with phases("forward"):
-            acts.hidden = _forward(layer, acts, i)
+            acts.hidden = forward_layer(layer, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
 

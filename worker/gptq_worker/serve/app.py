@@ -1,226 +1,33 @@
-"""``gptq-worker serve``: an OpenAI-compatible HTTP server for GPTQ checkpoints.
+"""The HTTP application of ``gptq-worker serve``: an OpenAI-compatible API for GPTQ checkpoints.
 
 Endpoints: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (streaming with
 server-sent events), ``/metrics`` (Prometheus), ``/healthz`` (the process is up) and
 ``/readyz`` (the model is loaded and the server is not draining).
 
-The model loads in the background after the port opens, so probes answer at once.
-SIGTERM or SIGINT stops new work (503, ``/readyz`` fails), lets every accepted request
-finish, then exits.
+While draining (set by ``process.py`` on SIGTERM) new work gets 503 and ``/readyz`` fails.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import secrets
-import signal
-import threading
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    Info,
-    generate_latest,
-)
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
 
-from gptq_worker.generate import Chunk, Draining, Engine, QueueFull, Request, Sampling
+from gptq_worker.serve.generate import Chunk, Draining, QueueFull, Request, Sampling
+from gptq_worker.serve.metrics import ServeMetrics
+from gptq_worker.serve.model import Loaded
+from gptq_worker.serve.protocol import ApiError, ChatBody, CompletionBody, GenerationBody
 
 log = logging.getLogger(__name__)
 
-KERNEL = "builtin/torch"
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-
-# -- request bodies --------------------------------------------------------------------
-class _Body(BaseModel):
-    # OpenAI clients send fields we do not use (user, logit_bias, ...): ignore those, but
-    # refuse the ones whose meaning we would silently change (n, logprobs, echo, best_of)
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    ignore_eos: bool = False  # as vLLM: keep decoding past end-of-sequence
-    n: Literal[1] = 1
-    logprobs: Literal[None, False] = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
-
-class CompletionBody(_Body):
-    prompt: str | list[int] | list[str]
-    echo: Literal[False] = False
-    best_of: Literal[None, 1] = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[int] | list[str]) -> str | list[int]:
-        if isinstance(v, list) and v and isinstance(v[0], str):
-            if len(v) != 1:
-                raise ValueError("one prompt per request (send several requests instead)")
-            return v[0]
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt is empty")
-        return v
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]]
-
-    def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"content part of type {part.get('type')!r}: only text is served")
-            parts.append(str(part.get("text", "")))
-        return "".join(parts)
-
-
-class ChatBody(_Body):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.kind, self.extra = status, message, kind, extra
-
-    def response(self) -> web.Response:
-        body = {"error": {"message": self.message, "type": self.kind, **self.extra}}
-        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
-        return web.json_response(body, status=self.status, headers=headers)
-
-
-# -- metrics ---------------------------------------------------------------------------
-class ServeMetrics:
-    def __init__(self) -> None:
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter(
-            "gptq_serve_requests",
-            "HTTP requests answered, by endpoint and status code",
-            ["endpoint", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "gptq_serve_request_duration_seconds",
-            "Time from receiving a request to its last byte",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "gptq_serve_time_to_first_token_seconds",
-            "Time from receiving a generation request to its first generated token",
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
-        self.prompt_tokens = Counter(
-            "gptq_serve_prompt_tokens", "Prompt tokens processed", registry=r
-        )
-        self.generated_tokens = Counter(
-            "gptq_serve_generation_tokens", "Tokens generated", registry=r
-        )
-        self.running = Gauge(
-            "gptq_serve_requests_running", "Requests being generated now", registry=r
-        )
-        self.waiting = Gauge(
-            "gptq_serve_requests_waiting", "Requests queued for the next batch", registry=r
-        )
-        self.weight_bytes = Gauge(
-            "gptq_serve_model_weight_bytes",
-            "Bytes of the quantized layers' weights: as held (packed) and as fp16 would be",
-            ["form"],
-            registry=r,
-        )
-        self.info = Info("gptq_serve_model", "The model being served", registry=r)
-
-
-# -- the model ----------------------------------------------------------------------------
-@dataclass
-class Loaded:
-    engine: Engine
-    tokenizer: Any
-    name: str
-    info: dict[str, str]
-    packed_bytes: int
-    fp16_bytes: int
-    created: int
-
-
-def load(
-    checkpoint: str | Path,
-    name: str,
-    device: str,
-    max_batch: int,
-    max_queue: int,
-    trust_remote_code: bool = False,
-) -> Loaded:
-    import torch
-    from transformers import AutoTokenizer
-
-    from gptq_worker.checkpoint import QuantLinear, load_quantized_model, read_quantize_config
-    from gptq_worker.run import resolve_device
-
-    directory = Path(checkpoint)
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
-    qcfg = read_quantize_config(directory)
-    dev = resolve_device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    model = load_quantized_model(directory, dtype, str(dev), trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    packed = sum(m.packed_bytes() for m in layers)
-    fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
-    info = {
-        "model": name,
-        "bits": str(qcfg.bits),
-        "group_size": str(qcfg.group_size),
-        "desc_act": str(qcfg.desc_act).lower(),
-        "sym": str(qcfg.sym).lower(),
-        "format": qcfg.checkpoint_format.value,
-        "kernel": KERNEL,
-        "device": str(dev),
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    engine = Engine(model, tokenizer, dev, max_batch=max_batch, max_queue=max_queue)
-    return Loaded(engine, tokenizer, name, info, packed, fp16, int(time.time()))
-
-
-# -- the HTTP app ------------------------------------------------------------------------
 class Server:
     def __init__(self, name: str, max_batch: int = 8, max_queue: int = 64) -> None:
         self.name = name
@@ -374,7 +181,7 @@ class Server:
         self,
         request: web.Request,
         m: Loaded,
-        body: _Body,
+        body: GenerationBody,
         ids: list[int],
         max_tokens: int,
         chat: bool,
@@ -536,104 +343,3 @@ class Server:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
-
-
-# -- running it ----------------------------------------------------------------------------
-async def _run(
-    checkpoint: str,
-    name: str,
-    host: str,
-    port: int,
-    device: str,
-    max_batch: int,
-    max_queue: int,
-    grace: float,
-    trust_remote_code: bool,
-    ready: threading.Event | None,
-) -> int:
-    server = Server(name, max_batch, max_queue)
-    runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound = runner.addresses[0]
-    print(
-        f"gptq-worker serve: listening on http://{bound[0]}:{bound[1]} (model {name!r} loading)",
-        flush=True,
-    )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, stop.set)  # only the main thread can
-    code = 0
-    loading = loop.run_in_executor(
-        None, load, checkpoint, name, device, max_batch, max_queue, trust_remote_code
-    )
-    done, _ = await asyncio.wait(
-        {loading, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
-    )
-    if loading in done:
-        try:
-            server.attach(loading.result())
-            m = server.model
-            i = m.info
-            print(
-                f"gptq-worker serve: ready: {name} ({i['bits']}-bit, group {i['group_size']}, "
-                f"{i['kernel']} on {i['device']}); quantized weights "
-                f"{m.packed_bytes / 2**20:.2f} MiB packed, {m.fp16_bytes / 2**20:.2f} MiB in fp16",
-                flush=True,
-            )
-            if ready is not None:
-                ready.set()
-            await stop.wait()
-        except Exception as err:
-            server.load_error = f"{type(err).__name__}: {err}"
-            print(f"error: cannot serve {checkpoint}: {err}", flush=True)
-            code = 2
-    # graceful shutdown: refuse new work, finish what was accepted, then close
-    server.draining = True
-    if server.model is not None:
-        drained = await loop.run_in_executor(None, server.model.engine.drain, grace)
-        try:
-            await asyncio.wait_for(server.idle.wait(), timeout=max(1.0, grace))
-        except asyncio.TimeoutError:
-            drained = False
-        if not drained:
-            print(
-                "gptq-worker serve: grace period over; closing with requests unfinished", flush=True
-            )
-        server.model.engine.stop()
-    await runner.cleanup()
-    print("gptq-worker serve: stopped", flush=True)
-    return code
-
-
-def serve(
-    checkpoint: str,
-    name: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    device: str = "auto",
-    max_batch: int = 8,
-    max_queue: int = 64,
-    grace: float = 30.0,
-    trust_remote_code: bool = False,
-    ready: threading.Event | None = None,
-) -> int:
-    """Serve ``checkpoint`` until SIGTERM/SIGINT; returns the process exit code."""
-    name = name or Path(checkpoint).resolve().name
-    return asyncio.run(
-        _run(
-            checkpoint,
-            name,
-            host,
-            port,
-            device,
-            max_batch,
-            max_queue,
-            grace,
-            trust_remote_code,
-            ready,
-        )
-    )

@@ -62,7 +62,7 @@ def architecture_for(model: nn.Module) -> Architecture:
         raise UnsupportedModel(
             f"model_type {model_type!r} is not supported; supported: "
             f"{', '.join(sorted(ARCHITECTURES))}. Add its decoder-layer path and "
-            f"true-sequential groups to ARCHITECTURES in gptq_worker/arch.py"
+            f"true-sequential groups to ARCHITECTURES in gptq_worker/pipeline/arch.py"
         )
     try:
         layers = model.get_submodule(arch.layers)
@@ -78,7 +78,7 @@ def architecture_for(model: nn.Module) -> Architecture:
         except AttributeError as err:
             raise UnsupportedModel(
                 f"{model_type} decoder layer has no module {name!r}; the model does not have "
-                f"the structure gptq_worker/arch.py expects"
+                f"the structure gptq_worker/pipeline/arch.py expects"
             ) from err
         if not is_quantizable(module):
             raise UnsupportedModel(

@@ -20,42 +20,22 @@ from typing import NamedTuple
 
 import torch
 
-from gptq_worker.arch import architecture_for
-from gptq_worker.calibration import batches, calibration_samples, fingerprint
-from gptq_worker.checkpoint import write_checkpoint
-from gptq_worker.config import WorkerConfig
-from gptq_worker.engine import (
-    EngineOptions,
-    capture_inputs,
-    plan,
-    quantize_layers,
-    warm_up_solver,
-)
-from gptq_worker.progress import Progress
-from gptq_worker.state import WorkState
+from gptq_compat.config import WorkerConfig
+from gptq_worker.device import resolve_device, resolve_dtype
+from gptq_worker.format.checkpoint import write_checkpoint
+from gptq_worker.pipeline.arch import architecture_for
+from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
+from gptq_worker.pipeline.capture import capture_inputs
+from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver
+from gptq_worker.pipeline.plan import plan
+from gptq_worker.pipeline.state import WorkState
+from gptq_worker.progress.events import Progress
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class RunError(RuntimeError):
     """A problem with the run's inputs or environment, reported to the user as is."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"device {name!r} was asked for but no CUDA device is available")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def work_dir_for(output: Path) -> Path:
@@ -172,7 +152,7 @@ def quantize(
             cfg.max_shard_size,
             meta={"perplexity": perplexity} if perplexity else None,
         )
-        from gptq_worker.validate import validate_checkpoint
+        from gptq_worker.format.validate import validate_checkpoint
 
         report = validate_checkpoint(staging)
         if report.errors:
@@ -242,8 +222,8 @@ def quantize_model(
     try:
         evaluation = None
         if cfg.evaluation is not None:
-            from gptq_worker.evalstream import EvalStreams
-            from gptq_worker.evaluate import text_ids, windows
+            from gptq_worker.eval.perplexity import text_ids, windows
+            from gptq_worker.pipeline.eval_stream import EvalStreams
 
             ids = text_ids(cfg.evaluation.text, tokenizer)
             evaluation = EvalStreams.capture(

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from gptq_worker.arch import Architecture
-from gptq_worker.engine import Activations, _forward, capture_inputs
-from gptq_worker.evaluate import window_nll
+from gptq_worker.eval.perplexity import window_nll
+from gptq_worker.pipeline.arch import Architecture
+from gptq_worker.pipeline.capture import Activations, capture_inputs, forward_layer
 
 
 @dataclass
@@ -37,10 +37,10 @@ class EvalStreams:
         return cls(batches, before, after)
 
     def before_layer(self, layer: nn.Module, index: int) -> None:
-        self.before.hidden = _forward(layer, self.before, index)
+        self.before.hidden = forward_layer(layer, self.before, index)
 
     def after_layer(self, layer: nn.Module, index: int) -> None:
-        self.after.hidden = _forward(layer, self.after, index)
+        self.after.hidden = forward_layer(layer, self.after, index)
 
     @torch.no_grad()
     def perplexity(

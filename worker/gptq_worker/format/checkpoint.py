@@ -1,6 +1,6 @@
-"""GPTQ checkpoints: write (sharded safetensors + configs) and read back into a torch model.
+"""GPTQ checkpoints on disk: write sharded safetensors and configs, read them back.
 
-Layout per quantized module ``name`` (DESIGN.md section 6): ``name.qweight`` int32
+Layout per quantized module ``name`` (docs/checkpoint-format.md): ``name.qweight`` int32
 ``[in*bits/32, out]``, ``name.qzeros`` int32 ``[groups, out*bits/32]``, ``name.scales`` fp16
 ``[groups, out]``, ``name.g_idx`` int32 ``[in]``, ``name.bias`` fp16 when present.
 """
@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from gptq_compat.config import OVERRIDABLE, QuantizeConfig
 from gptq_worker import __version__
-from gptq_worker.config import OVERRIDABLE, CheckpointFormat, QuantizeConfig
-from gptq_worker.pack import unpack_qzeros, unpack_rows
 
 QUANTIZER = f"gptq-operator:{__version__}"
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -201,126 +199,3 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
             for key in fh.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 tensors[key] = fh.get_tensor(key)
     return tensors
-
-
-class QuantLinear(nn.Module):
-    """A Linear whose weight stays packed in memory and is dequantized in each forward.
-
-    The portable torch path: correct on any device, not fast. ``qweight`` stays packed
-    (``bits/16`` of the fp16 weight); zero points are kept unpacked, one small
-    ``[groups, out]`` tensor in the scales' dtype, so each forward only unpacks codes.
-    """
-
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        qzeros: torch.Tensor,
-        scales: torch.Tensor,
-        g_idx: torch.Tensor,
-        bias: torch.Tensor | None,
-        bits: int,
-        fmt: CheckpointFormat,
-    ) -> None:
-        super().__init__()
-        self.bits, self.fmt = bits, fmt
-        self.in_features, self.out_features = g_idx.shape[0], scales.shape[1]
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("qzeros", qzeros)
-        self.register_buffer("scales", scales)
-        self.register_buffer("g_idx", g_idx)
-        self.register_buffer("bias", bias)
-        zeros = unpack_qzeros(qzeros, bits, self.out_features, fmt)
-        self.register_buffer("zeros", zeros.to(scales.dtype), persistent=False)
-        pf = 32 // bits if 32 % bits == 0 else 0
-        shifts = torch.arange(pf, dtype=torch.int32) * bits if pf else torch.zeros(0)
-        self.register_buffer("shifts", shifts.view(1, -1, 1), persistent=False)
-
-    def codes(self) -> torch.Tensor:
-        """``[in, out]`` integer codes, unpacked from ``qweight``."""
-        if self.shifts.numel() == 0:  # 3-bit: values straddle words
-            return unpack_rows(self.qweight, self.bits, self.in_features)
-        words = self.qweight.unsqueeze(1)  # [in/pf, 1, out]
-        values = torch.bitwise_right_shift(words, self.shifts) & (2**self.bits - 1)
-        return values.reshape(self.in_features, self.out_features)
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``[out, in]`` weight: ``scale[g] * (code - zero[g])``, computed in ``dtype``."""
-        g = self.g_idx.long()
-        w = (self.codes().to(dtype) - self.zeros.to(dtype)[g]) * self.scales.to(dtype)[g]
-        return w.t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        # fp16 * fp16 rounds exactly like the fp32 product cast to fp16; bf16 would not
-        exact = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
-        return F.linear(x, self.dequantized_weight(exact).to(x.dtype), bias)
-
-    def packed_bytes(self) -> int:
-        """Bytes this module keeps for its weight (packed codes, scales, zeros, g_idx)."""
-        tensors = (self.qweight, self.scales, self.zeros, self.g_idx)
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def load_quantized_model(
-    directory: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """Rebuild a causal LM from a GPTQ checkpoint with :class:`QuantLinear` modules."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    directory = Path(directory)
-    qcfg = read_quantize_config(directory)
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # we build the quantized modules ourselves
-    with _no_init():  # the dense weights are replaced at once: never fill them
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    tensors = load_tensors(directory)
-    prefixes = [k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")]
-    for prefix in prefixes:
-        settings = qcfg.for_module(prefix)
-        if settings is None:
-            raise ValueError(f"{prefix} is packed but 'dynamic' says it is not quantized")
-        parent, _, child = prefix.rpartition(".")
-        module = QuantLinear(
-            *(tensors.pop(f"{prefix}.{s}") for s in QUANT_SUFFIXES),
-            bias=tensors.pop(f"{prefix}.bias", None),
-            bits=settings.bits,
-            fmt=qcfg.checkpoint_format,
-        )
-        setattr(model.get_submodule(parent) if parent else model, child, module)
-    result = model.load_state_dict(tensors, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"checkpoint has tensors the model does not: {result.unexpected_keys}")
-    model.tie_weights()
-    packed_buffers = {f"{p}.{s}" for p in prefixes for s in (*QUANT_SUFFIXES, "bias")}
-    still_missing = [
-        k for k in result.missing_keys if k not in packed_buffers and not _is_tied(model, k)
-    ]
-    if still_missing:
-        raise ValueError(f"checkpoint lacks tensors: {still_missing}")
-    return model.to(device).eval()
-
-
-def _no_init():
-    """transformers' context that skips random initialisation (moved in transformers 5)."""
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4.x
-        from transformers.modeling_utils import no_init_weights
-    return no_init_weights()
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    if not getattr(model.config, "tie_word_embeddings", False):
-        return False
-    out = model.get_output_embeddings()
-    return (
-        out is not None
-        and key.startswith("lm_head")
-        and (out.weight is model.get_input_embeddings().weight)
-    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gptq_worker.config import CheckpointFormat
+from gptq_compat.config import CheckpointFormat
 
 
 def values_per_chunk(bits: int) -> int:

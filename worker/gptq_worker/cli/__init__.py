@@ -1,0 +1,63 @@
+"""``gptq-worker``: quantize, validate, evaluate and serve GPTQ checkpoints.
+
+One module per subcommand, each with ``add_parser`` and ``run``. Exit codes: 0 success,
+1 the checkpoint or run failed a check, 2 bad input (arguments, config, model,
+calibration data, output path), always as one line that names the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from gptq_worker import __version__
+from gptq_worker.cli import evaluate, quantize, quickstart, serve, validate
+from gptq_worker.cli.flags import UsageError
+
+SUBCOMMANDS = (quantize, validate, evaluate, serve, quickstart)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptq-worker", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"gptq-worker {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more detail")
+    sub = p.add_subparsers(dest="command", required=True)
+    for command in SUBCOMMANDS:
+        command.add_parser(sub)
+    return p
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        lines.append(f"{where}: {e['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from gptq_worker.device import DeviceError
+    from gptq_worker.pipeline.arch import UnsupportedModel
+    from gptq_worker.pipeline.calibration import CalibrationError
+    from gptq_worker.pipeline.run import RunError
+
+    try:
+        return args.run(args)
+    except ValidationError as err:
+        message = _format_validation(err)
+    except (UsageError, RunError, CalibrationError, UnsupportedModel, DeviceError) as err:
+        message = str(err)
+    except ValueError as err:  # shape and settings checks raised before any work is written
+        message = str(err)
+    print(f"error: {message}", file=sys.stderr)
+    if getattr(args, "termination_message", None):
+        quantize.write_termination_message(args.termination_message, {"error": message})
+    return 2

@@ -1,0 +1,61 @@
+"""``gptq-worker serve``: serve a GPTQ checkpoint over an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+
+from gptq_worker.cli.flags import UsageError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    sv = sub.add_parser("serve", help="serve a GPTQ checkpoint over an OpenAI-compatible HTTP API")
+    sv.add_argument("checkpoint", help="directory of a GPTQ checkpoint")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 in a pod)")
+    sv.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    sv.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        default=None,
+        help="the name clients ask for (default: the directory's name)",
+    )
+    sv.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    sv.add_argument(
+        "--max-batch", dest="max_batch", type=int, default=8, help="requests decoded together"
+    )
+    sv.add_argument(
+        "--max-queue",
+        dest="max_queue",
+        type=int,
+        default=64,
+        help="requests that may wait for a batch; more are refused with 429",
+    )
+    sv.add_argument(
+        "--shutdown-grace",
+        dest="grace",
+        type=float,
+        default=30.0,
+        help="seconds to finish accepted requests after SIGTERM",
+    )
+    sv.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
+    sv.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from gptq_worker.serve.process import serve
+
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, not {value}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0..65535, not {args.port}")
+    return serve(
+        args.checkpoint,
+        name=args.served_model_name,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        grace=args.grace,
+        trust_remote_code=args.trust_remote_code,
+    )

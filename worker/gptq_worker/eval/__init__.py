@@ -1,0 +1,1 @@
+"""Perplexity of a model or GPTQ checkpoint on held-out text (``gptq-worker eval``)."""
