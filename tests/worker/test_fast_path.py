@@ -6,10 +6,10 @@ summed then scaled once (tensor cores on a GPU), modules that share a Hessian st
 one solve, and the Triton block kernel (run here by Triton's CPU interpreter).
 
 Documented tie case: a batched matrix product may round an activation differently from a
-per-sample one. Where a value then sits on a rounding boundary its code flips by one, and
-GPTQ's error feedback carries that into later columns. On the Llama and Qwen3 models below
-the codes are equal bit for bit; on Gemma 3 a batch of 4 already moves a few codes, so it
-is compared on identical inputs (the solve, not the forward).
+per-sample one (it depends on the CPU's BLAS kernels). Where a value then sits on a
+rounding boundary its code flips by one, and GPTQ's error feedback carries that into later
+columns. So both paths get the same batches and must write the same bits, and a separate
+test shows that batched forwards equal per-sample ones to fp32 precision.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from gptq_compat.config import QuantizeConfig
 from gptq_worker.demo.models import tiny_model
 from gptq_worker.pipeline.arch import architecture_for
-from gptq_worker.pipeline.capture import capture_inputs
+from gptq_worker.pipeline.capture import capture_inputs, forward_layer
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers
 from gptq_worker.pipeline.plan import plan
 from gptq_worker.pipeline.state import WorkState
@@ -76,13 +76,29 @@ def run_engine(tmp_path, tokenizer, ids, model_type, batch, options, **quantizat
 def test_fast_engine_writes_the_same_checkpoint(
     tmp_path, tokenizer, calibration_ids, model_type, quantization
 ):
+    """Same batches of calibration samples in: the same bits out."""
     straight = run_engine(
-        tmp_path, tokenizer, calibration_ids, model_type, 1, STRAIGHT, **quantization
+        tmp_path, tokenizer, calibration_ids, model_type, 4, STRAIGHT, **quantization
     )
     fast = run_engine(tmp_path, tokenizer, calibration_ids, model_type, 4, FAST, **quantization)
     assert straight.keys() == fast.keys()
     for key in straight:
         assert torch.equal(straight[key], fast[key]), key
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_batched_forwards_equal_per_sample_forwards(tokenizer, calibration_ids, model_type):
+    """Batching changes only the rounding of the matrix products (the tie case above): each
+    decoder layer's output for a batch of 4 equals its per-sample outputs to fp32 precision."""
+    model = tiny_model(model_type, len(tokenizer), hidden=128, layers=2, intermediate=256)
+    arch = architecture_for(model)
+    cpu = torch.device("cpu")
+    one = capture_inputs(model, arch, list(calibration_ids.split(1)), cpu)
+    four = capture_inputs(model, arch, list(calibration_ids.split(4)), cpu)
+    for i, layer in enumerate(model.get_submodule(arch.layers)):
+        one.hidden = forward_layer(layer, one, i)
+        four.hidden = forward_layer(layer, four, i)
+        torch.testing.assert_close(torch.cat(four.hidden), torch.cat(one.hidden))
 
 
 def test_fused_solve_equals_one_solve_per_module():
