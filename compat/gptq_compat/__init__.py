@@ -2,5 +2,8 @@
 
 Torch-free, so the operator (and its slim image) imports it: the settings models
 (``config``) that the CLI, config files and the CRDs share, and the serving rules
-(``kernels``) that decide which engine and GPU can load a checkpoint.
+(``rules``, with one rule set per engine version in ``engines``) that decide which engine,
+kernel and GPU can load a checkpoint.
 """
+
+__version__ = "0.1.0"

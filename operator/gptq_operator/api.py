@@ -118,7 +118,7 @@ class Scheduling(_Model):
     ) = Field(
         None,
         description="schedule on nodes whose GPUs can run this serving kernel, written "
-        "'backend/kernel' (e.g. 'vllm/gptq_marlin'); checked at reconcile against the "
+        "'backend/kernel' (e.g. 'vllm/marlin'); checked at reconcile against the "
         "serving rules the operator ships",
     )
     min_compute_capability: Annotated[str, Field(pattern=r"^[1-9][0-9]?\.[0-9]$")] | None = Field(
@@ -210,12 +210,25 @@ class Progress(_Model):
     message: str | None = Field(None, description="e.g. 'layer 12/32'")
 
 
+class ModuleShape(_Model):
+    """One distinct shape among a checkpoint's quantized modules, named by its last part."""
+
+    name: str = Field(description="module name's last part, e.g. q_proj or down_proj")
+    in_features: int
+    out_features: int
+
+
 class CheckpointSummary(_Model):
     bits: int
     group_size: int
     desc_act: bool
     sym: bool
     checkpoint_format: str
+    shapes: list[ModuleShape] | None = Field(
+        None,
+        description="distinct module shapes, for the serving rules' per-shard checks "
+        "under tensor parallelism",
+    )
 
 
 class Attempt(_Model):

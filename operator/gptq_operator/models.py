@@ -13,9 +13,10 @@ from kubernetes import client
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ResourceNotFoundError
 
+from gptq_compat.engines import UnknownEngineVersion
 from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import Owner
-from gptq_operator.scheduling import kernel_named, node_sm, sm_in_range
+from gptq_operator.scheduling import kernel_named, node_sm
 from gptq_operator.serving import (
     Choice,
     Incompatible,
@@ -24,6 +25,7 @@ from gptq_operator.serving import (
     endpoint,
     service,
     service_monitor,
+    serving_engine,
     tensor_parallel,
 )
 from gptq_operator.settings import OperatorSettings
@@ -31,7 +33,7 @@ from gptq_operator.status import Outcome, read_owner, set_condition, stalled
 
 PLURAL = "quantizedmodels"
 DEFAULT_KERNEL = {
-    "vllm": "vllm/gptq_marlin",
+    "vllm": "vllm/marlin",
     "lmdeploy": "lmdeploy/turbomind",
     "builtin": "builtin/torch",
 }
@@ -89,7 +91,7 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
     spec = QuantizedModelSpec.model_validate(body["spec"])
     conditions = status.get("conditions")
 
-    uri, fmt, loadable, size, waiting = _checkpoint(api, owner.namespace, spec)
+    uri, fmt, _validated, size, waiting = _checkpoint(api, owner.namespace, spec)
     if uri is None:
         conditions = set_condition(
             conditions, "Ready", "False", "WaitingForCheckpoint", waiting, generation
@@ -107,6 +109,23 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
         if all((n["metadata"].get("labels") or {}).get(k) == v for k, v in selector.items())
     ]
     sms = [sm for n in nodes if (sm := node_sm(n["metadata"].get("labels") or {}, settings.labels))]
+    # tensor parallelism first (from the checkpoint's size and the GPUs' memory): the
+    # serving rules check shapes per shard
+    memories = [
+        int(labels[settings.labels.memory])
+        for n in nodes
+        if settings.labels.memory in (labels := n["metadata"].get("labels") or {})
+    ]
+    tp = tensor_parallel(spec.tensor_parallel_size, size, memories)
+    images = spec.image.model_dump() if spec.image else {}
+    engines: dict = {}
+    for backend in ("vllm", "lmdeploy", "builtin"):
+        try:
+            engines[backend] = serving_engine(
+                backend, images.get(backend) or settings.serving_image(backend)
+            )
+        except UnknownEngineVersion as err:
+            engines[backend] = err
     try:
         if fmt is None:  # a bare checkpoint URI: its format is unknown until it is read
             if spec.backend == "auto":
@@ -114,10 +133,12 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
                     "set backend (vllm, lmdeploy or builtin) for a checkpoint "
                     "given by uri, or point source.job at a QuantizationJob"
                 )
+            if isinstance(engines[spec.backend], UnknownEngineVersion):
+                raise Incompatible(str(engines[spec.backend]))
             kernel = kernel_named(DEFAULT_KERNEL[spec.backend])
             choice = Choice(spec.backend, kernel.name, kernel.min_sm, kernel.max_sm)
         else:
-            choice = choose(spec.backend, fmt, loadable or [], sms)
+            choice = choose(spec.backend, fmt, engines, sms, tp)
     except Incompatible as err:
         conditions = stalled(conditions, "Incompatible", str(err), generation)
         return Outcome(
@@ -126,15 +147,6 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
             retry_after=120,
         )
 
-    memories = [
-        int(n["metadata"]["labels"][settings.labels.memory])
-        for n in nodes
-        if settings.labels.memory in (n["metadata"].get("labels") or {})
-        and sm_in_range(
-            node_sm(n["metadata"]["labels"], settings.labels), choice.min_sm, choice.max_sm
-        )
-    ]
-    tp = tensor_parallel(spec.tensor_parallel_size, size, memories)
     dep = _apply(api, deployment(owner, spec, choice, uri, fmt, tp, settings))
     _apply(api, service(owner, choice))
     events: list[tuple[str, str, str]] = []

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gptq_compat.kernels import KERNELS, Kernel
+from gptq_compat.engines import default_kernels
+from gptq_compat.rules import Kernel
 from gptq_operator.settings import LabelKeys
 
 SM = tuple[int, int]
@@ -25,16 +26,17 @@ class UnknownKernel(ValueError):
 
 
 def kernel_named(name: str) -> Kernel:
-    for kernel in KERNELS:
+    """A kernel of the engine versions the default images run."""
+    for kernel in default_kernels():
         if kernel.name == name:
             return kernel
-    known = ", ".join(k.name for k in KERNELS)
+    known = ", ".join(k.name for k in default_kernels())
     raise UnknownKernel(f"kernel {name!r} is not in the serving rules; known kernels: {known}")
 
 
 def backend_sm_range(backend: str) -> tuple[SM | None, SM | None]:
     """The widest SM range that some kernel of ``backend`` runs on."""
-    kernels = [k for k in KERNELS if k.backend == backend]
+    kernels = [k for k in default_kernels() if k.backend == backend and k.name != "vllm/cpu"]
     if any(k.min_sm is None for k in kernels):
         return None, None
     lowest = min(k.min_sm for k in kernels)

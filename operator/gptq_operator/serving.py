@@ -1,8 +1,9 @@
-"""Serving a checkpoint: pick backend and kernel (docs/serving-compatibility.md), build Deployment+Service.
+"""Serving a checkpoint: pick backend and kernel, build Deployment and Service.
 
-Pure functions; ``models.py`` applies them. The kernel choice starts from what the worker's
-validator found loadable for the real tensors (``status.result.kernels`` of the
-QuantizationJob) and keeps those whose SM range some node in the cluster offers.
+Pure functions; ``models.py`` applies them. The choice applies the serving rules of the
+engine version each backend's image runs (docs/serving-compatibility.md) to the checkpoint's
+settings and the distinct module shapes the worker reported, per tensor-parallel shard, and
+keeps the kernels whose compute-capability range some node in the cluster offers.
 """
 
 from __future__ import annotations
@@ -10,24 +11,27 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from gptq_compat.config import CheckpointFormat, ModuleSettings
-from gptq_compat.kernels import QuantizedModule, serving_kernels
+from gptq_compat.engines import DEFAULT_IMAGES, UnknownEngineVersion, engine
+from gptq_compat.rules import Engine, QuantizedModule, judge, sm_text
 from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import PVC_ROOT, SCRATCH, Owner, child_name
-from gptq_operator.scheduling import SM, kernel_named, sm_in_range, sm_node_selector_terms
+from gptq_operator.scheduling import SM, sm_in_range, sm_node_selector_terms
 from gptq_operator.settings import OperatorSettings
 
-# Preference when the backend is "auto": fastest kernels first.
+# Preference when the backend is "auto": fastest kernels first. vLLM's CPU kernel is not
+# here: the operator deploys vLLM's CUDA image.
 PREFERENCE = (
     "vllm/machete",
-    "vllm/gptq_marlin",
+    "vllm/marlin",
     "lmdeploy/turbomind",
-    "vllm/gptq",
+    "vllm/exllama",
+    "vllm/triton_w4a16",
     "builtin/torch",
 )
-BACKEND_OF = {name: name.split("/")[0] for name in PREFERENCE}
 PORTS = {"vllm": 8000, "lmdeploy": 23333, "builtin": 8080}
 
 
@@ -41,36 +45,72 @@ class Choice:
     kernel: str
     min_sm: SM | None
     max_sm: SM | None
+    engine: str = ""  # "vLLM 0.32.0": the rule set the choice was made with
 
 
-def why_not(kernel: str, fmt: CheckpointSummary) -> list[str]:
-    """The serving rules that ``fmt`` breaks for ``kernel`` (shapes aside)."""
+def image_version(image: str) -> str | None:
+    """The release an image tag names (``vllm/vllm-openai:v0.32.0`` -> ``0.32.0``)."""
+    tag = image.rsplit("@", 1)[0].rsplit("/", 1)[-1].partition(":")[2]
+    m = re.match(r"^v?(\d+\.\d+\.\d+)", tag)
+    return m.group(1) if m else None
+
+
+def serving_engine(backend: str, image: str) -> Engine:
+    """The rule set for the engine version ``image`` runs; UnknownEngineVersion if none."""
+    if backend == "builtin":
+        return engine(backend)
+    version = image_version(image)
+    if version is None:
+        raise UnknownEngineVersion(
+            f"cannot tell which {backend} version image {image!r} runs: tag it with a "
+            f"release (e.g. {DEFAULT_IMAGES[backend]})"
+        )
+    return engine(backend, version)
+
+
+def checkpoint_modules(fmt: CheckpointSummary) -> list[QuantizedModule]:
+    """The checkpoint's quantized modules as the rules see them: one per distinct shape the
+    worker reported, or one that only carries the settings when shapes are unknown."""
     settings = ModuleSettings(
         bits=fmt.bits, group_size=fmt.group_size, sym=fmt.sym, desc_act=fmt.desc_act
     )
-    module = QuantizedModule(
-        "checkpoint", 4096, 4096, settings
-    )  # shapes were checked by the worker
-    verdicts = serving_kernels([module], CheckpointFormat(fmt.checkpoint_format))
-    return next(v.reasons for v in verdicts if v.kernel.name == kernel)
+    if not fmt.shapes:
+        return [QuantizedModule("checkpoint", 4096, 4096, settings)]
+    return [QuantizedModule(s.name, s.in_features, s.out_features, settings) for s in fmt.shapes]
 
 
-def choose(backend: str, fmt: CheckpointSummary, loadable: list[str], node_sms: list[SM]) -> Choice:
-    """The best kernel of ``backend`` that loads the checkpoint and some node can run."""
-    candidates = [k for k in PREFERENCE if backend in ("auto", BACKEND_OF[k])]
+def choose(
+    backend: str,
+    fmt: CheckpointSummary,
+    engines: dict[str, Engine | UnknownEngineVersion],
+    node_sms: list[SM],
+    tp: int,
+) -> Choice:
+    """The best kernel of ``backend`` that loads the checkpoint at tensor parallel ``tp``
+    and that some node can run. ``engines`` holds the rule set of each backend's image."""
+    candidates = [k for k in PREFERENCE if backend in ("auto", k.split("/")[0])]
+    modules = checkpoint_modules(fmt)
     problems = []
     for name in candidates:
-        kernel = kernel_named(name)
-        if name not in loadable:
-            reasons = why_not(name, fmt) or ["the worker's validator rejected its shapes"]
-            problems.append(f"{name}: {'; '.join(reasons)}")
+        rules = engines[name.split("/")[0]]
+        if isinstance(rules, UnknownEngineVersion):
+            problems.append(f"{name}: {rules}")
+            continue
+        kernel = rules.kernel(name)
+        verdict = next(
+            v
+            for v in judge(rules, modules, CheckpointFormat(fmt.checkpoint_format), tp)
+            if v.kernel.name == name
+        )
+        if not verdict.loads:
+            problems.append(f"{name}: {'; '.join(verdict.reasons)}")
             continue
         if kernel.min_sm and not any(
             sm_in_range(sm, kernel.min_sm, kernel.max_sm) for sm in node_sms
         ):
-            problems.append(f"{name}: no node has a GPU with the SM it needs")
+            problems.append(f"{name}: no node has a GPU with {sm_text(kernel)} ({rules.label})")
             continue
-        return Choice(BACKEND_OF[name], name, kernel.min_sm, kernel.max_sm)
+        return Choice(rules.backend, name, kernel.min_sm, kernel.max_sm, rules.label)
     raise Incompatible(
         f"backend {backend} cannot serve this checkpoint here: " + " | ".join(problems)
     )
@@ -107,7 +147,9 @@ def engine_command(
 ) -> tuple[list[str], list[str]]:
     """(command, args) for the backend's server."""
     if choice.backend == "vllm":
-        quantization = "gptq" if choice.kernel == "vllm/gptq" else "gptq_marlin"
+        # vLLM 0.32 maps gptq, gptq_marlin and auto_gptq to one config that picks the
+        # kernel per GPU (model_executor/layers/quantization/auto_gptq.py)
+        quantization = "gptq"
         return [], [
             "--model",
             model_path,

@@ -6,6 +6,8 @@ import os
 
 from pydantic import BaseModel, Field
 
+from gptq_compat.engines import DEFAULT_IMAGES
+
 
 class LabelKeys(BaseModel):
     """Node labels that describe GPUs (NVIDIA GPU Feature Discovery's by default)."""
@@ -28,8 +30,8 @@ class OperatorSettings(BaseModel):
         ]
     )
     # serving images per backend (the builtin backend defaults to the worker image)
-    image_vllm: str = "vllm/vllm-openai:v0.11.0"
-    image_lmdeploy: str = "openmmlab/lmdeploy:v0.10.2"
+    image_vllm: str = DEFAULT_IMAGES["vllm"]
+    image_lmdeploy: str = DEFAULT_IMAGES["lmdeploy"]
     image_builtin: str | None = None
     run_as_user: int = 10001
     scratch_size: str = "20Gi"

@@ -91,7 +91,8 @@ class SimulatedNode:
         }
 
 
-# One node per GPU generation the serving kernels care about (docs/operations.md and docs/serving-compatibility.md).
+# One node per GPU generation the serving kernels care about
+# (docs/operations.md and docs/serving-compatibility.md).
 NODES = (
     SimulatedNode("gpu-v100", "Tesla-V100-SXM2-32GB", (7, 0), "volta", 32768, 8),
     SimulatedNode("gpu-t4", "Tesla-T4", (7, 5), "turing", 15360, 4),

@@ -134,7 +134,7 @@ def test_operator_environment_reads_back_as_its_settings(render):
     assert settings.labels.compute_major == "example.com/gpu.sm.major"
     assert settings.labels.compute_minor == "nvidia.com/gpu.compute.minor"
     assert settings.serving_image("vllm") == "vllm/vllm-openai:v0.12.0"
-    assert settings.serving_image("lmdeploy") == "openmmlab/lmdeploy:v0.10.2"
+    assert settings.serving_image("lmdeploy") == "openmmlab/lmdeploy:v0.18.0"
     assert settings.serving_image("builtin") == settings.worker_image  # builtin: "" = worker
     assert settings.metrics_port == 8080 and settings.gpu_resource == "nvidia.com/gpu"
 

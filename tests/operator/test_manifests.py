@@ -81,7 +81,7 @@ SPEC = {
     "calibration": {"dataset": "pvc://datasets/c4.jsonl", "nsamples": 64},
     "output": {"uri": "pvc://models/llama-3.1-8b-w4g128"},
     "scheduling": {
-        "targetKernel": "vllm/gptq_marlin",
+        "targetKernel": "vllm/marlin",
         "tolerations": [
             {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}
         ],
@@ -102,7 +102,7 @@ def test_worker_job_is_pinned_secured_and_owned():
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
         "nodeSelectorTerms"
     ]
-    assert _matches(terms, (8, 0)) and not _matches(terms, (7, 5))  # marlin: SM >= 8.0
+    assert _matches(terms, (7, 5)) and not _matches(terms, (7, 0))  # vLLM 0.32 Marlin: SM >= 7.5
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     container = pod["containers"][0]

@@ -32,7 +32,7 @@ def qjob(name: str, **spec) -> dict:
             "model": {"uri": "pvc://models/llama-3.1-8b"},
             "calibration": {"dataset": "pvc://datasets/c4.jsonl"},
             "output": {"uri": f"pvc://models/{name}-w4g128"},
-            "scheduling": {"targetKernel": "vllm/gptq_marlin"},
+            "scheduling": {"targetKernel": "vllm/marlin"},
         },
     }
     body["spec"].update(spec)
@@ -104,7 +104,7 @@ RESULT = {
         "sym": True,
         "checkpointFormat": "gptq",
     },
-    "kernels": ["vllm/gptq_marlin", "vllm/gptq", "builtin/torch"],
+    "kernels": ["vllm/marlin", "vllm/gptq", "builtin/torch"],
     "perplexityBefore": 6.12,
     "perplexityAfter": 6.31,
 }
@@ -148,7 +148,7 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
     assert condition(done, "Ready")["status"] == "True"
     result = done["status"]["result"]
     assert result["outputUri"] == "pvc://models/llama-w4g128"
-    assert result["perplexityAfter"] == 6.31 and "vllm/gptq_marlin" in result["kernels"]
+    assert result["perplexityAfter"] == 6.31 and "vllm/marlin" in result["kernels"]
     assert done["status"]["attempts"] == [
         {"attempt": 1, "settings": "initial", "outcome": "Succeeded", "perplexityAfter": 6.31}
     ]
@@ -174,7 +174,7 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
     liveness = json.loads(urllib.request.urlopen(operator.liveness, timeout=5).read())
     assert liveness["apiserver"] == "v1.36.3"
     assert "spec" in done and done["spec"]["scheduling"] == {
-        "targetKernel": "vllm/gptq_marlin"
+        "targetKernel": "vllm/marlin"
     }  # never rewritten by the operator
 
 

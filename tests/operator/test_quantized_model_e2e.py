@@ -103,9 +103,9 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
         {
             **RESULT,
             "kernels": [
-                "vllm/gptq_marlin",
+                "vllm/marlin",
                 "vllm/machete",
-                "vllm/gptq",
+                "vllm/exllama",
                 "lmdeploy/turbomind",
                 "builtin/torch",
             ],
@@ -124,7 +124,7 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
             timeout=90,
         )
     llama, qwen = qmodel(api, namespace, "llama-3-1-8b"), qmodel(api, namespace, "qwen2-5-7b")
-    assert (llama["status"]["backend"], llama["status"]["kernel"]) == ("vllm", "vllm/gptq_marlin")
+    assert (llama["status"]["backend"], llama["status"]["kernel"]) == ("vllm", "vllm/marlin")
     assert (qwen["status"]["backend"], qwen["status"]["kernel"]) == (
         "lmdeploy",
         "lmdeploy/turbomind",
@@ -137,7 +137,7 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
     apps = client.AppsV1Api(api)
     vllm = apps.read_namespaced_deployment("llama-3-1-8b-vllm", namespace)
     args = vllm.spec.template.spec.containers[0].args
-    assert args[args.index("--quantization") + 1] == "gptq_marlin"
+    assert args[args.index("--quantization") + 1] == "gptq"
     assert "--max-model-len" in args and args[args.index("--tensor-parallel-size") + 1] == "1"
     assert vllm.spec.template.metadata.annotations["prometheus.io/scrape"] == "true"
     assert vllm.spec.template.spec.containers[0].readiness_probe.http_get.path == "/health"
@@ -154,7 +154,7 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
     assert samples[("gptq_operator_model_time_to_ready_seconds_count", ())] == 2
     table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
     print("\n" + table)
-    assert "Succeeded" in table and "vllm/gptq_marlin" in table and "lmdeploy/turbomind" in table
+    assert "Succeeded" in table and "vllm/marlin" in table and "lmdeploy/turbomind" in table
 
 
 def test_incompatible_backend_is_refused_with_the_rule(operator, api, namespace, volumes):
@@ -171,7 +171,27 @@ def test_incompatible_backend_is_refused_with_the_rule(operator, api, namespace,
     wait_for(lambda: model_phase(api, namespace, "g64") == "Failed", what="refused")
     ready = condition(qmodel(api, namespace, "g64"), "Ready")
     assert ready["reason"] == "Incompatible"
-    assert "lmdeploy/turbomind: group_size 64 (needs 128)" in ready["message"]
+    assert "lmdeploy/turbomind: group_size 64 (needs one of [128])" in ready["message"]
+    assert "LMDeploy 0.18.0 rule group-128: turbomind/converter.py:100" in ready["message"]
+    assert client.AppsV1Api(api).list_namespaced_deployment(namespace).items == []
+
+
+def test_asymmetric_checkpoint_on_vllm_is_refused_naming_engine_version_and_rule(
+    operator, api, namespace, volumes
+):
+    objects = client.CustomObjectsApi(api)
+    objects.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "quantizationjobs", qjob("asym", quantization={"sym": False})
+    )
+    play_worker(api, namespace, "asym", {**RESULT, "format": {**RESULT["format"], "sym": False}})
+    create_qmodel(api, namespace, "asym", "asym", "vllm")
+    wait_for(lambda: model_phase(api, namespace, "asym") == "Failed", what="refused")
+    model = qmodel(api, namespace, "asym")
+    ready, stalled = condition(model, "Ready"), condition(model, "Stalled")
+    assert ready["reason"] == stalled["reason"] == "Incompatible" and stalled["status"] == "True"
+    assert "asymmetric (sym false)" in ready["message"]
+    assert "vLLM 0.32.0 rule sym-4-or-8-bit" in ready["message"]
+    assert "auto_gptq.py:98-102" in ready["message"]
     assert client.AppsV1Api(api).list_namespaced_deployment(namespace).items == []
 
 

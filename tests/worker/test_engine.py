@@ -157,7 +157,7 @@ def test_cli_run_writes_complete_sharded_checkpoint(model_dir, tmp_path, calibra
     assert [e["event"] for e in events] == ["start", "layer", "layer", "done"]
     assert events[1]["layer"] == 1 and events[1]["layers"] == 2
     assert "model.layers.0.self_attn.q_proj" in events[1]["modules"]
-    assert "vllm/gptq_marlin" in events[-1]["kernels"]
+    assert "vllm/marlin" in events[-1]["kernels"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
@@ -241,7 +241,7 @@ def test_termination_message_carries_the_result(model_dir, tmp_path, calibration
         "sym": True,
         "checkpointFormat": "gptq",
     }
-    assert "vllm/gptq_marlin" in result["kernels"] and result["checkpointBytes"] > 0
+    assert "vllm/marlin" in result["kernels"] and result["checkpointBytes"] > 0
     assert result["perplexityAfter"] > 0 and result["perplexityBefore"] > 0
     bad = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in args]
     assert main([*bad, "--group-size", "48"]) == 2

@@ -64,8 +64,32 @@ def test_good_checkpoint_passes_and_lists_kernels(copy_of, capsys):
     code, out = _validate(copy_of(), capsys)
     assert code == 0, out
     assert "OK" in out
-    assert "yes vllm/gptq_marlin" in out
-    assert "no  lmdeploy/turbomind" in out and "group_size 32 (needs 128)" in out
+    assert "yes vllm/marlin" in out
+    assert "no  lmdeploy/turbomind" in out and "group_size 32 (needs one of [128])" in out
+    assert "vLLM 0.32.0" in out and "LMDeploy 0.18.0 (from source" in out
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_act_order_is_written_in_the_form_its_g_idx_has(
+    tmp_path, model_dir, calibration_file, capsys, static
+):
+    """Static act-order leaves g_idx trivial and is written desc_act false, so vLLM 0.32 loads
+    it; real act-order keeps desc_act true and only the built-in runtime serves it."""
+    out = tmp_path / "act"
+    cfg = worker_config(
+        model_dir("llama"), out, calibration_file, bits=4, group_size=32, desc_act=True,
+        static_groups=static,
+    )  # fmt: skip
+    quantize(cfg, show_progress=False)
+    written = json.loads((out / "quantize_config.json").read_text())
+    assert written["desc_act"] is (not static)
+    assert written["meta"]["act_order"] == ("static" if static else "groups")
+    code, text = _validate(out, capsys)
+    assert code == 0, text
+    assert ("yes vllm/marlin" in text) is static
+    assert "yes builtin/torch" in text
+    if not static:
+        assert "desc_act true (act-order with groups" in text
 
 
 def test_config_group_size_differs_from_tensors(copy_of, capsys):

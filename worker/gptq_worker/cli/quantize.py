@@ -37,16 +37,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {output}")
     if getattr(args, "termination_message", None):
         q = cfg.quantization
+        report = validate_checkpoint(output)
+        shapes = sorted(
+            {(m.name.rsplit(".", 1)[-1], m.in_features, m.out_features) for m in report.modules}
+        )
         summary = {
             "output": str(output),
             "format": {
                 "bits": q.bits,
                 "groupSize": q.group_size,
-                "descAct": q.desc_act,
+                "descAct": report.config.desc_act,
                 "sym": q.sym,
                 "checkpointFormat": q.checkpoint_format.value,
+                "shapes": [{"name": n, "inFeatures": i, "outFeatures": o} for n, i, o in shapes],
             },
-            "kernels": validate_checkpoint(output).loadable_kernels(),
+            "kernels": report.loadable_kernels(),
             "checkpointBytes": sum(f.stat().st_size for f in output.glob("*.safetensors")),
         }
         measured = json.loads((output / "quantize_config.json").read_text())["meta"].get(

@@ -14,7 +14,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptq_compat.kernels import sm_text
+    from gptq_compat.rules import sm_text
     from gptq_worker.format.validate import validate_checkpoint
 
     report = validate_checkpoint(args.checkpoint)
@@ -27,10 +27,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  error: {err}")
     for warn in report.warnings:
         print(f"  warning: {warn}")
-    if report.verdicts:
-        print("serving kernels:")
-        for v in report.verdicts:
-            mark = "yes" if v.loads else "no "
-            why = "" if v.loads else ": " + "; ".join(v.reasons)
-            print(f"  {mark} {v.kernel.name:20s} [{sm_text(v.kernel)}]{why}")
+    engine = None
+    for v in report.verdicts:
+        if v.engine is not engine:
+            engine = v.engine
+            print(f"{engine.label} ({engine.how_checked}):")
+        mark = "yes" if v.loads else "no "
+        why = "" if v.loads else ": " + "; ".join(v.reasons)
+        print(f"  {mark} {v.kernel.name:20s} [{sm_text(v.kernel)}]{why}")
     return 1 if report.errors else 0

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gptq_compat.config import CalibrationConfig, Method, QuantizeConfig, WorkerConfig
-from gptq_compat.kernels import sm_text
+from gptq_compat.rules import sm_text
 from gptq_worker.demo.models import build_demo_model
 from gptq_worker.eval.perplexity import evaluate
 from gptq_worker.format.validate import validate_checkpoint

@@ -35,12 +35,20 @@ def parse_size(text: str) -> int:
 
 
 def quantization_config(cfg: QuantizeConfig, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``quantize_config.json`` and ``config.json["quantization_config"]`` hold."""
+    """What ``quantize_config.json`` and ``config.json["quantization_config"]`` hold.
+
+    Static act-order (``desc_act`` with ``static_groups``) leaves ``g_idx`` trivial, so the
+    checkpoint is written as loaders expect of one without act-order: ``desc_act: false``
+    (vLLM 0.32 and LMDeploy refuse ``desc_act: true``), with the order that was used
+    recorded under ``meta.act_order``.
+    """
+    static = cfg.desc_act and cfg.static_groups
+    act_order = "static" if static else ("groups" if cfg.desc_act else "none")
     return {
         "quant_method": "gptq",
         "bits": cfg.bits,
         "group_size": cfg.group_size,
-        "desc_act": cfg.desc_act,
+        "desc_act": cfg.desc_act and not static,
         "sym": cfg.sym,
         "static_groups": cfg.static_groups,
         "true_sequential": cfg.true_sequential,
@@ -49,10 +57,29 @@ def quantization_config(cfg: QuantizeConfig, meta: dict[str, Any] | None = None)
         "mse": cfg.mse,
         "checkpoint_format": cfg.checkpoint_format.value,
         "lm_head": cfg.lm_head,
-        "dynamic": cfg.dynamic,
+        "dynamic": _written_dynamic(cfg),
         "pack_dtype": "int32",
-        "meta": {"quantizer": [QUANTIZER], "method": cfg.method.value, **(meta or {})},
+        "meta": {
+            "quantizer": [QUANTIZER],
+            "method": cfg.method.value,
+            "act_order": act_order,
+            **(meta or {}),
+        },
     }
+
+
+def _written_dynamic(cfg: QuantizeConfig) -> dict[str, dict[str, Any]] | None:
+    """``dynamic`` as written: overrides that give a module static act-order say
+    ``desc_act: false``, as the top-level setting does."""
+    if not cfg.dynamic:
+        return cfg.dynamic
+    out = {}
+    for key, overrides in cfg.dynamic.items():
+        overrides = dict(overrides)
+        if overrides.get("desc_act") and overrides.get("static_groups", cfg.static_groups):
+            overrides["desc_act"] = False
+        out[key] = overrides
+    return out
 
 
 def read_quantize_config(directory: Path) -> QuantizeConfig:

@@ -14,7 +14,8 @@ import torch
 from safetensors import safe_open
 
 from gptq_compat.config import CheckpointFormat, QuantizeConfig
-from gptq_compat.kernels import QuantizedModule, Verdict, serving_kernels
+from gptq_compat.engines import DEFAULT
+from gptq_compat.rules import QuantizedModule, Verdict, judge
 from gptq_worker.format.checkpoint import QUANT_SUFFIXES, read_quantize_config, shard_files
 from gptq_worker.format.pack import unpack_qzeros, values_per_chunk
 
@@ -39,7 +40,8 @@ class Report:
             "warnings": self.warnings,
             "modules": len(self.modules),
             "kernels": {
-                v.kernel.name: {"loads": v.loads, "reasons": v.reasons} for v in self.verdicts
+                v.kernel.name: {"engine": v.engine.label, "loads": v.loads, "reasons": v.reasons}
+                for v in self.verdicts
             },
         }
 
@@ -75,10 +77,12 @@ def validate_checkpoint(directory: str | Path) -> Report:
         not m.settings.sym for m in report.modules
     ):
         report.warnings.append(
-            "asymmetric gptq (v1) checkpoint: vLLM and our runtime load it, but GPTQModel "
-            "loads asymmetric v1 only from its own quantizer; write gptq_v2 for GPTQModel"
+            "asymmetric gptq (v1) checkpoint: our runtime loads it, but GPTQModel loads "
+            "asymmetric v1 only from its own quantizer; write gptq_v2 for GPTQModel"
         )
-    report.verdicts = serving_kernels(report.modules, cfg.checkpoint_format)
+    report.verdicts = [
+        v for e in DEFAULT.values() for v in judge(e, report.modules, cfg.checkpoint_format)
+    ]
     return report
 
 
