@@ -69,6 +69,18 @@ class QuantizeConfig(ModuleSettings):
     """How to quantize a model: the ``quantization`` block of a QuantizationJob."""
 
     method: Method = Method.GPTQ
+    gptaq: bool = Field(
+        False,
+        description=(
+            "GPTAQ asymmetric calibration (arXiv:2504.02692; GPTQModel's gptaq, formerly "
+            "v2): a full-precision copy of the calibration activations travels beside the "
+            "quantized ones and each layer minimises ||Q X~ - W X|| (X~: the quantized "
+            "model's inputs, X: the full-precision model's) instead of ||Q X~ - W X~||."
+        ),
+    )
+    gptaq_alpha: float = Field(
+        0.25, gt=0, le=1, description="Weight of GPTAQ's asymmetric term (GPTQModel's alpha)."
+    )
     true_sequential: bool = True
     damp_auto_increment: float = Field(
         0.0025, gt=0, lt=1, description="Added to damp_percent each time Cholesky fails."

@@ -51,7 +51,13 @@ def quantization_config(cfg: QuantizeConfig, meta: dict[str, Any] | None = None)
         "lm_head": cfg.lm_head,
         "dynamic": cfg.dynamic,
         "pack_dtype": "int32",
-        "meta": {"quantizer": [QUANTIZER], "method": cfg.method.value, **(meta or {})},
+        "meta": {
+            "quantizer": [QUANTIZER],
+            "method": cfg.method.value,
+            # engine-only settings: the tensors and the keys above do not depend on them
+            **({"gptaq": {"alpha": cfg.gptaq_alpha}} if cfg.gptaq else {}),
+            **(meta or {}),
+        },
     }
 
 
@@ -88,8 +94,10 @@ def read_quantize_config(directory: Path) -> QuantizeConfig:
     }
     fmt = raw.get("checkpoint_format") or raw.get("format") or "gptq"
     fields["checkpoint_format"] = fmt
-    if raw.get("mse"):
-        fields["mse"] = raw["mse"]
+    # a key left out means the format's meaning (off), not the engine's current default
+    fields.setdefault("desc_act", False)
+    fields.setdefault("static_groups", False)
+    fields["mse"] = raw.get("mse") or 0.0
     if raw.get("dynamic"):
         fields["dynamic"] = {
             key: {k: v for k, v in ov.items() if k in OVERRIDABLE}
