@@ -50,8 +50,17 @@ class ModuleSettings(_Model):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
-    desc_act: bool = False
-    static_groups: bool = False
+    # act-order with static groups (and GPTAQ below) are on by default: chosen from
+    # bench/quality.py and bench/speed.py (bench/README.md). Static groups keep g_idx in
+    # column order, so the checkpoint loads in every kernel exactly as without act-order.
+    desc_act: bool = Field(
+        True, description="act-order: quantize columns in order of decreasing Hessian diagonal"
+    )
+    static_groups: bool = Field(
+        True,
+        description="group scales from the unpermuted weights before the solve (g_idx stays "
+        "in column order, so act-order checkpoints load in every kernel)",
+    )
     damp_percent: float = Field(0.01, gt=0, lt=1)
     mse: float = Field(0.0, ge=0, description="Norm of the scale grid search; 0 turns it off.")
 
@@ -70,7 +79,7 @@ class QuantizeConfig(ModuleSettings):
 
     method: Method = Method.GPTQ
     gptaq: bool = Field(
-        False,
+        True,
         description=(
             "GPTAQ asymmetric calibration (arXiv:2504.02692; GPTQModel's gptaq, formerly "
             "v2): a full-precision copy of the calibration activations travels beside the "
