@@ -87,7 +87,13 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--desc-act", action="store_true")
+    p.add_argument("--desc-act", action="store_true", help="with --plain: act-order on")
+    p.add_argument(
+        "--plain",
+        action="store_true",
+        help="the paper's GPTQ (no act-order, static groups, mse or GPTAQ); default: the "
+        "engine's default configuration given only --bits and --group-size",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--hessian-precision", choices=("tensor-core", "fp32"), default="tensor-core")
     p.add_argument("--device", default="cuda")
@@ -121,7 +127,13 @@ def main() -> None:
         hessian_precision=args.hessian_precision,
         progress_file=str(work / "progress.jsonl"),
         quantization=QuantizeConfig(
-            bits=args.bits, group_size=args.group_size, desc_act=args.desc_act
+            bits=args.bits,
+            group_size=args.group_size,
+            **(
+                {"desc_act": args.desc_act, "static_groups": False, "mse": 0.0, "gptaq": False}
+                if args.plain
+                else {}
+            ),
         ),
         calibration=CalibrationConfig(
             dataset=str(calib), nsamples=args.nsamples, seqlen=args.seqlen
@@ -165,7 +177,9 @@ def main() -> None:
         "tokens": f"{args.nsamples}x{args.seqlen}",
         "bits": args.bits,
         "group_size": args.group_size,
-        "desc_act": args.desc_act,
+        "quantization": cfg.quantization.model_dump(
+            mode="json", include={"desc_act", "static_groups", "mse", "gptaq", "gptaq_alpha"}
+        ),
         "batch_size": args.batch_size,
         "total_s": round(total, 2),
         "s_per_layer_median": sorted(layer_times)[len(layer_times) // 2],

@@ -50,8 +50,17 @@ class ModuleSettings(_Model):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
-    desc_act: bool = False
-    static_groups: bool = False
+    # act-order with static groups (and GPTAQ below) are on by default: chosen from
+    # bench/quality.py and bench/speed.py (bench/README.md). Static groups keep g_idx in
+    # column order, so the checkpoint loads in every kernel exactly as without act-order.
+    desc_act: bool = Field(
+        True, description="act-order: quantize columns in order of decreasing Hessian diagonal"
+    )
+    static_groups: bool = Field(
+        True,
+        description="group scales from the unpermuted weights before the solve (g_idx stays "
+        "in column order, so act-order checkpoints load in every kernel)",
+    )
     damp_percent: float = Field(0.01, gt=0, lt=1)
     mse: float = Field(0.0, ge=0, description="Norm of the scale grid search; 0 turns it off.")
 
@@ -69,6 +78,18 @@ class QuantizeConfig(ModuleSettings):
     """How to quantize a model: the ``quantization`` block of a QuantizationJob."""
 
     method: Method = Method.GPTQ
+    gptaq: bool = Field(
+        True,
+        description=(
+            "GPTAQ asymmetric calibration (arXiv:2504.02692; GPTQModel's gptaq, formerly "
+            "v2): a full-precision copy of the calibration activations travels beside the "
+            "quantized ones and each layer minimises ||Q X~ - W X|| (X~: the quantized "
+            "model's inputs, X: the full-precision model's) instead of ||Q X~ - W X~||."
+        ),
+    )
+    gptaq_alpha: float = Field(
+        0.25, gt=0, le=1, description="Weight of GPTAQ's asymmetric term (GPTQModel's alpha)."
+    )
     true_sequential: bool = True
     damp_auto_increment: float = Field(
         0.0025, gt=0, lt=1, description="Added to damp_percent each time Cholesky fails."

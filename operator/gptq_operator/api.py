@@ -165,11 +165,6 @@ class QuantizationJobSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra=_rules(
             (
-                "!(self.quantization.descAct && self.quantization.groupSize == -1)",
-                "quantization.descAct with groupSize -1 is pointless for serving kernels; "
-                "set a groupSize such as 128, or descAct false",
-            ),
-            (
                 "has(self.calibration.dataset)",
                 "calibration.dataset is required: a Hugging Face dataset name or an s3:// or "
                 "pvc:// URI",

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.engines
 PROBE = Path(__file__).with_name("vllm_probe.py")
 PROMPTS, PROMPT_LEN, NEW_TOKENS = 8, 64, 32
 
-# name -> quantization settings (the list, and the fused-module cases vLLM has)
+# name -> quantization settings beyond the engine's defaults (static act-order and GPTAQ)
 VARIANTS: dict[str, dict] = {
     "w4g128": {"bits": 4, "group_size": 128},
     "w8g128": {"bits": 8, "group_size": 128},
@@ -43,7 +43,8 @@ VARIANTS: dict[str, dict] = {
     "w4-per-channel": {"bits": 4, "group_size": -1},
     "w4g32": {"bits": 4, "group_size": 32},
     "w4g64": {"bits": 4, "group_size": 64},
-    "w4g128-act-order": {"bits": 4, "group_size": 128, "desc_act": True},
+    "w4g128-act-order": {"bits": 4, "group_size": 128, "desc_act": True, "static_groups": False},
+    "w4g128-plain-gptq": {"bits": 4, "group_size": 128, "desc_act": False, "gptaq": False},
     "w4g128-act-order-static": {
         "bits": 4,
         "group_size": 128,

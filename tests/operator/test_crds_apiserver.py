@@ -62,11 +62,7 @@ INVALID_JOBS = [
     ("hf without org", {"model__uri": "hf://llama"}, "spec.model.uri"),
     ("bits 5", {"quantization__bits": 5}, "Unsupported value: 5"),
     ("group size as text", {"quantization__groupSize": "128"}, "must be of type integer"),
-    (
-        "act-order per channel",
-        {"quantization__descAct": True, "quantization__groupSize": -1},
-        "descAct with groupSize -1 is pointless",
-    ),
+    ("GPTAQ weight over 1", {"quantization__gptaqAlpha": 2}, "spec.quantization.gptaqAlpha"),
     ("zero damping", {"quantization__dampPercent": 0}, "dampPercent"),
     ("damping over 1", {"quantization__dampPercent": 1.5}, "dampPercent"),
     ("awq format", {"quantization__checkpointFormat": "awq"}, 'Unsupported value: "awq"'),

@@ -200,6 +200,7 @@ def test_every_setting_has_a_flag_that_reaches_the_config():
         "--damp-percent": "0.05",
         "--damp-auto-increment": "0.01",
         "--mse": "2.4",
+        "--gptaq-alpha": "0.5",
         "--method": "rtn",
         "--format": "gptq_v2",
         "--dynamic": '{"-:.*down_proj": {}}',

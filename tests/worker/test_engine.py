@@ -237,7 +237,7 @@ def test_termination_message_carries_the_result(model_dir, tmp_path, calibration
     assert result["format"] == {
         "bits": 4,
         "groupSize": 128,
-        "descAct": False,
+        "descAct": True,  # the default
         "sym": True,
         "checkpointFormat": "gptq",
     }

@@ -70,8 +70,9 @@ def run_engine(tmp_path, tokenizer, ids, model_type, batch, options, **quantizat
         {"bits": 4, "group_size": 32},
         {"bits": 3, "group_size": 64, "desc_act": True, "sym": False},
         {"bits": 4, "group_size": 32, "desc_act": True, "static_groups": True},
+        {"bits": 3, "group_size": 32, "sym": False, "gptaq": True, "mse": 2.4},
     ],
-    ids=["w4g32", "w3g64-act-asym", "w4g32-act-static"],
+    ids=["w4g32", "w3g64-act-asym", "w4g32-act-static", "w3g32-gptaq-mse"],
 )
 def test_fast_engine_writes_the_same_checkpoint(
     tmp_path, tokenizer, calibration_ids, model_type, quantization
@@ -153,6 +154,14 @@ TRITON_CHECK = textwrap.dedent(
         b = gptq_quantize(W, H, solver="triton", **kw)
         for f in ("codes", "scales", "zeros", "g_idx", "weight", "row_losses"):
             assert torch.equal(getattr(a, f), getattr(b, f)), (out, n, gs, f)
+        # GPTAQ's correction inside the kernel: a second stream that differs
+        Xq = X + 0.3 * torch.randn(512, n, generator=g) * X.abs().mean(0)
+        H = Xq.t() @ Xq * 2 / 512
+        D = (X - Xq).t() @ Xq * 2 / 512
+        a = gptq_quantize(W, H, solver="torch", dXXT=D, **kw)
+        b = gptq_quantize(W, H, solver="triton", dXXT=D, **kw)
+        for f in ("codes", "scales", "zeros", "g_idx", "weight", "row_losses"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), ("gptaq", out, n, gs, f)
     print("triton solve equal")
     """
 )

@@ -28,6 +28,7 @@ def checkpoints(tmp_path_factory, model_dir, calibration_file):
                 calibration_file,
                 bits=4,
                 group_size=32,
+                desc_act=False,  # the g_idx checks below assume column-order groups
                 checkpoint_format=fmt,
             ),
             show_progress=False,

@@ -63,6 +63,8 @@ def quantization_config(cfg: QuantizeConfig, meta: dict[str, Any] | None = None)
             "quantizer": [QUANTIZER],
             "method": cfg.method.value,
             "act_order": act_order,
+            # engine-only settings: the tensors and the keys above do not depend on them
+            **({"gptaq": {"alpha": cfg.gptaq_alpha}} if cfg.gptaq else {}),
             **(meta or {}),
         },
     }
@@ -115,8 +117,10 @@ def read_quantize_config(directory: Path) -> QuantizeConfig:
     }
     fmt = raw.get("checkpoint_format") or raw.get("format") or "gptq"
     fields["checkpoint_format"] = fmt
-    if raw.get("mse"):
-        fields["mse"] = raw["mse"]
+    # a key left out means the format's meaning (off), not the engine's current default
+    fields.setdefault("desc_act", False)
+    fields.setdefault("static_groups", False)
+    fields["mse"] = raw.get("mse") or 0.0
     if raw.get("dynamic"):
         fields["dynamic"] = {
             key: {k: v for k, v in ov.items() if k in OVERRIDABLE}

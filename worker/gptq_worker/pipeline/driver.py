@@ -36,7 +36,13 @@ from gptq_worker.pipeline.capture import Activations, StopForward, forward_layer
 from gptq_worker.pipeline.mover import LayerMover, Phases
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
-from gptq_worker.quant.gptq import Hessian, QuantizedWeight, gptq_quantize, rtn_quantize
+from gptq_worker.quant.gptq import (
+    AsymmetricHessian,
+    Hessian,
+    QuantizedWeight,
+    gptq_quantize,
+    rtn_quantize,
+)
 
 if TYPE_CHECKING:
     from gptq_worker.pipeline.eval_stream import EvalStreams
@@ -65,23 +71,31 @@ def _collect_hessians(
     device: torch.device,
     options: EngineOptions,
     phases: Phases,
-) -> dict[str, torch.Tensor]:
+    fp_inputs: dict[str, list[torch.Tensor]] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
 
-    The pass stops at the last group's first module: nothing after it is computed.
+    The pass stops at the last group's first module: nothing after it is computed. With
+    ``fp_inputs`` (GPTAQ: each head's full-precision inputs, per batch) every group also
+    gets the cross term ``dXXT``; otherwise its slot is None.
     """
     hessians: dict[str, Hessian] = {}
     handles = []
+    batch = [0]  # the batch being run, for the hooks
     for g, group in enumerate(groups):
         head = group[0]
         in_features, _ = features(layer.get_submodule(head))
-        hessians[head] = Hessian(in_features, device, options.hessian_precision)
+        kind = Hessian if fp_inputs is None else AsymmetricHessian
+        hessians[head] = kind(in_features, device, options.hessian_precision)
 
         def hook(
             _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
         ) -> None:
             with phases("hessian"):
-                hessians[head].add(inputs[0])
+                if fp_inputs is None:
+                    hessians[head].add(inputs[0])
+                else:
+                    hessians[head].add_pair(inputs[0], fp_inputs[head][batch[0]])
             if stop:
                 raise StopForward
 
@@ -89,12 +103,45 @@ def _collect_hessians(
     try:
         with phases("forward+hessian"):
             for b, h in enumerate(acts.hidden):
+                batch[0] = b
                 with contextlib.suppress(StopForward):
                     layer(h, *acts.args[index][b], **acts.kwargs[index][b])
     finally:
         for handle in handles:
             handle.remove()
-    return {head: acc.result() for head, acc in hessians.items()}
+    return {
+        head: (acc.result(), acc.cross_result() if fp_inputs is not None else None)
+        for head, acc in hessians.items()
+    }
+
+
+@torch.no_grad()
+def _full_precision_pass(
+    layer: nn.Module, heads: list[str], acts: Activations, fp_hidden: list[torch.Tensor], index: int
+) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """GPTAQ's full-precision stream through one layer that still has its original weights.
+
+    Returns each head module's inputs per batch (the ``X`` of ``||Q X~ - W X||``) and the
+    layer's outputs, the next layer's full-precision inputs. The arguments (masks, rotary
+    tables) are the quantized stream's: they do not depend on the weights.
+    """
+    inputs: dict[str, list[torch.Tensor]] = {head: [] for head in heads}
+
+    def hook(_module: nn.Module, args: tuple, head: str) -> None:
+        inputs[head].append(args[0].detach())
+
+    handles = [
+        layer.get_submodule(head).register_forward_pre_hook(
+            lambda m, a, head=head: hook(m, a, head)
+        )
+        for head in heads
+    ]
+    try:
+        outputs = forward_layer(layer, Activations(fp_hidden, acts.args, acts.kwargs), index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs
 
 
 def _solve(
@@ -103,6 +150,7 @@ def _solve(
     s: ModuleSettings,
     cfg: QuantizeConfig,
     solver: str = "auto",
+    dXXT: torch.Tensor | None = None,
 ) -> QuantizedWeight:
     min_zero = 1 if cfg.checkpoint_format == CheckpointFormat.GPTQ and not s.sym else 0
     if H is None:
@@ -122,6 +170,8 @@ def _solve(
         mse=s.mse,
         min_zero=min_zero,
         solver=solver,
+        dXXT=dXXT,
+        gptaq_alpha=cfg.gptaq_alpha,
     )
 
 
@@ -133,6 +183,7 @@ def _solve_group(
     settings: dict[str, ModuleSettings],
     cfg: QuantizeConfig,
     options: EngineOptions,
+    dXXT: torch.Tensor | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Quantize the modules of one group. GPTQ treats rows independently given ``H``, so
     modules that share ``H`` and settings (q/k/v, gate/up) are stacked and solved once."""
@@ -140,14 +191,15 @@ def _solve_group(
     same = all(settings[names[short]] == settings[names[group[0]]] for short in group)
     if options.fuse and same and len(group) > 1:
         weights = [weight_matrix(m) for m in modules]
-        q = _solve(torch.cat(weights, 0), H, settings[names[group[0]]], cfg, options.solver)
+        s = settings[names[group[0]]]
+        q = _solve(torch.cat(weights, 0), H, s, cfg, options.solver, dXXT)
         out, start = {}, 0
         for short, w in zip(group, weights, strict=True):
             out[short] = q.rows(start, start + w.shape[0])
             start += w.shape[0]
         return out
     return {
-        short: _solve(weight_matrix(m), H, settings[names[short]], cfg, options.solver)
+        short: _solve(weight_matrix(m), H, settings[names[short]], cfg, options.solver, dXXT)
         for short, m in zip(group, modules, strict=True)
     }
 
@@ -249,6 +301,9 @@ def _quantize_layers(
     fmt = cfg.checkpoint_format
     layers = model.get_submodule(arch.layers)
     packed: dict[str, torch.Tensor] = {}
+    # GPTAQ: the full-precision stream, layer 0's inputs being the same for both streams
+    gptaq = cfg.gptaq and cfg.method != Method.RTN
+    fp_hidden = list(acts.hidden) if gptaq else None
     fetched = mover.fetch(layers[0])
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
@@ -260,6 +315,12 @@ def _quantize_layers(
         if evaluation is not None:  # original weights: the "before" stream
             evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
+        fp_inputs = None
+        if gptaq:  # original weights: the full-precision stream, and each head's inputs
+            kept = [[n for n in g if names[n] in settings] for g in arch.groups]
+            heads = [] if resumed else [g[0] for g in kept if g]
+            with phases("forward"):
+                fp_inputs, fp_hidden = _full_precision_pass(layer, heads, acts, fp_hidden, i)
         losses: dict[str, dict[str, float]] = {}
         layer_packed: dict[str, torch.Tensor] = {}
         if resumed:
@@ -279,21 +340,23 @@ def _quantize_layers(
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
-                    else _collect_hessians(layer, groups, acts, i, device, options, phases)
+                    else _collect_hessians(
+                        layer, groups, acts, i, device, options, phases, fp_inputs
+                    )
                 )
                 for group in groups:
+                    H, dXXT = hessians.get(group[0], (None, None))
                     with phases("solve"):
-                        results = _solve_group(
-                            layer, group, names, hessians.get(group[0]), settings, cfg, options
-                        )
+                        results = _solve_group(layer, group, names, H, settings, cfg, options, dXXT)
                     for short, q in results.items():
                         full = names[short]
                         set_weight_matrix(layer.get_submodule(short), q.weight)
                         with phases("pack"):
                             layer_packed.update(packed_tensors(full, q, settings[full].bits, fmt))
                         losses[full] = {"loss": round(q.loss, 6), "damp": round(q.damp, 6)}
-                    del results
+                    del results, H, dXXT
                 del hessians
+        del fp_inputs
         with phases("forward"):
             acts.hidden = forward_layer(layer, acts, i)
         if evaluation is not None:

@@ -72,6 +72,34 @@ class Hessian:
         return self.sum.mul_(2 / max(self.count, 1))
 
 
+class AsymmetricHessian(Hessian):
+    """``H = 2/n X~ X~^T`` and GPTAQ's cross term ``dXXT = 2/n (X - X~) X~^T`` (both ``[in, in]``).
+
+    ``X~`` are the layer inputs of the partly quantized model (what the quantized weights
+    will see), ``X`` the inputs of the full-precision model (GPTAQ, arXiv:2504.02692,
+    section 3.1: the objective is ``min ||Q X~ - W X||``). Batches come as ``[tokens, in]``
+    pairs; the difference is taken in the inputs' dtype (Sterbenz: exact where the two
+    streams are within a factor 2 of each other) and multiplied like ``H``.
+    """
+
+    def __init__(self, features: int, device: torch.device, precision: str = "tensor-core"):
+        super().__init__(features, device, precision)
+        self.cross = torch.zeros_like(self.sum)
+
+    def add_pair(self, x: torch.Tensor, x_fp: torch.Tensor) -> None:
+        """``x`` (quantized stream) and ``x_fp`` (full-precision stream), same shape."""
+        self.add(x)
+        x = x.reshape(-1, x.shape[-1])
+        dx = x_fp.reshape(-1, x_fp.shape[-1]) - x  # [tokens, in]
+        if self.fast and x.dtype in (torch.float16, torch.bfloat16):
+            self.cross += torch.mm(dx.t(), x, out_dtype=torch.float32)
+        else:
+            self.cross.addmm_(dx.float().t(), x.float())
+
+    def cross_result(self) -> torch.Tensor:
+        return self.cross.mul_(2 / max(self.count, 1))
+
+
 @functools.cache
 def _has_mm_dtype() -> bool:
     """Whether this torch has ``torch.mm(..., out_dtype=)`` on CUDA (asked once per process)."""
@@ -222,6 +250,8 @@ def gptq_quantize(
     min_zero: int = 0,
     block_size: int = 128,
     solver: str = "auto",
+    dXXT: torch.Tensor | None = None,
+    gptaq_alpha: float = 0.25,
 ) -> QuantizedWeight:
     """Quantize ``W`` (``[out, in]``) column by column, compensating with ``H`` (``[in, in]``).
 
@@ -231,6 +261,11 @@ def gptq_quantize(
     ``H`` is not modified. ``solver`` picks the block loop: ``torch`` (a Python loop over
     columns), ``triton`` (one kernel per block, :mod:`gptq_worker.quant.solve_triton`) or
     ``auto`` (Triton on CUDA when it is installed). Both give the same bits.
+
+    ``dXXT`` (``[in, in]``, from :class:`AsymmetricHessian`) turns on GPTAQ's asymmetric
+    calibration: ``H`` is then built from the quantized model's inputs ``X~`` and the
+    solve minimises ``||Q X~ - W X||`` instead of ``||Q X~ - W X~||``, with the correction
+    :func:`gptaq_correction` scaled by ``gptaq_alpha``. ``dXXT = 0`` gives plain GPTQ.
     """
     out_features, in_features = W.shape
     if group_size != -1 and in_features % group_size:
@@ -245,6 +280,9 @@ def gptq_quantize(
     dead = torch.diag(H) == 0  # inputs never seen: their weights cannot matter
     H[dead, dead] = 1
     W[:, dead] = 0
+    if dXXT is not None:
+        dXXT = dXXT.detach().float().clone()
+        dXXT[:, dead] = 0
 
     groups = 1 if group_size == -1 else in_features // group_size
     dev = W.device
@@ -266,8 +304,12 @@ def gptq_quantize(
     if desc_act:  # act-order: most salient inputs first (section 4, "act-order")
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
+        if dXXT is not None:
+            dXXT = dXXT[perm][:, perm]
 
     Hinv, damp = inverse_hessian_cholesky(H, damp_percent, damp_increment)  # [in, in] upper
+    P = None if dXXT is None else gptaq_correction(dXXT, Hinv, gptaq_alpha)  # [in, in]
+    del dXXT
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     losses = torch.zeros(out_features, device=dev)
@@ -302,9 +344,16 @@ def gptq_quantize(
             S, Z = scales[g].t(), zeros[g].t()  # [out, b]
         W1 = W[:, i1:i2].clone()  # [out, b]
         Hinv1 = Hinv[i1:i2, i1:i2]
-        Q1, C1, Err1 = solve_block(W1, Hinv1, S.contiguous(), Z.contiguous(), maxq, losses)
+        S, Z = S.contiguous(), Z.contiguous()
+        if P is None:
+            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses)
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        else:
+            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P[i1:i2, i1:i2])
+            # each column as it was just before it was quantized: w = q + err * d
+            Wpre1 = Q1 + Err1 * torch.diagonal(Hinv1)[None, :]  # [out, b]
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:] - Wpre1 @ P[i1:i2, i2:]
         Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     if group_size == -1:
         g_idx = torch.zeros(in_features, dtype=torch.int32, device=dev)
@@ -327,6 +376,19 @@ def gptq_quantize(
     )
 
 
+def gptaq_correction(dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GPTAQ's ``P = alpha * triu(dXXT U^T, 1) U`` (``[in, in]``; arXiv:2504.02692, section 4).
+
+    ``U`` is the upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``), as used by the solve.
+    When column ``i`` is quantized, the later columns ``j > i`` move by ``w_i * P[i, j]`` on
+    top of GPTQ's ``-err_i * U[i, j]``: the part of the asymmetric term ``W dX X~^T H^-1``
+    that row ``i`` of the Cholesky factorisation reaches. ``P`` is strictly upper triangular
+    (row ``i`` only touches later columns), so quantizing column ``i`` itself is unchanged.
+    ``alpha`` (GPTQModel's ``GPTAQConfig.alpha``, 0.25) damps the term.
+    """
+    return alpha * torch.triu(dXXT @ Hinv.t(), diagonal=1) @ Hinv
+
+
 def solve_block_torch(
     W1: torch.Tensor,
     Hinv1: torch.Tensor,
@@ -334,11 +396,14 @@ def solve_block_torch(
     Z: torch.Tensor,
     maxq: int,
     losses: torch.Tensor,
+    P1: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One block of Algorithm 1, column by column: (dequantized, codes, errors).
 
     ``W1`` (``[out, b]``) is updated in place; each column ``i`` uses scale ``S[:, i]`` and
-    zero ``Z[:, i]``; ``losses`` (``[out]``) gets the block's loss added.
+    zero ``Z[:, i]``; ``losses`` (``[out]``) gets the block's loss added. ``P1``
+    (``[b, b]``, strictly upper triangular) adds GPTAQ's term: column ``i``'s value before
+    quantization, times ``P1[i, i:]``, moves the later columns towards ``W X``.
     """
     Q1, C1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
     for i in range(W1.shape[1]):
@@ -350,7 +415,10 @@ def solve_block_torch(
         diff = w - dq
         losses += diff * diff / (d * d) * 0.5
         err = diff / d
-        W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        if P1 is None:
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+        else:
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :] - w[:, None] * P1[i, i:][None, :]
         Q1[:, i], C1[:, i], Err1[:, i] = dq, q, err
     return Q1, C1, Err1
 

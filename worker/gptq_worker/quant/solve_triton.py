@@ -36,11 +36,13 @@ def _gptq_block_kernel(
     C_ptr,  # [rows, B] fp32 out: codes
     E_ptr,  # [rows, B] fp32 out: errors divided by the pivot
     L_ptr,  # [rows] fp32 out: this block's loss per row (added)
+    P_ptr,  # [B, B] fp32, GPTAQ's correction of the block (read only when HAS_P)
     rows,
     cols,
     maxq,
     B: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    HAS_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -63,7 +65,11 @@ def _gptq_block_kernel(
         loss += tl.math.div_rn(diff * diff, d * d) * 0.5
         err = tl.math.div_rn(diff, d)
         h = tl.load(Hinv_ptr + i * B + c, mask=(c >= i) & cmask, other=0.0)
-        W = W - err[:, None] * h[None, :]
+        if HAS_P:  # the torch loop's ``err * h - w * p``, in the same order
+            p = tl.load(P_ptr + i * B + c, mask=(c >= i) & cmask, other=0.0)
+            W = W - (err[:, None] * h[None, :] - w[:, None] * p[None, :])
+        else:
+            W = W - err[:, None] * h[None, :]
         tl.store(Q_ptr + r * B + i, dq, mask=rmask)
         tl.store(C_ptr + r * B + i, q, mask=rmask)
         tl.store(E_ptr + r * B + i, err, mask=rmask)
@@ -77,11 +83,13 @@ def solve_block_triton(
     Z: torch.Tensor,
     maxq: int,
     losses: torch.Tensor,
+    P1: torch.Tensor | None = None,
     block_rows: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dequantized, codes, errors) of the block; ``losses`` ``[rows]`` is added to in place.
 
-    ``W1``, ``S``, ``Z`` are ``[rows, b]``, ``Hinv1`` is ``[b, b]``, all fp32; ``b`` <= 128.
+    ``W1``, ``S``, ``Z`` are ``[rows, b]``, ``Hinv1`` and GPTAQ's ``P1`` (optional) are
+    ``[b, b]``, all fp32; ``b`` <= 128.
     """
     rows, b = W1.shape
     B = max(16, triton.next_power_of_2(b))
@@ -98,11 +106,15 @@ def solve_block_triton(
     Hp = torch.zeros(B, B, dtype=torch.float32, device=Hinv1.device)
     Hp[:b, :b] = Hinv1
     Hp[range(b, B), range(b, B)] = 1.0  # never read: columns past b are masked
+    Pp = Hp  # a placeholder the kernel does not read
+    if P1 is not None:
+        Pp = torch.zeros(B, B, dtype=torch.float32, device=Hinv1.device)
+        Pp[:b, :b] = P1
     Q, C, E = (torch.empty(rows, B, dtype=torch.float32, device=W1.device) for _ in range(3))
     grid = (triton.cdiv(rows, block_rows),)
     _gptq_block_kernel[grid](
-        W, Hp, Sp, Zp, Q, C, E, losses, rows, b, float(maxq),
-        B=B, BLOCK_R=block_rows, enable_fp_fusion=False,
+        W, Hp, Sp, Zp, Q, C, E, losses, Pp, rows, b, float(maxq),
+        B=B, BLOCK_R=block_rows, HAS_P=P1 is not None, enable_fp_fusion=False,
     )  # fmt: skip
     return Q[:, :b], C[:, :b], E[:, :b]
 
