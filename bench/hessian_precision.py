@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from gptq_worker.quant.gptq import Hessian
+from gptq_worker.quant.hessian import Hessian
 
 
 def main() -> None:

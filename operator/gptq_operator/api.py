@@ -128,7 +128,7 @@ class Scheduling(_Model):
     tolerations: list[Toleration] | None = None
 
 
-Remediation = Literal["descAct", "smallerGroup", "eightBit"]
+Remediation = Literal["descAct", "mseScales", "smallerGroup", "eightBit"]
 
 
 class QualityGate(_Model):
@@ -148,10 +148,11 @@ class QualityGate(_Model):
     eval_dataset: str | None = Field(None, description="text to score; default: calibration")
     remediation: list[Remediation] | None = Field(
         None,
-        max_length=3,
+        max_length=4,
         description=(
-            "retry ladder when the gate fails, in order: descAct (act-order), smallerGroup "
-            "(halve group size), eightBit"
+            "retry ladder when the gate fails, in order: descAct (act-order; already on "
+            "by default), mseScales (scale grid search, slower), smallerGroup (halve group "
+            "size), eightBit"
         ),
     )
 

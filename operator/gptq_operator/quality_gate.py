@@ -13,6 +13,8 @@ REMEDIATIONS = {
         ),
     ),
     "eightBit": ("8-bit", lambda q: q.model_copy(update={"bits": 8})),
+    # the scale grid search: slower (3-5x on the benchmark model), best at 3 bits and asym
+    "mseScales": ("MSE-searched scales", lambda q: q.model_copy(update={"mse": 2.4})),
 }
 
 

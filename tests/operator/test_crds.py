@@ -69,7 +69,7 @@ def test_names_columns_and_subresources():
         "type": "integer",
     }
     rules = json.dumps(spec["x-kubernetes-validations"])
-    assert "descAct" in rules and "calibration.dataset" in rules
+    assert "output.uri must differ" in rules and "calibration.dataset" in rules
     tp = qmodel["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
         "properties"
     ]["tensorParallelSize"]

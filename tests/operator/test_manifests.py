@@ -231,7 +231,7 @@ def test_quality_gate_and_remediation_ladder():
     gate = QualityGate(
         max_perplexity_increase=0.2,
         max_perplexity_increase_percent=1.0,
-        remediation=["descAct", "smallerGroup", "eightBit"],
+        remediation=["descAct", "mseScales", "smallerGroup", "eightBit"],
     )
     assert gate_verdict(gate, 10.0, 10.05)[0]
     ok, why = gate_verdict(gate, 10.0, 10.5)
@@ -239,13 +239,17 @@ def test_quality_gate_and_remediation_ladder():
     ok, why = gate_verdict(QualityGate(max_perplexity_increase_percent=1.0), 10.0, 10.15)
     assert not ok and "1.50%" in why
     assert not gate_verdict(gate, None, None)[0]
-    spec = QuantizationJobSpec.model_validate({**SPEC, "qualityGate": gate.model_dump()})
-    steps = [spec_for_attempt(spec, {}, n).quantization for n in (1, 2, 3, 4)]
-    assert [(q.desc_act, q.group_size, q.bits) for q in steps] == [
-        (False, 128, 4),
-        (True, 128, 4),
-        (True, 64, 4),
-        (True, 64, 8),
+    plain = {"descAct": False}
+    spec = QuantizationJobSpec.model_validate(
+        {**SPEC, "quantization": plain, "qualityGate": gate.model_dump()}
+    )
+    steps = [spec_for_attempt(spec, {}, n).quantization for n in (1, 2, 3, 4, 5)]
+    assert [(q.desc_act, q.mse, q.group_size, q.bits) for q in steps] == [
+        (False, 0.0, 128, 4),
+        (True, 0.0, 128, 4),
+        (True, 2.4, 128, 4),
+        (True, 2.4, 64, 4),
+        (True, 2.4, 64, 8),
     ]
 
 

@@ -130,7 +130,7 @@ def test_config_file_with_cli_overrides(run, tmp_path, model_dir, calibration_fi
         f"model: {model_dir('llama')}\n"
         f"output: {tmp_path / 'out'}\n"
         "device: cpu\n"
-        "quantization:\n  bits: 3\n  groupSize: 64\n  descAct: true\n"
+        "quantization:\n  bits: 3\n  groupSize: 64\n  descAct: true\n  staticGroups: false\n"
         f"calibration:\n  dataset: {calibration_file}\n  nsamples: 4\n  seqlen: 64\n"
     )
     code, out = run("--config", str(config), "--bits", "4")

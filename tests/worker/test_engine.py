@@ -234,13 +234,15 @@ def test_termination_message_carries_the_result(model_dir, tmp_path, calibration
     ]
     assert main(args) == 0
     result = json.loads(message.read_text())
+    shapes = result["format"].pop("shapes")
     assert result["format"] == {
         "bits": 4,
         "groupSize": 128,
-        "descAct": True,  # the default
+        "descAct": False,  # the default, static act-order, is written as desc_act false
         "sym": True,
         "checkpointFormat": "gptq",
     }
+    assert {"name": "down_proj", "inFeatures": 256, "outFeatures": 128} in shapes
     assert "vllm/marlin" in result["kernels"] and result["checkpointBytes"] > 0
     assert result["perplexityAfter"] > 0 and result["perplexityBefore"] > 0
     bad = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in args]

@@ -31,7 +31,8 @@ from gptq_worker.pipeline.driver import EngineOptions, quantize_layers
 from gptq_worker.pipeline.plan import plan
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
-from gptq_worker.quant.gptq import Hessian, accumulate_hessian, gptq_quantize
+from gptq_worker.quant.gptq import gptq_quantize
+from gptq_worker.quant.hessian import Hessian, accumulate_hessian
 
 STRAIGHT = EngineOptions(hessian_precision="fp32", solver="torch", fuse=False, profile=False)
 FAST = EngineOptions(profile=False)

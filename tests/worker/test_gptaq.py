@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from gptq_worker.quant.gptq import (
-    AsymmetricHessian,
     dequantize,
     find_params,
     gptq_quantize,
     inverse_hessian_cholesky,
     quantize,
 )
+from gptq_worker.quant.hessian import AsymmetricHessian
 
 CPU = torch.device("cpu")
 

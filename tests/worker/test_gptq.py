@@ -7,12 +7,12 @@ import torch
 
 from gptq_worker.quant.gptq import (
     HessianNotPositiveDefinite,
-    accumulate_hessian,
     find_params,
     gptq_quantize,
     inverse_hessian_cholesky,
     rtn_quantize,
 )
+from gptq_worker.quant.hessian import accumulate_hessian
 
 
 def _calibration(in_features: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:

@@ -32,17 +32,13 @@ from gptq_worker.pipeline.arch import (
     set_weight_matrix,
     weight_matrix,
 )
-from gptq_worker.pipeline.capture import Activations, StopForward, forward_layer
+from gptq_worker.pipeline.capture import Activations, forward_layer
+from gptq_worker.pipeline.hessians import collect_hessians, full_precision_pass
 from gptq_worker.pipeline.mover import LayerMover, Phases
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
-from gptq_worker.quant.gptq import (
-    AsymmetricHessian,
-    Hessian,
-    QuantizedWeight,
-    gptq_quantize,
-    rtn_quantize,
-)
+from gptq_worker.quant.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
+from gptq_worker.quant.hessian import Hessian
 
 if TYPE_CHECKING:
     from gptq_worker.pipeline.eval_stream import EvalStreams
@@ -60,88 +56,6 @@ class EngineOptions:
     solver: str = "auto"  # "torch", "triton", or auto: Triton on CUDA
     fuse: bool = True  # modules that share a Hessian and settings are solved as one matrix
     profile: bool = field(default_factory=lambda: os.environ.get("GPTQ_WORKER_PROFILE") == "1")
-
-
-@torch.no_grad()
-def _collect_hessians(
-    layer: nn.Module,
-    groups: list[list[str]],
-    acts: Activations,
-    index: int,
-    device: torch.device,
-    options: EngineOptions,
-    phases: Phases,
-    fp_inputs: dict[str, list[torch.Tensor]] | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
-
-    The pass stops at the last group's first module: nothing after it is computed. With
-    ``fp_inputs`` (GPTAQ: each head's full-precision inputs, per batch) every group also
-    gets the cross term ``dXXT``; otherwise its slot is None.
-    """
-    hessians: dict[str, Hessian] = {}
-    handles = []
-    batch = [0]  # the batch being run, for the hooks
-    for g, group in enumerate(groups):
-        head = group[0]
-        in_features, _ = features(layer.get_submodule(head))
-        kind = Hessian if fp_inputs is None else AsymmetricHessian
-        hessians[head] = kind(in_features, device, options.hessian_precision)
-
-        def hook(
-            _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
-        ) -> None:
-            with phases("hessian"):
-                if fp_inputs is None:
-                    hessians[head].add(inputs[0])
-                else:
-                    hessians[head].add_pair(inputs[0], fp_inputs[head][batch[0]])
-            if stop:
-                raise StopForward
-
-        handles.append(layer.get_submodule(head).register_forward_pre_hook(hook))
-    try:
-        with phases("forward+hessian"):
-            for b, h in enumerate(acts.hidden):
-                batch[0] = b
-                with contextlib.suppress(StopForward):
-                    layer(h, *acts.args[index][b], **acts.kwargs[index][b])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {
-        head: (acc.result(), acc.cross_result() if fp_inputs is not None else None)
-        for head, acc in hessians.items()
-    }
-
-
-@torch.no_grad()
-def _full_precision_pass(
-    layer: nn.Module, heads: list[str], acts: Activations, fp_hidden: list[torch.Tensor], index: int
-) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
-    """GPTAQ's full-precision stream through one layer that still has its original weights.
-
-    Returns each head module's inputs per batch (the ``X`` of ``||Q X~ - W X||``) and the
-    layer's outputs, the next layer's full-precision inputs. The arguments (masks, rotary
-    tables) are the quantized stream's: they do not depend on the weights.
-    """
-    inputs: dict[str, list[torch.Tensor]] = {head: [] for head in heads}
-
-    def hook(_module: nn.Module, args: tuple, head: str) -> None:
-        inputs[head].append(args[0].detach())
-
-    handles = [
-        layer.get_submodule(head).register_forward_pre_hook(
-            lambda m, a, head=head: hook(m, a, head)
-        )
-        for head in heads
-    ]
-    try:
-        outputs = forward_layer(layer, Activations(fp_hidden, acts.args, acts.kwargs), index)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs, outputs
 
 
 def _solve(
@@ -320,7 +234,7 @@ def _quantize_layers(
             kept = [[n for n in g if names[n] in settings] for g in arch.groups]
             heads = [] if resumed else [g[0] for g in kept if g]
             with phases("forward"):
-                fp_inputs, fp_hidden = _full_precision_pass(layer, heads, acts, fp_hidden, i)
+                fp_inputs, fp_hidden = full_precision_pass(layer, heads, acts, fp_hidden, i)
         losses: dict[str, dict[str, float]] = {}
         layer_packed: dict[str, torch.Tensor] = {}
         if resumed:
@@ -340,8 +254,15 @@ def _quantize_layers(
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
-                    else _collect_hessians(
-                        layer, groups, acts, i, device, options, phases, fp_inputs
+                    else collect_hessians(
+                        layer,
+                        groups,
+                        acts,
+                        i,
+                        device,
+                        options.hessian_precision,
+                        phases,
+                        fp_inputs,
                     )
                 )
                 for group in groups:
