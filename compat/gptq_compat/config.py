@@ -47,9 +47,28 @@ OVERRIDABLE = ("bits", "group_size", "sym", "desc_act", "damp_percent", "static_
 class ModuleSettings(_Model):
     """The settings that apply to one module once ``dynamic`` overrides are resolved."""
 
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128
-    sym: bool = True
+    bits: Literal[2, 3, 4, 8] = Field(
+        4, description="bits per weight: 2, 3, 4 (the default) or 8; fewer is smaller and lossier"
+    )
+    group_size: int = Field(
+        128,
+        description="weight columns that share one scale and zero point, e.g. 32, 64 or 128 "
+        "(the default); -1: one group per output channel",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self == -1 || self >= 1",
+                    "message": "groupSize must be -1 (one group per output channel) or a "
+                    "positive number of columns, e.g. 128",
+                }
+            ]
+        },
+    )
+    sym: bool = Field(
+        True,
+        description="symmetric quantization: zero points fixed at the middle of the grid "
+        "(default true; many serving kernels need it)",
+    )
     # act-order with static groups (and GPTAQ below) are on by default: chosen from
     # bench/quality.py and bench/speed.py (bench/README.md). Static groups keep g_idx in
     # column order, so the checkpoint loads in every kernel exactly as without act-order.
@@ -61,7 +80,13 @@ class ModuleSettings(_Model):
         description="group scales from the unpermuted weights before the solve (g_idx stays "
         "in column order, so act-order checkpoints load in every kernel)",
     )
-    damp_percent: float = Field(0.01, gt=0, lt=1)
+    damp_percent: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="dampening added to the Hessian's diagonal, as a fraction of its mean "
+        "(between 0 and 1, default 0.01); grows by dampAutoIncrement while Cholesky fails",
+    )
     mse: float = Field(0.0, ge=0, description="Norm of the scale grid search; 0 turns it off.")
 
     @field_validator("group_size")
@@ -77,7 +102,11 @@ class ModuleSettings(_Model):
 class QuantizeConfig(ModuleSettings):
     """How to quantize a model: the ``quantization`` block of a QuantizationJob."""
 
-    method: Method = Method.GPTQ
+    method: Method = Field(
+        Method.GPTQ,
+        description="gptq (the default): the second-order solve; rtn: round-to-nearest, the "
+        "baseline",
+    )
     gptaq: bool = Field(
         True,
         description=(
@@ -90,18 +119,41 @@ class QuantizeConfig(ModuleSettings):
     gptaq_alpha: float = Field(
         0.25, gt=0, le=1, description="Weight of GPTAQ's asymmetric term (GPTQModel's alpha)."
     )
-    true_sequential: bool = True
+    true_sequential: bool = Field(
+        True,
+        description="quantize a layer's modules in order (attention before MLP), each "
+        "calibrated on the inputs the previous ones' quantized outputs give (default true)",
+    )
     damp_auto_increment: float = Field(
         0.0025, gt=0, lt=1, description="Added to damp_percent each time Cholesky fails."
     )
-    checkpoint_format: CheckpointFormat = CheckpointFormat.GPTQ
-    lm_head: bool = False
+    checkpoint_format: CheckpointFormat = Field(
+        CheckpointFormat.GPTQ,
+        description="how zero points are stored: gptq (v1, the default; what serving engines "
+        "load) stores zero - 1, gptq_v2 the true zero",
+    )
+    lm_head: bool = Field(
+        False, description="also quantize the output projection lm_head (default false)"
+    )
     dynamic: dict[str, dict[str, Any]] | None = Field(
         None,
         description=(
             "Per-module overrides keyed by regex (GPTQModel syntax): '+:regex' (or a plain "
-            "regex) overrides settings, '-:regex' leaves the module unquantized."
+            "regex) overrides settings, '-:regex' leaves the module unquantized; e.g. "
+            '{"+:.*down_proj": {"bits": 8}, "-:.*mlp.gate": {}}. Overridable: bits, group_size, '
+            "sym, desc_act, damp_percent, static_groups, mse."
         ),
+        # The API server refuses empty patterns; whether a key is a valid regex and which
+        # settings it overrides are checked by the operator (pydantic, below) at reconcile.
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.all(k, !(k in ['', '+:', '-:']))",
+                    "message": "a dynamic key is a module regex, '+:regex' (override) or "
+                    "'-:regex' (leave unquantized); the regex cannot be empty",
+                }
+            ]
+        },
     )
 
     @field_validator("dynamic")
@@ -172,10 +224,18 @@ class CalibrationConfig(_Model):
             "dataset name (needs network). Required to quantize."
         ),
     )
-    profile: CalibrationProfile = CalibrationProfile.GENERAL
-    nsamples: Annotated[int, Field(ge=1)] | None = None
-    seqlen: Annotated[int, Field(ge=8)] | None = None
-    seed: int = 0
+    profile: CalibrationProfile = Field(
+        CalibrationProfile.GENERAL,
+        description="preset amount of text: general (the default, 128 samples of 2048 "
+        "tokens), code (256 of 2048) or long-context (128 of 4096)",
+    )
+    nsamples: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="calibration samples, e.g. 128; default: the profile's"
+    )
+    seqlen: Annotated[int, Field(ge=8)] | None = Field(
+        None, description="tokens per sample (at least 8), e.g. 2048; default: the profile's"
+    )
+    seed: int = Field(0, description="seed of the sample draw (default 0), for repeatable runs")
 
     def resolved(self) -> tuple[int, int]:
         """(nsamples, seqlen): explicit values, else the profile's."""

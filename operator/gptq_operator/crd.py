@@ -39,6 +39,7 @@ class Kind:
     spec: type[BaseModel]
     status: type[BaseModel]
     columns: tuple[dict, ...]
+    name_rule: tuple[str, str]  # CEL on metadata.name, with its message
     scale: bool = False
 
 
@@ -54,6 +55,15 @@ def _col(
 
 
 AGE = _col("Age", ".metadata.creationTimestamp", "date")
+READY_REASON = _col(
+    "Reason", '.status.conditions[?(@.type=="Ready")].reason', description="why (not) Ready"
+)
+
+# The name is a label value of every child object (63 characters at most); child names
+# (``<name>-worker-<attempt>``, ``<name>-<backend>``) are shortened with a hash by
+# manifests.child_name, so they set no lower limit. A QuantizedModel's name is also its
+# Service's name, itself at most 63.
+NAME_LIMIT = 63
 
 KINDS = (
     Kind(
@@ -66,13 +76,25 @@ KINDS = (
         columns=(
             _col("Phase", ".status.phase"),
             _col("Progress", ".status.progress.message"),
+            _col(
+                "ETA-Seconds",
+                ".status.progress.etaSeconds",
+                "number",
+                description="estimated seconds until the worker is done",
+            ),
             _col("Model", ".spec.model.uri"),
             _col("Bits", ".spec.quantization.bits", "integer"),
             _col("Group", ".spec.quantization.groupSize", "integer", 1),
             _col("PPL-Before", ".status.result.perplexityBefore", "number", 1),
             _col("PPL-After", ".status.result.perplexityAfter", "number", 1),
             _col("Output", ".spec.output.uri", priority=1),
+            READY_REASON,
             AGE,
+        ),
+        name_rule=(
+            f"self.metadata.name.size() <= {NAME_LIMIT}",
+            f"metadata.name must be at most {NAME_LIMIT} characters: the worker's objects "
+            "carry it as a label value",
         ),
     ),
     Kind(
@@ -85,12 +107,24 @@ KINDS = (
         scale=True,
         columns=(
             _col("Ready", '.status.conditions[?(@.type=="Ready")].status'),
-            _col("Replicas", ".status.readyReplicas", "integer"),
+            _col("Desired", ".spec.replicas", "integer", description="replicas asked for"),
+            _col(
+                "Ready-Replicas",
+                ".status.readyReplicas",
+                "integer",
+                description="replicas ready for requests",
+            ),
+            READY_REASON,
             _col("Backend", ".status.backend"),
             _col("Kernel", ".status.kernel", priority=1),
             _col("Endpoint", ".status.endpoint"),
             _col("Source", ".spec.source.job", priority=1),
             AGE,
+        ),
+        name_rule=(
+            f"self.metadata.name.size() <= {NAME_LIMIT}",
+            f"metadata.name must be at most {NAME_LIMIT} characters: it names the model's "
+            "Service and is a label value of its pods",
         ),
     ),
 )
@@ -211,6 +245,9 @@ def crd(kind: Kind) -> dict[str, Any]:
                             "type": "object",
                             "description": (kind.spec.__doc__ or kind.kind).strip().splitlines()[0],
                             "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {"rule": kind.name_rule[0], "message": kind.name_rule[1]}
+                            ],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},

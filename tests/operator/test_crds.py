@@ -54,16 +54,34 @@ def test_names_columns_and_subresources():
         "statusReplicasPath": ".status.replicas",
         "labelSelectorPath": ".status.selector",
     }
-    assert [c["name"] for c in qjob["spec"]["versions"][0]["additionalPrinterColumns"]][:4] == [
+    columns = {
+        k["spec"]["names"]["kind"]: {
+            c["name"]: c["jsonPath"] for c in k["spec"]["versions"][0]["additionalPrinterColumns"]
+        }
+        for k in (qjob, qmodel)
+    }
+    assert list(columns["QuantizationJob"])[:5] == [
         "Phase",
         "Progress",
+        "ETA-Seconds",
         "Model",
         "Bits",
     ]
+    assert columns["QuantizationJob"]["ETA-Seconds"] == ".status.progress.etaSeconds"
+    ready_reason = '.status.conditions[?(@.type=="Ready")].reason'
+    assert (
+        columns["QuantizationJob"]["Reason"] == columns["QuantizedModel"]["Reason"] == ready_reason
+    )
+    assert columns["QuantizedModel"]["Desired"] == ".spec.replicas"
+    assert columns["QuantizedModel"]["Ready-Replicas"] == ".status.readyReplicas"
+    for k in (qjob, qmodel):
+        root = k["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert root["x-kubernetes-validations"][0]["rule"] == "self.metadata.name.size() <= 63"
     spec = qjob["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     quantization = spec["properties"]["quantization"]
     assert quantization["default"] == {}  # so the server fills bits=4, groupSize=128, ...
-    assert quantization["properties"]["bits"] == {
+    bits = quantization["properties"]["bits"]
+    assert {k: bits[k] for k in ("default", "enum", "type")} == {
         "default": 4,
         "enum": [2, 3, 4, 8],
         "type": "integer",

@@ -56,12 +56,42 @@ def with_changes(base: dict, **spec_paths) -> dict:
     return body
 
 
+MODEL_URI = "model.uri must be hf://org/name[@revision], s3://bucket/prefix or pvc://claim/path"
+GROUP_SIZE = (
+    "groupSize must be -1 (one group per output channel) or a positive number of columns, e.g. 128"
+)
+DYNAMIC_KEY = (
+    "a dynamic key is a module regex, '+:regex' (override) or '-:regex' (leave "
+    "unquantized); the regex cannot be empty"
+)
+
 INVALID_JOBS = [
     ("no model", {"model": ...}, "spec.model: Required value"),
-    ("ftp model", {"model__uri": "ftp://host/model"}, "spec.model.uri"),
-    ("hf without org", {"model__uri": "hf://llama"}, "spec.model.uri"),
+    ("ftp model", {"model__uri": "ftp://host/model"}, MODEL_URI),
+    ("hf without org", {"model__uri": "hf://llama"}, MODEL_URI),
+    (
+        "credentials in model uri",
+        {"model__uri": "s3://key:secret@models/llama"},
+        "model.uri must not hold credentials (user:password@); put them in a Secret and "
+        "name it in model.secretRef",
+    ),
+    (
+        "credentials in output uri",
+        {"output__uri": "hf://user:token@acme/llama-w4", "output__secretRef": {"name": "hf"}},
+        "output.uri must not hold credentials (user:password@); put them in a Secret and "
+        "name it in output.secretRef",
+    ),
+    (
+        "ftp output",
+        {"output__uri": "ftp://host/out"},
+        "output.uri must be s3://bucket/prefix, pvc://claim/path or hf://org/name",
+    ),
     ("bits 5", {"quantization__bits": 5}, "Unsupported value: 5"),
     ("group size as text", {"quantization__groupSize": "128"}, "must be of type integer"),
+    ("group size 0", {"quantization__groupSize": 0}, GROUP_SIZE),
+    ("group size -2", {"quantization__groupSize": -2}, GROUP_SIZE),
+    ("empty dynamic key", {"quantization__dynamic": {"": {"bits": 8}}}, DYNAMIC_KEY),
+    ("bare skip key", {"quantization__dynamic": {"-:": {}}}, DYNAMIC_KEY),
     ("GPTAQ weight over 1", {"quantization__gptaqAlpha": 2}, "spec.quantization.gptaqAlpha"),
     ("zero damping", {"quantization__dampPercent": 0}, "dampPercent"),
     ("damping over 1", {"quantization__dampPercent": 1.5}, "dampPercent"),
@@ -89,7 +119,16 @@ INVALID_JOBS = [
         "output.uri must differ from model.uri",
     ),
     ("negative gpus", {"resources__gpus": -1}, "spec.resources.gpus"),
-    ("memory not a quantity", {"resources__memory": "lots"}, "spec.resources.memory"),
+    (
+        "memory not a quantity",
+        {"resources__memory": "lots"},
+        "memory must be a quantity of bytes such as 64Gi, 512Mi or 1.5G",
+    ),
+    (
+        "cpu not a quantity",
+        {"resources__cpu": "eight"},
+        "cpu must be a quantity of CPUs such as 8, 0.5 or 500m",
+    ),
     (
         "kernel and SM both",
         {"scheduling": {"targetKernel": "vllm/machete", "minComputeCapability": "9.0"}},
@@ -103,9 +142,13 @@ INVALID_JOBS = [
     (
         "SM in words",
         {"scheduling__minComputeCapability": "eight"},
-        "spec.scheduling.minComputeCapability",
+        "minComputeCapability must be a GPU compute capability major.minor, e.g. '8.0' or '9.0'",
     ),
-    ("kernel without backend", {"scheduling__targetKernel": "tensorrt"}, "should match"),
+    (
+        "kernel without backend",
+        {"scheduling__targetKernel": "tensorrt"},
+        "targetKernel must be 'backend/kernel' in lower case, e.g. 'vllm/marlin'",
+    ),
     (
         "unknown backend",
         {"scheduling__servingBackend": "tensorrt"},
@@ -133,6 +176,17 @@ INVALID_MODELS = [
         "source needs exactly one of job",
     ),
     ("empty source", {"source": {}}, "source needs exactly one of job"),
+    (
+        "source uri in words",
+        {"source": {"uri": "models/llama"}},
+        "source.uri must be hf://org/name[@revision], s3://bucket/prefix or pvc://claim/path",
+    ),
+    (
+        "credentials in source uri",
+        {"source": {"uri": "hf://user:token@acme/llama-w4"}},
+        "source.uri must not hold credentials (user:password@); put them in a Secret and "
+        "name it in source.secretRef",
+    ),
     ("unknown backend", {"backend": "tgi"}, 'Unsupported value: "tgi"'),
     ("negative replicas", {"replicas": -1}, "spec.replicas"),
     ("tp in words", {"tensorParallelSize": "many"}, "tensorParallelSize is 'auto'"),
@@ -147,7 +201,8 @@ def test_invalid_quantization_jobs_are_rejected(api, namespace, case, changes, m
     with pytest.raises(ApiException) as rejected:
         create(api, namespace, with_changes(QJOB, **changes), "quantizationjobs")
     assert rejected.value.status in (400, 422), rejected.value.body  # 400: strict decoding
-    assert message in json.loads(rejected.value.body)["message"]
+    said = json.loads(rejected.value.body)["message"]
+    assert message in said and "should match" not in said  # words, not a raw regex
 
 
 @pytest.mark.parametrize(
@@ -157,7 +212,37 @@ def test_invalid_quantized_models_are_rejected(api, namespace, case, changes, me
     with pytest.raises(ApiException) as rejected:
         create(api, namespace, with_changes(QMODEL, **changes), "quantizedmodels")
     assert rejected.value.status in (400, 422), rejected.value.body  # 400: strict decoding
+    said = json.loads(rejected.value.body)["message"]
+    assert message in said and "should match" not in said  # words, not a raw regex
+
+
+@pytest.mark.parametrize(
+    ("base", "plural", "message"),
+    [
+        (
+            QJOB,
+            "quantizationjobs",
+            "metadata.name must be at most 63 characters: the worker's objects carry it as a "
+            "label value",
+        ),
+        (
+            QMODEL,
+            "quantizedmodels",
+            "metadata.name must be at most 63 characters: it names the model's Service and "
+            "is a label value of its pods",
+        ),
+    ],
+    ids=["QuantizationJob", "QuantizedModel"],
+)
+def test_names_over_63_characters_are_rejected(api, namespace, base, plural, message):
+    body = copy.deepcopy(base)
+    body["metadata"]["name"] = "q" * 64
+    with pytest.raises(ApiException) as rejected:
+        create(api, namespace, body, plural)
+    assert rejected.value.status == 422, rejected.value.body
     assert message in json.loads(rejected.value.body)["message"]
+    body["metadata"]["name"] = "q" * 63
+    assert create(api, namespace, body, plural)["metadata"]["name"] == "q" * 63
 
 
 def test_server_fills_defaults_that_parse_back_into_the_models(api, namespace):
@@ -196,7 +281,11 @@ def test_scale_subresource_and_printer_columns(control_plane, api, namespace):
         "BITS",
         "GROUP",
         "PPL-AFTER",
+        "ETA-SECONDS",
+        "REASON",
         "READY",
+        "DESIRED",
+        "READY-REPLICAS",
         "BACKEND",
         "ENDPOINT",
     ):

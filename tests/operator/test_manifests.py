@@ -8,6 +8,7 @@ import pytest
 
 from gptq_compat.config import WorkerConfig
 from gptq_operator.api import QualityGate, QuantizationJobSpec
+from gptq_operator.crd import NAME_LIMIT
 from gptq_operator.manifests import (
     Owner,
     UnsupportedSource,
@@ -190,6 +191,20 @@ def test_child_names_fit_label_values():
     name = child_name(long, "worker-12")
     assert len(name) <= 63 and name.endswith("-worker-12")
     assert name == child_name(long, "worker-12")
+
+
+def test_the_longest_name_admission_allows_fits_every_child_object():
+    owner = Owner("q" * NAME_LIMIT, "ml", "0000-1111")
+    spec = QuantizationJobSpec.model_validate(SPEC)
+    objects = [
+        worker_job(owner, spec, OperatorSettings(), attempt=4),
+        config_map(owner, spec, 4),
+        *worker_rbac(owner),
+    ]
+    for obj in objects:
+        meta = obj["metadata"]
+        assert len(meta["name"]) <= 63, meta["name"]
+        assert all(len(v) <= 63 for v in meta.get("labels", {}).values()), meta["labels"]
 
 
 def _node(name, sm=None, gpus=0, taint=True):
