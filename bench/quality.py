@@ -36,6 +36,8 @@ VARIANTS = [  # name, engine settings on top of the format's (None: the engine's
     ("gptq", PLAIN),
     ("+mse 2.4", {**PLAIN, "mse": 2.4}),
     ("+act-order static", {**PLAIN, "desc_act": True, "static_groups": True}),
+    ("+act-order real", {**PLAIN, "desc_act": True}),  # permuted g_idx: built-in runtime only
+    ("act-real+gptaq", {**PLAIN, "desc_act": True, "gptaq": True}),
     ("+gptaq 0.25", {**PLAIN, "gptaq": True}),
     ("act-static+mse", {**PLAIN, "desc_act": True, "static_groups": True, "mse": 2.4}),
     (
