@@ -65,6 +65,12 @@ def check_structure(
     directory: Path, tensors: dict[str, torch.Tensor], cfg: QuantizeConfig, report: Report
 ) -> None:
     config_file = directory / "config.json"
+    if not config_file.exists():
+        report.errors.append(
+            f"{config_file} is missing; copy the model's config.json (with its "
+            "quantization_config) into the checkpoint"
+        )
+        return
     try:
         model = skeleton(directory)
     except Exception as err:  # transformers raises many types for a config it cannot use
@@ -80,7 +86,7 @@ def check_structure(
     missing: list[str] = []
     for key, t in model.state_dict(keep_vars=True).items():
         prefix, _, leaf = key.rpartition(".")
-        if prefix in quantized and leaf == "weight":
+        if (prefix in quantized or prefix in packed) and leaf == "weight":
             names = [f"{prefix}.{s}" for s in QUANT_SUFFIXES]
             expected.update(dict.fromkeys(names))
             if f"{prefix}.weight" in tensors and f"{prefix}.qweight" not in tensors:
