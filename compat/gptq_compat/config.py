@@ -273,10 +273,33 @@ class WorkerConfig(_Model):
     progress_file: str | None = None
     overwrite: bool = False
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", value.upper())
+        if not m:
+            raise ValueError(f"max_shard_size {value!r} is not a size like '4GB' or '500MB'")
+        if float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2) or "B"] < 1:
+            raise ValueError(f"max_shard_size {value!r} must be at least 1 byte, e.g. '4GB'")
+        return value
+
     @model_validator(mode="after")
     def _distinct(self) -> WorkerConfig:
-        if Path(self.model).expanduser().resolve() == Path(self.output).expanduser().resolve():
+        output = Path(self.output).expanduser().resolve()
+        model = Path(self.model).expanduser().resolve()
+        if model == output:
             raise ValueError("output must differ from model: the source would be overwritten")
+        inputs = [("model", self.model, model)]
+        if self.calibration.dataset and Path(self.calibration.dataset).expanduser().exists():
+            dataset = self.calibration.dataset
+            inputs.append(("calibration data", dataset, Path(dataset).expanduser().resolve()))
+        for what, given, path in inputs:
+            if path == output or path.is_relative_to(output) or output.is_relative_to(path):
+                raise ValueError(
+                    f"output {self.output} overlaps the {what} {given} (the same path, or one "
+                    "inside the other); writing it could delete the source: choose an output "
+                    "outside both"
+                )
         return self
 
 
@@ -284,13 +307,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML or JSON config file into a dict (validated later, with CLI overrides)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ValueError(f"cannot read config file {path}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"config file {path} is not UTF-8 text (byte {err.start}); pass a YAML or JSON file"
+        ) from err
     try:
         data = yaml.safe_load(text)  # JSON is YAML
     except yaml.YAMLError as err:
-        raise ValueError(f"config file {path} is not valid YAML/JSON: {err}") from err
+        first = " ".join(str(err).split())
+        raise ValueError(f"config file {path} is not valid YAML/JSON: {first}") from err
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping, not {type(data).__name__}")
     return data

@@ -14,9 +14,23 @@ class DeviceError(RuntimeError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise DeviceError(
+            f"device {name!r} is not a device name; use auto, cpu, cuda or cuda:N"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name!r} was asked for but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise DeviceError(
+                f"device {name!r} was asked for but there are {count} CUDA devices "
+                f"(cuda:0..cuda:{count - 1})"
+            )
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     return device
 
 

@@ -35,7 +35,7 @@ def _format_validation(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "config"
         lines.append(f"{where}: {e['msg']}")
-    return "invalid settings:\n  " + "\n  ".join(lines)
+    return "invalid settings: " + "; ".join(" ".join(line.split()) for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err)
     except ValueError as err:  # shape and settings checks raised before any work is written
         message = str(err)
+    except OSError as err:  # a path that cannot be read or written
+        where = f" ({err.filename})" if err.filename else ""
+        message = f"{err.strerror or err}{where}"
+    except KeyboardInterrupt:
+        message = "interrupted"
+    except Exception as err:
+        if args.verbose:
+            raise
+        text = str(err).splitlines()[0] if str(err) else ""
+        message = f"{type(err).__name__}: {text} (rerun with --verbose for the traceback)"
+    message = " ".join(message.split()) if "\n" in message else message
     print(f"error: {message}", file=sys.stderr)
     if getattr(args, "termination_message", None):
         quantize.write_termination_message(args.termination_message, {"error": message})

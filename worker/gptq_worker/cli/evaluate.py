@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from gptq_worker.cli.flags import UsageError
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="perplexity of a model or GPTQ checkpoint on a text file")
@@ -23,14 +25,22 @@ def run(args: argparse.Namespace) -> int:
     from gptq_worker.eval.perplexity import evaluate
 
     device = resolve_device(args.device)
-    result = evaluate(
-        args.model,
-        args.text,
-        args.seqlen,
-        device,
-        resolve_dtype(args.dtype, device),
-        args.max_samples,
-        args.trust_remote_code,
-    )
+    if args.seqlen < 2:
+        raise UsageError(f"--seqlen must be at least 2, not {args.seqlen}")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise UsageError(f"--max-samples must be at least 1, not {args.max_samples}")
+    try:
+        result = evaluate(
+            args.model,
+            args.text,
+            args.seqlen,
+            device,
+            resolve_dtype(args.dtype, device),
+            args.max_samples,
+            args.trust_remote_code,
+        )
+    except Exception as err:  # any failure is one line, never a traceback or partial JSON
+        text = " ".join(str(err).split()) or type(err).__name__
+        raise UsageError(f"cannot evaluate {args.model}: {text}") from err
     print(json.dumps(result))
     return 0

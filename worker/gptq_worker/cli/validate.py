@@ -14,9 +14,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from gptq_compat.rules import sm_text
+    from gptq_worker.cli.flags import UsageError
     from gptq_worker.format.validate import validate_checkpoint
 
+    if not Path(args.checkpoint).is_dir():
+        what = "does not exist" if not Path(args.checkpoint).exists() else "is not a directory"
+        raise UsageError(f"checkpoint {args.checkpoint} {what}; pass a checkpoint directory")
     report = validate_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -88,7 +88,15 @@ def evaluate(
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     quantized = path.is_dir() and is_gptq_checkpoint(path)
     if quantized:
+        from gptq_worker.format.validate import validate_checkpoint
         from gptq_worker.serve.model import load_quantized_model
+
+        report = validate_checkpoint(path)
+        if report.errors:
+            raise ValueError(
+                f"the checkpoint failed validation: {report.errors[0]}; run "
+                f"'gptq-worker validate {path}' for the full report"
+            )
 
         model = load_quantized_model(
             path, dtype=dtype, device=str(device), trust_remote_code=trust_remote_code

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -84,6 +85,23 @@ def _written_dynamic(cfg: QuantizeConfig) -> dict[str, dict[str, Any]] | None:
     return out
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; CheckpointError naming the file otherwise."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing; a checkpoint needs it (re-quantize or copy it)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{path} cannot be read as JSON ({err}); repair or rewrite it"
+        ) from err
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{path} must hold a JSON object, not {type(data).__name__}; repair or rewrite it"
+        )
+    return data
+
+
 def read_quantize_config(directory: Path) -> QuantizeConfig:
     """The checkpoint's settings, from ``quantize_config.json`` or ``config.json``.
 
@@ -93,10 +111,14 @@ def read_quantize_config(directory: Path) -> QuantizeConfig:
     raw: dict[str, Any] | None = None
     qc_file = directory / "quantize_config.json"
     if qc_file.exists():
-        raw = json.loads(qc_file.read_text())
+        raw = read_json(qc_file)
     else:
-        config = json.loads((directory / "config.json").read_text())
+        config = read_json(directory / "config.json")
         raw = config.get("quantization_config")
+        if raw is not None and not isinstance(raw, dict):
+            raise CheckpointError(
+                f"{directory / 'config.json'}: quantization_config must be a JSON object"
+            )
     if not raw:
         raise ValueError(f"{directory} has no quantize_config.json or quantization_config")
     if raw.get("quant_method", "gptq") != "gptq":
@@ -122,11 +144,24 @@ def read_quantize_config(directory: Path) -> QuantizeConfig:
     fields.setdefault("static_groups", False)
     fields["mse"] = raw.get("mse") or 0.0
     if raw.get("dynamic"):
+        if not isinstance(raw["dynamic"], dict) or not all(
+            isinstance(v, dict) for v in raw["dynamic"].values()
+        ):
+            raise CheckpointError(f"{directory}: 'dynamic' must map module regexes to objects")
         fields["dynamic"] = {
             key: {k: v for k, v in ov.items() if k in OVERRIDABLE}
             for key, ov in raw["dynamic"].items()
         }
-    return QuantizeConfig(**fields)
+    try:
+        return QuantizeConfig(**fields)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        where = qc_file if qc_file.exists() else directory / "config.json"
+        raise CheckpointError(
+            f"{where}: quantization settings are invalid ({problems}); fix the file"
+        ) from err
 
 
 def checkpoint_tensors(
@@ -211,15 +246,63 @@ def _save_shards(directory: Path, tensors: dict[str, torch.Tensor], max_bytes: i
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def shard_files(directory: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, from its index when it has one."""
+class CheckpointError(ValueError):
+    """A checkpoint's files are unusable; the message names the file and the fix."""
+
+
+def read_weight_map(directory: Path) -> dict[str, str] | None:
+    """``weight_map`` of ``model.safetensors.index.json``; None when there is no index."""
     index = directory / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
+    if not index.exists():
+        return None
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(
+            f"{index} cannot be read as JSON ({err}); rewrite or remove the index"
+        ) from err
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"{index} has no 'weight_map' of tensor name -> file name; rewrite the index"
+        )
+    return weight_map
+
+
+def _inside(directory: Path, path: Path, what: str) -> Path:
+    """``path`` if it (after symlinks) lies directly in ``directory``, else CheckpointError."""
+    root = directory.resolve()
+    if path.resolve().parent != root:
+        raise CheckpointError(
+            f"{what} resolves to {path.resolve()}, outside the checkpoint directory {root}; "
+            "the index must list files in the directory (copy the shard in, no symlinks out)"
+        )
+    return path
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when it has one.
+
+    Files must lie in ``directory`` itself: an index entry like ``../x.safetensors`` or an
+    absolute path, or a symlink that resolves elsewhere, is refused with CheckpointError.
+    """
+    weight_map = read_weight_map(directory)
+    if weight_map is not None:
+        out = []
+        for name in sorted(set(weight_map.values())):
+            entry = f"model.safetensors.index.json entry {name!r}"
+            if Path(name).is_absolute() or Path(name).name != name:
+                raise CheckpointError(
+                    f"{directory / 'model.safetensors.index.json'}: {entry} is not a file name "
+                    "in the checkpoint directory; the index must list files in the directory"
+                )
+            out.append(_inside(directory, directory / name, entry))
+        return out
     single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
+    if single.exists() or single.is_symlink():
+        return [_inside(directory, single, str(single))]
     raise FileNotFoundError(f"{directory} has no model.safetensors or model.safetensors.index.json")
 
 

@@ -6,7 +6,6 @@ gives garbage output without any error in most serving engines.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +15,16 @@ from safetensors import safe_open
 from gptq_compat.config import CheckpointFormat, QuantizeConfig
 from gptq_compat.engines import DEFAULT
 from gptq_compat.rules import QuantizedModule, Verdict, judge
-from gptq_worker.format.checkpoint import QUANT_SUFFIXES, read_quantize_config, shard_files
+from gptq_worker.format.checkpoint import (
+    QUANT_SUFFIXES,
+    CheckpointError,
+    read_json,
+    read_quantize_config,
+    read_weight_map,
+    shard_files,
+)
 from gptq_worker.format.pack import unpack_qzeros, values_per_chunk
+from gptq_worker.format.structure import check_structure
 
 _KEYS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format", "lm_head")
 
@@ -49,16 +56,25 @@ class Report:
 def validate_checkpoint(directory: str | Path) -> Report:
     directory = Path(directory)
     report = Report()
+    if not directory.is_dir():
+        what = "does not exist" if not directory.exists() else "is not a directory"
+        report.errors.append(f"{directory} {what}; pass a checkpoint directory")
+        return report
     try:
         cfg = read_quantize_config(directory)
     except (OSError, ValueError) as err:
         report.errors.append(f"config: {err}")
         return report
     report.config = cfg
-    _check_config_agreement(directory, report)
+    try:
+        _check_config_agreement(directory, report)
+    except CheckpointError as err:
+        report.errors.append(str(err))
+        return report
     tensors = _open_tensors(directory, report)
     if tensors is None:
         return report
+    check_structure(directory, tensors, cfg, report)
 
     prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not prefixes:
@@ -90,8 +106,8 @@ def _check_config_agreement(directory: Path, report: Report) -> None:
     qc_file, config_file = directory / "quantize_config.json", directory / "config.json"
     if not (qc_file.exists() and config_file.exists()):
         return
-    qc = json.loads(qc_file.read_text())
-    embedded = json.loads(config_file.read_text()).get("quantization_config")
+    qc = read_json(qc_file)
+    embedded = read_json(config_file).get("quantization_config")
     if embedded is None:
         report.warnings.append("config.json has no quantization_config (vLLM reads it there)")
         return
@@ -106,22 +122,26 @@ def _check_config_agreement(directory: Path, report: Report) -> None:
 def _open_tensors(directory: Path, report: Report) -> dict[str, torch.Tensor] | None:
     try:
         files = shard_files(directory)
-    except FileNotFoundError as err:
+        weight_map = read_weight_map(directory)
+    except (FileNotFoundError, CheckpointError) as err:
         report.errors.append(str(err))
         return None
-    index = directory / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         if not path.exists():
-            report.errors.append(f"{path.name} is listed in the index but missing")
+            report.errors.append(
+                f"{path.name} is listed in the index but missing; copy the shard in or re-quantize"
+            )
             continue
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():  # noqa: SIM118
                     tensors[key] = fh.get_tensor(key)
         except Exception as err:  # safetensors raises its own error type for corrupt files
-            report.errors.append(f"{path.name} cannot be read (truncated or corrupt?): {err}")
+            report.errors.append(
+                f"{path.name} cannot be read (truncated or corrupt?): {err}; copy the file "
+                "again or re-quantize"
+            )
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:

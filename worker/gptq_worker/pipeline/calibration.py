@@ -45,8 +45,29 @@ def read_documents(source: str) -> list[Document]:
 
 
 def _read_file(path: Path) -> list[Document]:
+    try:
+        return _read_file_unchecked(path)
+    except UnicodeDecodeError as err:
+        raise CalibrationError(
+            f"calibration file {path} is not valid UTF-8 (byte {err.start}); convert it to UTF-8"
+        ) from err
+    except OSError as err:
+        raise CalibrationError(
+            f"calibration file {path} cannot be read: {err.strerror or err}; check its "
+            "permissions and format"
+        ) from err
+    except CalibrationError:
+        raise
+    except Exception as err:  # pyarrow raises its own types for a file that is not parquet
+        raise CalibrationError(
+            f"calibration file {path} cannot be read ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); check its format"
+        ) from err
+
+
+def _read_file_unchecked(path: Path) -> list[Document]:
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = path.read_text(encoding="utf-8")
         return [text] if text.strip() else []
     if path.suffix == ".jsonl":
         docs: list[Document] = []

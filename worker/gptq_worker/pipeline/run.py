@@ -8,13 +8,15 @@ finished layers, so running the same command again resumes after the last one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +42,35 @@ class RunError(RuntimeError):
 
 def work_dir_for(output: Path) -> Path:
     return output.parent / f".{output.name}.gptq-work"
+
+
+def lock_file_for(output: Path) -> Path:
+    return output.parent / f".{output.name}.gptq-lock"
+
+
+@contextlib.contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside ``output`` for a whole run; a second run fails at once."""
+    path = lock_file_for(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise RunError(f"output {output} is not writable: {err.strerror} ({path})") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunError(
+                f"another gptq-worker run is writing {output} (pid {holder}); wait for it "
+                "or choose another --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays (removing it would race)
 
 
 def check_output(output: Path, overwrite: bool) -> Path:
@@ -123,8 +154,27 @@ def quantize(
 
     ``on_layer(i)`` is called after decoder layer ``i`` is finished and saved.
     """
-    started = time.monotonic()
     output = Path(cfg.output).expanduser().resolve()
+    with output_lock(output):
+        return _quantize(cfg, output, show_progress, on_layer)
+
+
+def _quantize(
+    cfg: WorkerConfig, output: Path, show_progress: bool, on_layer: Callable[[int], None] | None
+) -> Path:
+    started = time.monotonic()
+    for what, source in (("model", cfg.model), ("calibration data", cfg.calibration.dataset)):
+        path = Path(source).expanduser().resolve() if source else None
+        if (
+            path is not None
+            and (path.exists() or what == "model")
+            and (path == output or path.is_relative_to(output) or output.is_relative_to(path))
+        ):
+            raise RunError(
+                f"output {output} overlaps the {what} {source} (the same path, or one "
+                "inside the other); writing it could delete the source: choose an output "
+                "outside both"
+            )
     work = check_output(output, cfg.overwrite)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -144,6 +144,10 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     )
 
 
+class CheckpointRejected(ValueError):
+    """``validate`` rejects the checkpoint, so serving it would answer garbage or errors."""
+
+
 @dataclass
 class Loaded:
     engine: Engine
@@ -166,10 +170,18 @@ def load(
     from transformers import AutoTokenizer
 
     from gptq_worker.device import resolve_device
+    from gptq_worker.format.validate import validate_checkpoint
 
     directory = Path(checkpoint)
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} is not a model directory (no config.json)")
+    report = validate_checkpoint(directory)
+    if report.errors:
+        more = f" (and {len(report.errors) - 1} more)" if len(report.errors) > 1 else ""
+        raise CheckpointRejected(
+            f"it failed validation: {report.errors[0]}{more}; run "
+            f"'gptq-worker validate {directory}' for the full report"
+        )
     qcfg = read_quantize_config(directory)
     dev = resolve_device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32

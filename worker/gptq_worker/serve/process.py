@@ -65,7 +65,8 @@ async def _run(
             await stop.wait()
         except Exception as err:
             server.load_error = f"{type(err).__name__}: {err}"
-            print(f"error: cannot serve {checkpoint}: {err}", flush=True)
+            text = " ".join(str(err).split()) or type(err).__name__  # one line
+            print(f"error: cannot serve {checkpoint}: {text}", flush=True)
             code = 2
     # graceful shutdown: refuse new work, finish what was accepted, then close
     server.draining = True
