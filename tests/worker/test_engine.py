@@ -164,7 +164,7 @@ def test_cli_run_writes_complete_sharded_checkpoint(model_dir, tmp_path, calibra
 def test_replaying_captured_inputs_reproduces_hidden_states(arch, model_dir, tokenizer):
     """Each layer must get its own keyword arguments: in Gemma 3, sliding-window and full
     attention layers receive different masks and rotary tables."""
-    from gptq_worker.pipeline.arch import architecture_for
+    from gptq_worker.arch import architecture_for
     from gptq_worker.pipeline.capture import capture_inputs, forward_layer
 
     layer_types = ["sliding_attention", "full_attention", "sliding_attention"]

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from gptq_compat.config import QuantizeConfig
+from gptq_worker.arch import architecture_for
 from gptq_worker.demo.models import tiny_model
-from gptq_worker.pipeline.arch import architecture_for
 from gptq_worker.pipeline.capture import capture_inputs, forward_layer
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers
 from gptq_worker.pipeline.plan import plan

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from gptq_worker.arch import UnsupportedModel
     from gptq_worker.device import DeviceError
-    from gptq_worker.pipeline.arch import UnsupportedModel
     from gptq_worker.pipeline.calibration import CalibrationError
     from gptq_worker.pipeline.run import RunError
 

@@ -10,15 +10,12 @@ left out), and nothing else may be there.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from gptq_compat.config import QuantizeConfig
+from gptq_worker.arch import architecture_for, quantizable_names
 from gptq_worker.format.checkpoint import QUANT_SUFFIXES
-
-if TYPE_CHECKING:
-    from gptq_worker.format.validate import Report
 
 _LIST = 5  # names shown per problem
 
@@ -42,14 +39,12 @@ def skeleton(directory: Path):
 
 
 def _quantized_names(model, cfg: QuantizeConfig, packed: set[str]) -> set[str]:
-    """Modules the config quantizes: the architecture's plan, else what is packed."""
-    from gptq_worker.pipeline.arch import architecture_for
-    from gptq_worker.pipeline.plan import plan
-
+    """Modules the config quantizes: from the architecture table, else what is packed."""
     try:
-        return set(plan(model, architecture_for(model), cfg))
-    except ValueError:  # an architecture we do not plan for: trust the packed set
+        arch = architecture_for(model)
+    except ValueError:  # an architecture the table does not know: trust the packed set
         return set(packed)
+    return set(quantizable_names(model, arch, cfg))
 
 
 def _tied(model, key: str) -> bool:
@@ -62,24 +57,26 @@ def _tied(model, key: str) -> bool:
 
 
 def check_structure(
-    directory: Path, tensors: dict[str, torch.Tensor], cfg: QuantizeConfig, report: Report
-) -> None:
+    directory: Path, tensors: dict[str, torch.Tensor], cfg: QuantizeConfig
+) -> list[str]:
+    """The structural errors of the checkpoint in ``directory`` (empty when it is whole)."""
+    errors: list[str] = []
     config_file = directory / "config.json"
     if not config_file.exists():
-        report.errors.append(
+        errors.append(
             f"{config_file} is missing; copy the model's config.json (with its "
             "quantization_config) into the checkpoint"
         )
-        return
+        return errors
     try:
         model = skeleton(directory)
     except Exception as err:  # transformers raises many types for a config it cannot use
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        report.errors.append(
+        errors.append(
             f"{config_file}: cannot build the model from it ({message}); fix config.json "
             "(it must be the original model's config with quantization_config added)"
         )
-        return
+        return errors
     packed = {k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")}
     quantized = _quantized_names(model, cfg, packed)
     expected: dict[str, torch.Tensor | None] = {}  # name -> model tensor (None: packed part)
@@ -90,7 +87,7 @@ def check_structure(
             names = [f"{prefix}.{s}" for s in QUANT_SUFFIXES]
             expected.update(dict.fromkeys(names))
             if f"{prefix}.weight" in tensors and f"{prefix}.qweight" not in tensors:
-                report.errors.append(
+                errors.append(
                     f"{prefix}: stored dense, but the quantize config says it is quantized; "
                     f"re-quantize, or mark it unquantized with dynamic '-:{prefix}'"
                 )
@@ -104,13 +101,13 @@ def check_structure(
         if key not in tensors and not _tied(model, key):
             missing.append(key)
     if missing:
-        report.errors.append(
+        errors.append(
             f"tensors the model needs are not in any shard: {_names(missing)}; the checkpoint "
             "is incomplete, copy it again or re-quantize"
         )
     extra = sorted(k for k in tensors if k not in expected)
     if extra:
-        report.errors.append(
+        errors.append(
             f"tensors the model does not have: {_names(extra)}; remove them or check that "
             "config.json belongs to these weights"
         )
@@ -119,11 +116,12 @@ def check_structure(
         if want is None or got is None:
             continue
         if tuple(got.shape) != tuple(want.shape):
-            report.errors.append(
+            errors.append(
                 f"{key}: shape {list(got.shape)}, but config.json's model needs "
                 f"{list(want.shape)}; check that config.json belongs to these weights"
             )
         elif want.is_floating_point() and not got.is_floating_point():
-            report.errors.append(
+            errors.append(
                 f"{key}: dtype {got.dtype}, expected a floating point tensor; re-quantize"
             )
+    return errors

@@ -74,7 +74,7 @@ def validate_checkpoint(directory: str | Path) -> Report:
     tensors = _open_tensors(directory, report)
     if tensors is None:
         return report
-    check_structure(directory, tensors, cfg, report)
+    report.errors.extend(check_structure(directory, tensors, cfg))
 
     prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not prefixes:

@@ -1,6 +1,5 @@
 """Driving a whole model through GPTQ, one decoder layer at a time.
 
-- ``arch``: which modules of which architecture, in which true-sequential groups
 - ``calibration``: the calibration samples
 - ``plan``: which modules get which settings, checked against their shapes up front
 - ``capture``: the inputs of decoder layers (a public API the perplexity stream uses too)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gptq_worker.pipeline.arch import Architecture
+from gptq_worker.arch import Architecture
 
 
 class StopForward(Exception):

@@ -21,16 +21,16 @@ import torch
 from torch import nn
 
 from gptq_compat.config import CheckpointFormat, Method, ModuleSettings, QuantizeConfig
-from gptq_worker.format.pack import (
-    dequantize_packed,
-    pack_qweight,
-    pack_qzeros,
-)
-from gptq_worker.pipeline.arch import (
+from gptq_worker.arch import (
     Architecture,
     features,
     set_weight_matrix,
     weight_matrix,
+)
+from gptq_worker.format.pack import (
+    dequantize_packed,
+    pack_qweight,
+    pack_qzeros,
 )
 from gptq_worker.pipeline.capture import Activations, forward_layer
 from gptq_worker.pipeline.hessians import collect_hessians, full_precision_pass

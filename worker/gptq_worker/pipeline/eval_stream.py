@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gptq_worker.arch import Architecture
 from gptq_worker.eval.perplexity import window_nll
-from gptq_worker.pipeline.arch import Architecture
 from gptq_worker.pipeline.capture import Activations, capture_inputs, forward_layer
 
 

@@ -12,7 +12,7 @@ import contextlib
 import torch
 from torch import nn
 
-from gptq_worker.pipeline.arch import features
+from gptq_worker.arch import features
 from gptq_worker.pipeline.capture import Activations, StopForward, forward_layer
 from gptq_worker.pipeline.mover import Phases
 from gptq_worker.quant.hessian import AsymmetricHessian, Hessian

@@ -9,21 +9,15 @@ from __future__ import annotations
 from torch import nn
 
 from gptq_compat.config import ModuleSettings, QuantizeConfig
+from gptq_worker.arch import Architecture, features, is_quantizable, quantizable_names
 from gptq_worker.format.pack import values_per_chunk
-from gptq_worker.pipeline.arch import Architecture, features, is_quantizable
 
 
 def plan(model: nn.Module, arch: Architecture, cfg: QuantizeConfig) -> dict[str, ModuleSettings]:
     """Settings of every module that will be quantized, checked against its shape up front."""
-    layers = model.get_submodule(arch.layers)
-    names = [f"{arch.layers}.{i}.{n}" for i in range(len(layers)) for g in arch.groups for n in g]
-    if cfg.lm_head:
-        names.append(arch.lm_head)
     settings: dict[str, ModuleSettings] = {}
-    for name in names:
+    for name in quantizable_names(model, arch, cfg):
         s = cfg.for_module(name)
-        if s is None:
-            continue
         module = model.get_submodule(name)
         if not is_quantizable(module):
             raise ValueError(f"{name} is {type(module).__name__}, not Linear or Conv1D")

@@ -23,9 +23,9 @@ from typing import NamedTuple
 import torch
 
 from gptq_compat.config import WorkerConfig
+from gptq_worker.arch import architecture_for
 from gptq_worker.device import resolve_device, resolve_dtype
 from gptq_worker.format.checkpoint import write_checkpoint
-from gptq_worker.pipeline.arch import architecture_for
 from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.pipeline.capture import capture_inputs
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver

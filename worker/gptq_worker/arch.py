@@ -62,7 +62,7 @@ def architecture_for(model: nn.Module) -> Architecture:
         raise UnsupportedModel(
             f"model_type {model_type!r} is not supported; supported: "
             f"{', '.join(sorted(ARCHITECTURES))}. Add its decoder-layer path and "
-            f"true-sequential groups to ARCHITECTURES in gptq_worker/pipeline/arch.py"
+            f"true-sequential groups to ARCHITECTURES in gptq_worker/arch.py"
         )
     try:
         layers = model.get_submodule(arch.layers)
@@ -78,7 +78,7 @@ def architecture_for(model: nn.Module) -> Architecture:
         except AttributeError as err:
             raise UnsupportedModel(
                 f"{model_type} decoder layer has no module {name!r}; the model does not have "
-                f"the structure gptq_worker/pipeline/arch.py expects"
+                f"the structure gptq_worker/arch.py expects"
             ) from err
         if not is_quantizable(module):
             raise UnsupportedModel(
@@ -112,3 +112,13 @@ def features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)``."""
     out_features, in_features = weight_matrix(module).shape
     return in_features, out_features
+
+
+def quantizable_names(model: nn.Module, arch: Architecture, cfg) -> list[str]:
+    """Full names of the modules ``cfg`` quantizes (``dynamic`` applied), in layer order:
+    what the engine packs and what a checkpoint of this model must hold packed."""
+    layers = model.get_submodule(arch.layers)
+    names = [f"{arch.layers}.{i}.{n}" for i in range(len(layers)) for g in arch.groups for n in g]
+    if cfg.lm_head:
+        names.append(arch.lm_head)
+    return [name for name in names if cfg.for_module(name) is not None]
