@@ -4,137 +4,23 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from gptq_worker.pipeline.run import quantize
 from gptq_worker.serve.generate import eos_ids
 from gptq_worker.serve.model import load_quantized_model
 
-from .conftest import worker_config
+from .conftest import NAME, PROMPT, Served
 from .test_serve import dense_copy, greedy
-
-NAME = "tiny-w4g32"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, model_dir, calibration_file) -> Path:
-    out = tmp_path_factory.mktemp("http") / NAME
-    quantize(worker_config(model_dir("llama"), out, calibration_file, bits=4, group_size=32))
-    return out
-
-
-class Served:
-    """A ``gptq-worker serve`` subprocess on a free port."""
-
-    def __init__(self, checkpoint: Path, *flags: str) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gptq_worker.cli",
-                "serve",
-                str(checkpoint),
-                "--port",
-                "0",
-                "--device",
-                "cpu",
-                *flags,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.port = int(self._wait_for(r"listening on http://[^:]+:(\d+)").group(1))
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def _wait_for(self, pattern: str, timeout: float = 60) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if m := re.search(pattern, line):
-                    return m
-            if self.proc.poll() is not None and not self._reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no {pattern!r} in the server's output:\n{''.join(self.lines)}")
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.get("/readyz")[0] == 200:
-                return
-            time.sleep(0.1)
-        raise AssertionError("".join(self.lines))
-
-    def request(self, method: str, path: str, body: bytes | None = None, headers=None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        data = resp.read()
-        conn.close()
-        return resp.status, data, resp
-
-    def get(self, path: str):
-        status, data, _ = self.request("GET", path)
-        return status, data
-
-    def post(self, path: str, payload) -> tuple[int, dict]:
-        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        status, data, _ = self.request("POST", path, body, {"Content-Type": "application/json"})
-        return status, json.loads(data)
-
-    def stream(self, path: str, payload: dict) -> list:
-        """The parsed ``data:`` events of a streamed response (``[DONE]`` kept as a string)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        conn.request(
-            "POST",
-            path,
-            json.dumps({**payload, "stream": True}),
-            {"Content-Type": "application/json"},
-        )
-        resp = conn.getresponse()
-        assert resp.status == 200
-        assert resp.getheader("Content-Type").startswith("text/event-stream")
-        events = [
-            line[len("data: ") :]
-            for line in resp.read().decode().split("\n\n")
-            if line.startswith("data: ")
-        ]
-        conn.close()
-        return [e if e == "[DONE]" else json.loads(e) for e in events]
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        status, data = self.get("/metrics")
-        assert status == 200
-        out = {}
-        for family in text_string_to_metric_families(data.decode()):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
+def checkpoint(served_checkpoint) -> Path:
+    return served_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +45,6 @@ def reference(checkpoint):
         return tokenizer.decode(ids, skip_special_tokens=True), ids
 
     return tokenizer, text
-
-
-PROMPT = "def read_config(path):\n    "
 
 
 def test_probes_and_model_list(server):

@@ -36,16 +36,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=30.0,
         help="seconds to finish accepted requests after SIGTERM",
     )
+    sv.add_argument(
+        "--api-key",
+        dest="api_key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $GPTQ_SERVE_API_KEY; "
+        "probes and /metrics stay open)",
+    )
+    sv.add_argument(
+        "--max-prompt-bytes",
+        dest="max_prompt_bytes",
+        type=int,
+        default=1 << 20,
+        help="longest prompt (UTF-8 bytes) accepted; longer ones get 413 (default 1 MiB)",
+    )
+    sv.add_argument(
+        "--keepalive-timeout",
+        dest="keepalive_timeout",
+        type=float,
+        default=15.0,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    sv.add_argument(
+        "--body-timeout",
+        dest="body_timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client may take to send a request body (408 after)",
+    )
     sv.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true")
     sv.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from gptq_worker.serve.process import serve
 
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
+    if args.max_prompt_bytes < 1:
+        raise UsageError(f"--max-prompt-bytes must be at least 1, not {args.max_prompt_bytes}")
+    for flag, value in (
+        ("--keepalive-timeout", args.keepalive_timeout),
+        ("--body-timeout", args.body_timeout),
+        ("--shutdown-grace", args.grace),
+    ):
+        if not value >= 0:
+            raise UsageError(f"{flag} must be at least 0, not {value}")
+    api_key = args.api_key or os.environ.get("GPTQ_SERVE_API_KEY") or None
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, not {args.port}")
     return serve(
@@ -58,4 +98,8 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         grace=args.grace,
         trust_remote_code=args.trust_remote_code,
+        api_key=api_key,
+        max_prompt_bytes=args.max_prompt_bytes,
+        keepalive_timeout=args.keepalive_timeout,
+        body_timeout=args.body_timeout,
     )

@@ -5,33 +5,79 @@ server-sent events), ``/metrics`` (Prometheus), ``/healthz`` (the process is up)
 ``/readyz`` (the model is loaded and the server is not draining).
 
 While draining (set by ``process.py`` on SIGTERM) new work gets 503 and ``/readyz`` fails.
+
+One bad request harms only itself: bodies are size-capped and parsed with a nesting cap,
+every field is validated per request (``protocol.py``), prompts are size-capped and
+tokenized off the event loop, and a client that goes away cancels its generation.
+
+With an API key set, ``/v1/*`` needs ``Authorization: Bearer <key>``; the probes
+(``/healthz``, ``/readyz``, ``/health``) and ``/metrics`` stay open, because kubelet probes
+and Prometheus scrapers carry no credentials and answer nothing a client could misuse.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import hmac
 import logging
 import secrets
 import time
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from gptq_worker.serve.generate import Chunk, Draining, QueueFull, Request, Sampling
 from gptq_worker.serve.metrics import ServeMetrics
 from gptq_worker.serve.model import Loaded
-from gptq_worker.serve.protocol import ApiError, ChatBody, CompletionBody, GenerationBody
+from gptq_worker.serve.protocol import (
+    Answer,
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    GenerationBody,
+    check_context,
+    check_prompt_bytes,
+    parse_json,
+    server_error,
+    sse,
+    too_large,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
 
+DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks that its client is still there
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its answer was ready."""
+
+
 class Server:
-    def __init__(self, name: str, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        *,
+        api_key: str | None = None,
+        max_prompt_bytes: int = 1 << 20,
+        body_timeout: float = 60.0,
+        keepalive_timeout: float = 15.0,
+    ) -> None:
         self.name = name
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.api_key = api_key or None
+        self.max_prompt_bytes = max_prompt_bytes
+        self.body_timeout, self.keepalive_timeout = body_timeout, keepalive_timeout
+        # a body may hold the prompt as JSON-escaped text (up to 6 bytes a character for
+        # \uXXXX) or as token ids; anything larger is refused by aiohttp with 413
+        self.max_body_bytes = max(1 << 20, 6 * max_prompt_bytes + (64 << 10))
+        # tokenizers are not safe to call from several threads at once: one worker
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="gptq-tokenize")
         self.metrics = ServeMetrics()
         self.model: Loaded | None = None
         self.load_error: str | None = None
@@ -39,7 +85,7 @@ class Server:
         self.active = 0  # generation handlers still running
         self.idle = asyncio.Event()
         self.idle.set()
-        self.app = web.Application(middlewares=[self._observe], client_max_size=8 * 1024 * 1024)
+        self.app = web.Application(middlewares=[self._observe], client_max_size=self.max_body_bytes)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/health", self.readyz)  # the path vLLM serves
@@ -63,6 +109,8 @@ class Server:
             else "other"
         )
         try:
+            if self.api_key and request.path.startswith("/v1/"):
+                self._authorize(request)
             response = await handler(request)
             status = response.status
         except ApiError as err:
@@ -72,8 +120,12 @@ class Server:
                 raise
             kind = "not_found_error" if err.status == 404 else "invalid_request_error"
             status, response = err.status, ApiError(err.status, err.reason, kind).response()
-        except (ConnectionResetError, asyncio.CancelledError):
-            raise  # the client went away; its request was cancelled
+        except (ClientGone, ConnectionResetError):
+            # the client went away and its generation was cancelled; nobody reads this
+            # answer, but the metrics count it (499, as nginx: client closed request)
+            status, response = 499, web.Response(status=499)
+        except asyncio.CancelledError:
+            raise
         except Exception as err:
             log.exception("error handling %s %s", request.method, request.path)
             status = 500
@@ -82,6 +134,17 @@ class Server:
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         return response
+
+    def _authorize(self, request: web.Request) -> None:
+        given = request.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        expected = self.api_key.encode()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+            raise ApiError(
+                401,
+                "missing or incorrect API key: send Authorization: Bearer <key>",
+                code="invalid_api_key",
+            )
 
     # -- probes and listings ----------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
@@ -120,7 +183,16 @@ class Server:
         body = await self._body(request, CompletionBody)
         m = self._ready(body.model)
         if isinstance(body.prompt, str):
-            ids = m.tokenizer(body.prompt, add_special_tokens=True).input_ids
+            check_prompt_bytes(
+                len(body.prompt.encode("utf-8", "surrogatepass")), self.max_prompt_bytes, "prompt"
+            )
+            try:
+                ids = await self._tokenize(m.tokenizer, body.prompt, add_special_tokens=True)
+            except Exception as err:  # e.g. a lone surrogate (JSON's "\ud800")
+                raise ApiError(
+                    400, f"the prompt cannot be tokenized: {err}", param="prompt"
+                ) from err
+            ids = ids.input_ids
         else:
             vocab = len(m.tokenizer)
             if any(not 0 <= t < vocab for t in body.prompt):
@@ -141,26 +213,50 @@ class Server:
             messages = [{"role": msg.role, "content": msg.text()} for msg in body.messages]
         except ValueError as err:
             raise ApiError(400, str(err), param="messages") from err
-        ids = m.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        size = sum(len(msg["content"].encode("utf-8", "surrogatepass")) for msg in messages)
+        check_prompt_bytes(size, self.max_prompt_bytes, "messages")
+        try:
+            ids = await self._tokenize(
+                m.tokenizer.apply_chat_template,
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+            )
+        except ApiError:
+            raise
+        except Exception as err:  # a template that rejects these roles, or untokenizable text
+            raise ApiError(
+                400, f"these messages cannot be templated or tokenized: {err}", param="messages"
+            ) from err
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 BatchEncoding
             ids = ids["input_ids"]
         requested = body.max_completion_tokens or body.max_tokens
         default = min(512, max(1, m.engine.context - len(ids)))
         return await self._generate(request, m, body, list(ids), requested or default, chat=True)
 
+    async def _tokenize(self, fn, *args, **kwargs):
+        """Run the tokenizer on its own thread, so probes and other clients are not kept
+        waiting behind a long prompt."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizing, lambda: fn(*args, **kwargs))
+
     async def _body(self, request: web.Request, model: type[BaseModel]):
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise too_large(request.content_length, self.max_body_bytes, self.max_prompt_bytes)
         try:
-            raw = await request.json()
-        except json.JSONDecodeError as err:
-            raise ApiError(400, f"request body is not valid JSON: {err}") from err
-        if not isinstance(raw, dict):
-            raise ApiError(400, "request body must be a JSON object")
-        try:
-            return model.model_validate(raw)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ApiError(400, f"{where}: {first['msg']}", param=where) from err
+            data = await asyncio.wait_for(request.read(), self.body_timeout)
+        except web.HTTPRequestEntityTooLarge as err:
+            raise too_large(None, self.max_body_bytes, self.max_prompt_bytes) from err
+        except asyncio.TimeoutError as err:
+            raise ApiError(408, f"the request body took over {self.body_timeout:g} s") from err
+        if not data:
+            raise ApiError(400, "request body is empty: send a JSON object")
+        loop = asyncio.get_running_loop()
+        if len(data) > 64 << 10:  # a big body is parsed off the event loop
+            raw = await loop.run_in_executor(self.tokenizing, parse_json, data)
+        else:
+            raw = parse_json(data)
+        return validate(raw, model)
 
     def _ready(self, asked: str | None = None) -> Loaded:
         if self.draining:
@@ -186,22 +282,7 @@ class Server:
         max_tokens: int,
         chat: bool,
     ) -> web.StreamResponse:
-        context = m.engine.context
-        if len(ids) >= context:
-            raise ApiError(
-                400,
-                f"the prompt is {len(ids)} tokens; this model's context is {context} tokens",
-                param="messages" if chat else "prompt",
-                code="context_length_exceeded",
-            )
-        if len(ids) + max_tokens > context:
-            raise ApiError(
-                400,
-                f"max_tokens {max_tokens} + the prompt's {len(ids)} tokens exceed this model's "
-                f"context of {context} tokens: ask for at most {context - len(ids)}",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+        check_context(len(ids), max_tokens, m.engine.context, "messages" if chat else "prompt")
         started = time.monotonic()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -213,7 +294,16 @@ class Server:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
         )
-        job = Request(ids, sampling, lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c))
+        counted = [0]
+
+        def arrived(chunk: Chunk) -> None:  # on the event loop
+            # generated tokens are counted as the engine makes them, whether or not anyone
+            # still reads them (a client that left is visible in the counter, then stops)
+            self.metrics.generated_tokens.inc(max(0, chunk.tokens - counted[0]))
+            counted[0] = max(counted[0], chunk.tokens)
+            chunks.put_nowait(chunk)
+
+        job = Request(ids, sampling, lambda c: loop.call_soon_threadsafe(arrived, c))
         try:
             m.engine.submit(job)
         except QueueFull as err:
@@ -231,7 +321,7 @@ class Server:
             if body.stream:
                 response = await self._stream(request, m, body, job, chunks, rid, chat, started)
             else:
-                response = await self._collect(m, job, chunks, rid, chat, started)
+                response = await self._collect(request, m, job, chunks, rid, chat, started)
             finished = True
             return response
         finally:
@@ -241,47 +331,37 @@ class Server:
             if self.active == 0:
                 self.idle.set()
 
-    async def _next(self, chunks: asyncio.Queue[Chunk], first: list[bool], started: float) -> Chunk:
-        chunk = await chunks.get()
+    async def _next(
+        self, request: web.Request, chunks: asyncio.Queue[Chunk], first: list[bool], started: float
+    ) -> Chunk:
+        """The next chunk of a request's generation; raises ``ClientGone`` once
+        its client has gone (aiohttp does not cancel the handler), and the caller's
+        ``finally`` cancels the generation."""
+        while True:
+            if request.transport is None or request.transport.is_closing():
+                raise ClientGone()
+            try:
+                chunk = await asyncio.wait_for(chunks.get(), DISCONNECT_POLL_S)
+                break
+            except asyncio.TimeoutError:
+                continue
         if chunk.tokens and first[0]:
             first[0] = False
             self.metrics.ttft.observe(time.monotonic() - started)
-        if chunk.finish_reason is not None:
-            self.metrics.generated_tokens.inc(chunk.tokens)
         return chunk
 
-    def _usage(self, prompt: int, completion: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-        }
-
-    async def _collect(self, m, job, chunks, rid, chat, started) -> web.Response:
+    async def _collect(self, request, m, job, chunks, rid, chat, started) -> web.Response:
         parts, first = [], [True]
         while True:
-            chunk = await self._next(chunks, first, started)
+            chunk = await self._next(request, chunks, first, started)
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
                 break
         if chunk.finish_reason == "error":
             raise ApiError(500, f"generation failed: {chunk.error}", "server_error")
         text = "".join(parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice.update(text=text, logprobs=None)
-        return web.json_response(
-            {
-                "id": rid,
-                "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": m.name,
-                "choices": [choice],
-                "usage": self._usage(len(job.prompt_ids), chunk.tokens),
-            }
-        )
+        answer = Answer(rid, m.name, chat, len(job.prompt_ids))
+        return web.json_response(answer.whole(text, chunk.finish_reason, chunk.tokens))
 
     async def _stream(self, request, m, body, job, chunks, rid, chat, started):
         response = web.StreamResponse(
@@ -292,54 +372,27 @@ class Server:
             }
         )
         await response.prepare(request)
-        created = int(time.time())
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choice: dict[str, Any], usage: dict | None = None) -> bytes:
-            payload: dict[str, Any] = {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": m.name,
-                "choices": [choice] if choice else [],
-            }
-            if usage is not None:
-                payload["usage"] = usage
-            return b"data: " + json.dumps(payload).encode() + b"\n\n"
-
+        answer = Answer(rid, m.name, chat, len(job.prompt_ids))
         if chat:
-            await response.write(
-                event(
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "finish_reason": None,
-                    }
-                )
-            )
+            await response.write(answer.event("", None, role=True))
+        try:
+            await self._stream_events(request, body, chunks, started, answer, response)
+        except (ClientGone, ConnectionResetError):
+            job.cancelled.set()  # the client went away: the answer is over, unfinished
+        return response
+
+    async def _stream_events(self, request, body, chunks, started, answer, response):
         first = [True]
         while True:
-            chunk = await self._next(chunks, first, started)
+            chunk = await self._next(request, chunks, first, started)
             if chunk.finish_reason == "error":
-                error = {
-                    "error": {
-                        "message": f"generation failed: {chunk.error}",
-                        "type": "server_error",
-                    }
-                }
-                await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+                await response.write(sse(server_error(f"generation failed: {chunk.error}")))
                 break
             if chunk.text or chunk.finish_reason is not None:
-                choice: dict[str, Any] = {"index": 0, "finish_reason": chunk.finish_reason}
-                if chat:
-                    choice["delta"] = {"content": chunk.text} if chunk.text else {}
-                else:
-                    choice.update(text=chunk.text, logprobs=None)
-                await response.write(event(choice))
+                await response.write(answer.event(chunk.text, chunk.finish_reason))
             if chunk.finish_reason is not None:
                 if (body.stream_options or {}).get("include_usage"):
-                    await response.write(event({}, self._usage(len(job.prompt_ids), chunk.tokens)))
+                    await response.write(answer.usage_event(chunk.tokens))
                 break
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
-        return response

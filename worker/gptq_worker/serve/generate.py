@@ -48,6 +48,7 @@ class Chunk:
     tokens: int  # generated so far
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    token: int | None = None  # the token sampled (the engine's own bookkeeping)
 
 
 @dataclass
@@ -191,16 +192,21 @@ class Engine:
                     self._cv.wait()
                 if self._stopping and not self._waiting:
                     return
-                batch = [
-                    self._waiting.popleft() for _ in range(min(self.max_batch, len(self._waiting)))
-                ]
+                batch = []
+                while self._waiting and len(batch) < self.max_batch:
+                    r = self._waiting.popleft()
+                    if r.cancelled.is_set():  # its client left while it waited
+                        _emit(r, Chunk("", 0, "cancelled"))
+                    else:
+                        batch.append(r)
                 self._running = len(batch)
             try:
-                self.generate(batch)
+                if batch:
+                    self.generate(batch)
             except Exception as err:  # one bad batch must not kill the server
                 log.exception("generation failed")
                 for r in batch:
-                    r.emit(Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
+                    _emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
             finally:
                 with self._cv:
                     self._running = 0
@@ -211,6 +217,20 @@ class Engine:
     def generate(self, batch: list[Request]) -> None:
         from transformers import DynamicCache
 
+        # each request is prepared on its own: one that cannot be (a seed torch refuses, a
+        # token id outside the vocabulary) fails alone, and the others run
+        prepared = []
+        for r in batch:
+            try:
+                prepared.append((r, *self._prepare(r)))
+            except Exception as err:
+                log.warning("request refused by the engine: %s: %s", type(err).__name__, err)
+                _emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
+        if not prepared:
+            return
+        batch = [p[0] for p in prepared]
+        generators = [p[1] for p in prepared]
+        streams = [p[2] for p in prepared]
         n = len(batch)
         longest = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((n, longest), self.pad, dtype=torch.long)
@@ -220,14 +240,6 @@ class Engine:
             mask[i, longest - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        streams = [TextStream(self.tokenizer, r.sampling.stop) for r in batch]
-        generators = []
-        for r in batch:
-            g = None
-            if r.sampling.temperature > 0:
-                g = torch.Generator(device=self.device)
-                g.manual_seed(r.sampling.seed if r.sampling.seed is not None else g.seed())
-            generators.append(g)
         done = [False] * n
         counts = [0] * n
         cache = DynamicCache()
@@ -248,27 +260,61 @@ class Engine:
                     continue
                 if r.cancelled.is_set():
                     done[i] = True
-                    r.emit(Chunk("", counts[i], "cancelled"))
+                    _emit(r, Chunk("", counts[i], "cancelled"))
                     continue
-                token = sample(logits[i], r.sampling, generators[i])
-                next_ids[i] = token
-                counts[i] += 1
-                if token in self.eos and not r.sampling.ignore_eos:
+                try:
+                    chunk = self._step(r, logits[i], generators[i], streams[i], counts[i] + 1)
+                except Exception as err:  # this row's sampling or decoding: it alone fails
+                    log.warning("request failed while decoding: %s: %s", type(err).__name__, err)
+                    chunk = Chunk("", counts[i], "error", error=f"{type(err).__name__}: {err}")
                     done[i] = True
-                    r.emit(Chunk(streams[i].flush(), counts[i], "stop"))
+                    _emit(r, chunk)
                     continue
-                delta, stopped = streams[i].push(token)
-                if stopped:
-                    done[i] = True
-                    r.emit(Chunk(delta, counts[i], "stop"))
-                elif counts[i] >= r.sampling.max_tokens:
-                    done[i] = True
-                    r.emit(Chunk(delta + streams[i].flush(), counts[i], "length"))
-                else:
-                    r.emit(Chunk(delta, counts[i], None))
+                counts[i] = chunk.tokens
+                next_ids[i] = chunk.token
+                done[i] = chunk.finish_reason is not None
+                _emit(r, chunk)
             step_ids = next_ids.view(n, 1).to(self.device)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], 1)
             step_pos = step_pos[:, -1:] + 1
+
+    def _prepare(self, r: Request) -> tuple[torch.Generator | None, TextStream]:
+        if not r.prompt_ids or r.sampling.max_tokens < 1:
+            raise ValueError("empty prompt or max_tokens < 1")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in r.prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        g = None
+        if r.sampling.temperature > 0:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(r.sampling.seed if r.sampling.seed is not None else g.seed())
+        return g, TextStream(self.tokenizer, r.sampling.stop)
+
+    def _step(self, r: Request, logits, generator, stream: TextStream, count: int) -> Chunk:
+        """Sample one token for ``r``: the chunk to send, its token in ``chunk.token``."""
+        token = sample(logits, r.sampling, generator)
+        if token in self.eos and not r.sampling.ignore_eos:
+            chunk = Chunk(stream.flush(), count, "stop")
+        else:
+            delta, stopped = stream.push(token)
+            if stopped:
+                chunk = Chunk(delta, count, "stop")
+            elif count >= r.sampling.max_tokens:
+                chunk = Chunk(delta + stream.flush(), count, "length")
+            else:
+                chunk = Chunk(delta, count, None)
+        chunk.token = token
+        return chunk
+
+
+def _emit(r: Request, chunk: Chunk) -> None:
+    """Hand a chunk to its request; a receiver that is gone (its loop closed) is not the
+    batch's problem."""
+    try:
+        r.emit(chunk)
+    except Exception:
+        r.cancelled.set()
+        log.debug("could not deliver a chunk", exc_info=True)
 
 
 def context_length(model) -> int:

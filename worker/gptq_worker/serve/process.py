@@ -26,9 +26,18 @@ async def _run(
     grace: float,
     trust_remote_code: bool,
     ready: threading.Event | None,
+    options: dict,
 ) -> int:
-    server = Server(name, max_batch, max_queue)
-    runner = web.AppRunner(server.app, handle_signals=False, access_log=None)
+    server = Server(name, max_batch, max_queue, **options)
+    # keep-alive connections idle past keepalive_timeout are closed; at shutdown, handlers
+    # still running after the drain below (which honours the grace) get 1 s, not aiohttp's 60
+    runner = web.AppRunner(
+        server.app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=server.keepalive_timeout,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -97,8 +106,11 @@ def serve(
     grace: float = 30.0,
     trust_remote_code: bool = False,
     ready: threading.Event | None = None,
+    **options,
 ) -> int:
-    """Serve ``checkpoint`` until SIGTERM/SIGINT; returns the process exit code."""
+    """Serve ``checkpoint`` until SIGTERM/SIGINT; returns the process exit code.
+
+    ``options`` go to :class:`Server` (``api_key``, ``max_prompt_bytes``, ...)."""
     name = name or Path(checkpoint).resolve().name
     return asyncio.run(
         _run(
@@ -112,5 +124,6 @@ def serve(
             grace,
             trust_remote_code,
             ready,
+            options,
         )
     )
