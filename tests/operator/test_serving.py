@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from gptq_compat.engines import UnknownEngineVersion
@@ -151,3 +153,16 @@ def test_builtin_pods_run_a_command_the_worker_accepts():
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["image"] == settings.worker_image
+
+
+def test_every_rule_names_its_engine_version_and_source():
+    """A rule about another project says which version it describes and where that
+    project's source states it."""
+    from gptq_compat.engines import ENGINES
+
+    for engine_rules in ENGINES:
+        assert re.fullmatch(r"\d+\.\d+\.\d+", engine_rules.version), engine_rules
+        assert engine_rules.version in engine_rules.label and engine_rules.how_checked
+        rules = [*engine_rules.rules, *(r for k in engine_rules.kernels for r in k.rules)]
+        for rule in rules:
+            assert re.search(r"\.py:\d+", rule.source), (engine_rules.label, rule.id)
