@@ -197,3 +197,12 @@ class Served:
         code = self.proc.wait(timeout)
         self._reader.join(5)
         return code
+
+
+@pytest.fixture(scope="module")
+def server(served_checkpoint):
+    """``gptq-worker serve`` on the shared checkpoint: one process per test module."""
+    s = Served(served_checkpoint, "--served-model-name", NAME)
+    s.wait_ready()
+    yield s
+    assert s.stop() == 0, "".join(s.lines)

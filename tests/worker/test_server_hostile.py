@@ -26,14 +26,6 @@ RUNNING = ("gptq_serve_requests_running", ())
 MIB = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def server(served_checkpoint):
-    s = Served(served_checkpoint, "--served-model-name", NAME)
-    s.wait_ready()
-    yield s
-    assert s.stop() == 0, "".join(s.lines)
-
-
 def _chat(content) -> dict:
     return {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
 

@@ -24,14 +24,6 @@ def checkpoint(served_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint):
-    s = Served(checkpoint, "--served-model-name", NAME)
-    s.wait_ready()
-    yield s
-    assert s.stop() == 0, "".join(s.lines)
-
-
-@pytest.fixture(scope="module")
 def reference(checkpoint):
     """Greedy text from the dequantized dense model, and its tokenizer."""
     from transformers import AutoTokenizer
