@@ -255,13 +255,8 @@ def read_weight_map(directory: Path) -> dict[str, str] | None:
     index = directory / "model.safetensors.index.json"
     if not index.exists():
         return None
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{index} cannot be read as JSON ({err}); rewrite or remove the index"
-        ) from err
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    data = read_json(index)
+    weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
