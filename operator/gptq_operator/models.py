@@ -59,6 +59,10 @@ def _apply(api: client.ApiClient, obj: dict) -> dict:
     return stored.to_dict()
 
 
+class SourceJobFailed(RuntimeError):
+    """The QuantizationJob a model is served from failed: no checkpoint will come."""
+
+
 def _checkpoint(
     api: client.ApiClient, namespace: str, spec: QuantizedModelSpec
 ) -> tuple[str | None, CheckpointSummary | None, list[str] | None, int | None, str]:
@@ -69,6 +73,10 @@ def _checkpoint(
     if qjob is None:
         return None, None, None, None, f"QuantizationJob {spec.source.job} does not exist"
     status = qjob.get("status") or {}
+    if status.get("phase") == "Failed":
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        why = f": {ready['message']}" if ready.get("message") else ""
+        raise SourceJobFailed(f"QuantizationJob {spec.source.job} failed{why}")
     if status.get("phase") != "Succeeded":
         progress = (status.get("progress") or {}).get("message")
         detail = f" ({progress})" if progress else ""
@@ -91,10 +99,31 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
     spec = QuantizedModelSpec.model_validate(body["spec"])
     conditions = status.get("conditions")
 
-    uri, fmt, _validated, size, waiting = _checkpoint(api, owner.namespace, spec)
+    try:
+        uri, fmt, _validated, size, waiting = _checkpoint(api, owner.namespace, spec)
+    except SourceJobFailed as err:
+        # Stalled until the job is fixed and succeeds (a new spec re-runs it); looked at
+        # again each minute, so the model recovers by itself
+        conditions = stalled(conditions, "SourceJobFailed", str(err), generation)
+        conditions = set_condition(
+            conditions, "Reconciling", "False", "SourceJobFailed", str(err), generation
+        )
+        first = status.get("phase") != "Failed"
+        events = [("Warning", "SourceJobFailed", str(err))] if first else []
+        return Outcome(
+            {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
+            events,
+            retry_after=60,
+        )
+    conditions = set_condition(
+        conditions, "Stalled", "False", "Progressing", "nothing blocks this model", generation
+    )
     if uri is None:
         conditions = set_condition(
             conditions, "Ready", "False", "WaitingForCheckpoint", waiting, generation
+        )
+        conditions = set_condition(
+            conditions, "Reconciling", "True", "WaitingForCheckpoint", waiting, generation
         )
         return Outcome(
             {"phase": "Waiting", "conditions": conditions, "observedGeneration": generation},

@@ -233,3 +233,35 @@ def test_changing_the_checkpoint_rolls_the_deployment(operator, api, namespace, 
         ),
         what="a second ReplicaSet",
     )
+
+
+def test_model_of_a_failed_job_is_stalled_with_the_jobs_reason(
+    operator, control_plane, api, namespace, volumes
+):
+    """kstatus: a model whose checkpoint cannot come is Stalled (kubectl wait returns), and
+    says why, instead of waiting forever."""
+    objects = client.CustomObjectsApi(api)
+    objects.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, "quantizationjobs", qjob("doomed")
+    )
+    create_qmodel(api, namespace, "doomed", "doomed", "builtin")
+    wait_for(lambda: model_phase(api, namespace, "doomed") == "Waiting", what="Waiting")
+    waiting = qmodel(api, namespace, "doomed")
+    assert condition(waiting, "Reconciling")["status"] == "True"
+    assert condition(waiting, "Stalled")["status"] == "False"
+    pod = wait_for(lambda: running_pod(api, namespace, "doomed-worker-1"), what="worker pod")
+    finish(api, namespace, pod, 2, {"error": "model_type 'opt' is not supported"})
+    control_plane.kubectl(
+        "wait", "-n", namespace, "--for=condition=Stalled", "qmodel/doomed", "--timeout=90s"
+    )
+    model = qmodel(api, namespace, "doomed")
+    stalled, ready = condition(model, "Stalled"), condition(model, "Ready")
+    assert model["status"]["phase"] == "Failed"
+    assert stalled["reason"] == ready["reason"] == "SourceJobFailed"
+    assert "QuantizationJob doomed failed" in stalled["message"]
+    assert "model_type 'opt' is not supported" in stalled["message"]
+    assert condition(model, "Reconciling")["status"] == "False"
+    events = client.CoreV1Api(api).list_namespaced_event(
+        namespace, field_selector="involvedObject.name=doomed,reason=SourceJobFailed"
+    )
+    assert len(events.items) == 1
