@@ -119,7 +119,7 @@ def test_job_runs_on_capable_node_reports_progress_and_succeeds(
     job = wait_for(lambda: _job(batch, namespace, "llama-worker-1"), what="worker Job")
     assert job.metadata.owner_references[0].kind == "QuantizationJob"
     pod = wait_for(lambda: running_pod(api, namespace, "llama-worker-1"), what="pod Running")
-    assert pod.spec.node_name in {"gpu-a100", "gpu-l40s", "gpu-h100"}  # SM >= 8.0
+    assert pod.spec.node_name in {"gpu-t4", "gpu-a100", "gpu-l40s", "gpu-h100"}  # Marlin: SM >= 7.5
     wait_for(lambda: phase(api, namespace, "llama") == "Running", what="phase Running")
 
     # the worker's own reporter, with the worker's token: its Role allows exactly this
