@@ -182,7 +182,23 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
     # a ServiceMonitor only where the Prometheus Operator's CRD is installed
     with contextlib.suppress(ResourceNotFoundError):
         _apply(api, service_monitor(owner))
-    ready = (dep.get("status") or {}).get("readyReplicas") or 0
+    # Readiness from the Deployment and the model's conditions as they are now, not as they
+    # were when this handler started: observe_deployment may have written both meanwhile,
+    # and this patch would take them back. (This narrows, and does not close, the race of
+    # two status writers.)
+    now = client.AppsV1Api(api).read_namespaced_deployment_status(
+        dep["metadata"]["name"], owner.namespace
+    )
+    ready = now.status.ready_replicas or 0
+    latest = read_owner(api, PLURAL, owner.namespace, owner.name) or body
+    conditions = set_condition(
+        (latest.get("status") or {}).get("conditions"),
+        "Stalled",
+        "False",
+        "Progressing",
+        "nothing blocks this model",
+        generation,
+    )
     patch = _readiness(conditions, generation, spec.replicas, ready, choice, owner)
     patch.update(
         backend=choice.backend,
