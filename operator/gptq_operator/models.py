@@ -102,7 +102,7 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
     try:
         uri, fmt, _validated, size, waiting = _checkpoint(api, owner.namespace, spec)
     except SourceJobFailed as err:
-        # Stalled until the job is fixed and succeeds (a new spec re-runs it); looked at
+        # Stalled until the job succeeds (re-created, it runs again); looked at
         # again each minute, so the model recovers by itself
         conditions = stalled(conditions, "SourceJobFailed", str(err), generation)
         conditions = set_condition(
