@@ -115,9 +115,7 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
             events,
             retry_after=60,
         )
-    conditions = set_condition(
-        conditions, "Stalled", "False", "Progressing", "nothing blocks this model", generation
-    )
+    conditions = _progressing(conditions, generation)
     if uri is None:
         conditions = set_condition(
             conditions, "Ready", "False", "WaitingForCheckpoint", waiting, generation
@@ -191,14 +189,7 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
     )
     ready = now.status.ready_replicas or 0
     latest = read_owner(api, PLURAL, owner.namespace, owner.name) or body
-    conditions = set_condition(
-        (latest.get("status") or {}).get("conditions"),
-        "Stalled",
-        "False",
-        "Progressing",
-        "nothing blocks this model",
-        generation,
-    )
+    conditions = _progressing((latest.get("status") or {}).get("conditions"), generation)
     patch = _readiness(conditions, generation, spec.replicas, ready, choice, owner)
     patch.update(
         backend=choice.backend,
@@ -217,6 +208,13 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
         )
     # not ready yet: look again shortly (Deployment events also update readiness)
     return Outcome(patch, events, retry_after=None if patch["phase"] == "Ready" else 5)
+
+
+def _progressing(conditions: list[dict] | None, generation: int | None) -> list[dict]:
+    """Stalled=False: nothing that needs a user's change blocks the model."""
+    return set_condition(
+        conditions, "Stalled", "False", "Progressing", "nothing blocks this model", generation
+    )
 
 
 def _readiness(

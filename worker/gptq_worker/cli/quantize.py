@@ -29,15 +29,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gptq_worker.format.validate import validate_checkpoint
-    from gptq_worker.pipeline.run import quantize
+    from gptq_worker.pipeline.run import quantize_and_validate
 
     cfg = worker_config(args)
-    output = quantize(cfg, show_progress=not getattr(args, "no_progress_bar", False))
+    show = not getattr(args, "no_progress_bar", False)
+    output, report = quantize_and_validate(cfg, show_progress=show)
     print(f"wrote {output}")
     if getattr(args, "termination_message", None):
         q = cfg.quantization
-        report = validate_checkpoint(output)
         shapes = sorted(
             {(m.name.rsplit(".", 1)[-1], m.in_features, m.out_features) for m in report.modules}
         )

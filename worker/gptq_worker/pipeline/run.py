@@ -26,6 +26,7 @@ from gptq_compat.config import WorkerConfig
 from gptq_worker.arch import architecture_for
 from gptq_worker.device import resolve_device, resolve_dtype
 from gptq_worker.format.checkpoint import write_checkpoint
+from gptq_worker.format.validate import Report, validate_checkpoint
 from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.pipeline.capture import capture_inputs
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver
@@ -154,6 +155,14 @@ def quantize(
 
     ``on_layer(i)`` is called after decoder layer ``i`` is finished and saved.
     """
+    return quantize_and_validate(cfg, show_progress, on_layer)[0]
+
+
+def quantize_and_validate(
+    cfg: WorkerConfig, show_progress: bool = True, on_layer: Callable[[int], None] | None = None
+) -> tuple[Path, Report]:
+    """:func:`quantize`, also returning the validator's report of the published checkpoint
+    (the run validates it before publishing, so callers need not read it again)."""
     output = Path(cfg.output).expanduser().resolve()
     with output_lock(output):
         return _quantize(cfg, output, show_progress, on_layer)
@@ -161,7 +170,7 @@ def quantize(
 
 def _quantize(
     cfg: WorkerConfig, output: Path, show_progress: bool, on_layer: Callable[[int], None] | None
-) -> Path:
+) -> tuple[Path, Report]:
     started = time.monotonic()
     for what, source in (("model", cfg.model), ("calibration data", cfg.calibration.dataset)):
         path = Path(source).expanduser().resolve() if source else None
@@ -202,8 +211,6 @@ def _quantize(
             cfg.max_shard_size,
             meta={"perplexity": perplexity} if perplexity else None,
         )
-        from gptq_worker.format.validate import validate_checkpoint
-
         report = validate_checkpoint(staging)
         if report.errors:
             raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
@@ -223,7 +230,7 @@ def _quantize(
         if progress is not None:
             progress.close()
     shutil.rmtree(work, ignore_errors=True)
-    return output
+    return output, report
 
 
 def quantize_model(
