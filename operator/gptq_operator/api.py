@@ -264,6 +264,11 @@ class QuantizationJobSpec(_Model):
                 "pvc:// URI",
             ),
             ("self.model.uri != self.output.uri", "output.uri must differ from model.uri"),
+            (
+                "self == oldSelf",
+                "spec is immutable: a QuantizationJob runs once; to quantize with other "
+                "settings create a new QuantizationJob (or delete and re-create this one)",
+            ),
         )
     )
 
@@ -326,6 +331,18 @@ class Progress(_Model):
         None, description="estimated seconds until the worker is done"
     )
     message: str | None = Field(None, description="e.g. 'layer 12/32'")
+
+
+class LastFailure(_Model):
+    """The most recent cause that stopped the resource, kept after it is gone."""
+
+    reason: str = Field(
+        description="CamelCase cause, e.g. ImagePullBackOff, CrashLoopBackOff, MissingSecret, "
+        "PVCNotFound, Unschedulable, WorkerFailed, SourceJobFailed, Incompatible"
+    )
+    message: str = Field(description="what happened and the fix")
+    exit_code: int | None = Field(None, description="the container's exit code, where one ended")
+    time: datetime = Field(description="when this cause was first seen")
 
 
 class ModuleShape(_Model):
@@ -415,6 +432,9 @@ class QuantizationJobStatus(_Model):
     start_time: datetime | None = Field(None, description="when the first worker Job was created")
     completion_time: datetime | None = Field(
         None, description="when the job succeeded or failed for good"
+    )
+    last_failure: LastFailure | None = Field(
+        None, description="the last cause that stopped the worker, with its fix"
     )
 
 
@@ -523,4 +543,7 @@ class QuantizedModelStatus(_Model):
     kernel: str | None = Field(None, description="the kernel chosen, e.g. vllm/marlin")
     endpoint: str | None = Field(
         None, description="OpenAI-compatible base URL, e.g. http://llama.ml.svc/v1"
+    )
+    last_failure: LastFailure | None = Field(
+        None, description="the last cause that kept serving pods from running, with its fix"
     )

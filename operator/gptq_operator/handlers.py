@@ -2,11 +2,13 @@
 
 Run with ``kopf run -m gptq_operator.handlers --all-namespaces`` (the chart does).
 Handlers never write ``spec``; Kopf keeps its own bookkeeping in annotations, not status.
+Every trigger of a resource (its own changes, its children's, a timer) calls the same
+``sync`` of that resource, which writes the whole status (``status.publish``): there is one
+status writer, and waiting is not an error (no retry loops, nothing logged as ERROR).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from datetime import datetime, timezone
 from typing import Any
@@ -17,9 +19,10 @@ from kubernetes import client, config
 from gptq_operator import metrics, models, quantization
 from gptq_operator.api import GROUP, VERSION
 from gptq_operator.settings import OperatorSettings
-from gptq_operator.status import Outcome
 
 _state: dict[str, Any] = {}
+MANAGED = {"app.kubernetes.io/managed-by": "gptq-operator"}
+RECHECK_S = 60  # nodes come and go: judgments that depend on them are made again this often
 
 
 def _api() -> client.ApiClient:
@@ -30,6 +33,10 @@ def _settings() -> OperatorSettings:
     return _state["settings"]
 
 
+def _metrics() -> metrics.Metrics:
+    return _state["metrics"]
+
+
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Read settings once, connect to the API server, keep Kopf's state out of status."""
@@ -37,7 +44,8 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.WARNING
+    # the operator posts its own events (aggregated, one source: status.record_event)
+    settings.posting.enabled = False
     settings.watching.server_timeout = 300
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
         config.load_incluster_config()
@@ -46,10 +54,6 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         _state["api"] = config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"))
     _state["settings"] = OperatorSettings.from_env()
     _state["metrics"] = metrics.serve(_state["settings"].metrics_port)
-
-
-def _metrics() -> metrics.Metrics:
-    return _state["metrics"]
 
 
 @kopf.on.login()
@@ -64,75 +68,84 @@ def apiserver_reachable(**_: Any) -> str:
     return client.VersionApi(_api()).get_code().git_version
 
 
-def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
-    for key, value in outcome.status.items():
-        patch.status[key] = value
-    for type_, reason, message in outcome.events:
-        (kopf.warn if type_ == "Warning" else kopf.info)(body, reason=reason, message=message)
-    if outcome.permanent:
-        raise kopf.PermanentError(outcome.permanent)
-    if outcome.retry_after:
-        raise kopf.TemporaryError(
-            outcome.status.get("phase", "not ready"), delay=outcome.retry_after
-        )
+def _sync_job(namespace: str, name: str | None) -> None:
+    if name:
+        with _metrics().reconcile("QuantizationJob"):
+            quantization.sync(_api(), namespace, name, _settings())
+
+
+def _sync_model(namespace: str, name: str | None) -> None:
+    if name:
+        with _metrics().reconcile("QuantizedModel"):
+            models.sync(_api(), namespace, name, _settings())
 
 
 @kopf.on.create(GROUP, VERSION, "quantizationjobs")
 @kopf.on.resume(GROUP, VERSION, "quantizationjobs")
-@kopf.on.update(GROUP, VERSION, "quantizationjobs", field="spec")
-def quantization_job(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+def quantization_job(name: str, namespace: str, **_: Any) -> None:
     """Create the worker Job of a QuantizationJob (or say why no node can run it)."""
-    with _metrics().reconcile("QuantizationJob"):
-        _apply(quantization.reconcile(_api(), dict(body), _settings()), body, patch)
+    _sync_job(namespace, name)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    "quantizationjobs",
+    interval=RECHECK_S,
+    initial_delay=RECHECK_S,
+    when=lambda status, **_: status.get("phase") not in ("Succeeded", "Failed"),
+)
+def quantization_job_recheck(name: str, namespace: str, **_: Any) -> None:
+    """Judge the nodes again for a job that waits for one."""
+    _sync_job(namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "quantizationjobs")
-def quantization_job_phase(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """Keep the jobs-by-phase gauge current."""
+def quantization_job_phase(
+    body: kopf.Body, name: str, namespace: str, type: str | None, **_: Any
+) -> None:
+    """Keep the jobs-by-phase gauge current; the models served from this job follow it."""
     phase = None if type == "DELETED" else (body.get("status") or {}).get("phase") or "Pending"
     _metrics().job_phase(body["metadata"]["uid"], phase)
+    with _metrics().reconcile("QuantizedModel"):
+        models.sync_dependents(_api(), namespace, name, _settings())
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={**MANAGED, "app.kubernetes.io/name": "gptq-worker"})
+def worker_job(labels: kopf.Labels, namespace: str, type: str | None, **_: Any) -> None:
+    """Carry a worker Job's state to its QuantizationJob (a deleted Job may be the one a
+    re-created namesake waits for)."""
+    if type in (None, "ADDED", "MODIFIED", "DELETED"):
+        _sync_job(namespace, labels.get("gptq.dev/quantization-job"))
+
+
+@kopf.on.event("", "v1", "pods", labels=MANAGED)
+def managed_pod(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+    """A worker or serving pod changed (scheduled, pulling, crashing): its owner's status
+    says so."""
+    _sync_job(namespace, labels.get("gptq.dev/quantization-job"))
+    _sync_model(namespace, labels.get("gptq.dev/quantized-model"))
+
+
+@kopf.on.create(GROUP, VERSION, "quantizedmodels")
+@kopf.on.resume(GROUP, VERSION, "quantizedmodels")
+@kopf.on.update(GROUP, VERSION, "quantizedmodels", field="spec")
+def quantized_model(name: str, namespace: str, **_: Any) -> None:
+    """Serve a QuantizedModel's checkpoint once it exists, on GPUs that can run its kernel."""
+    _sync_model(namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, "quantizedmodels", interval=RECHECK_S, initial_delay=RECHECK_S)
+def quantized_model_recheck(name: str, namespace: str, **_: Any) -> None:
+    """Choose again as nodes change (a refused model may become servable)."""
+    _sync_model(namespace, name)
 
 
 @kopf.on.event(GROUP, VERSION, "quantizedmodels")
 def quantized_model_phase(body: kopf.Body, type: str | None, **_: Any) -> None:
     """Keep the models-by-phase gauge current (the not-ready alert reads it)."""
     phase = None if type == "DELETED" else (body.get("status") or {}).get("phase") or "Pending"
-    _metrics().model_phase(body["metadata"]["uid"], phase)
-
-
-@kopf.on.event(
-    "batch",
-    "v1",
-    "jobs",
-    labels={
-        "app.kubernetes.io/managed-by": "gptq-operator",
-        "app.kubernetes.io/name": "gptq-worker",
-    },
-)
-def worker_job(body: kopf.Body, type: str | None, **_: Any) -> None:
-    """Carry a worker Job's state to its QuantizationJob."""
-    if type in (None, "ADDED", "MODIFIED"):
-        quantization.observe_worker(_api(), _as_dict(body), _settings())
-
-
-def _as_dict(body: kopf.Body) -> dict:
-    return {
-        "metadata": dict(body["metadata"]),
-        "status": dict(body.get("status") or {}),
-        "spec": dict(body.get("spec") or {}),
-    }
-
-
-@kopf.on.create(GROUP, VERSION, "quantizedmodels")
-@kopf.on.resume(GROUP, VERSION, "quantizedmodels")
-@kopf.on.update(GROUP, VERSION, "quantizedmodels", field="spec")
-def quantized_model(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    """Serve a QuantizedModel's checkpoint once it exists, on GPUs that can run its kernel."""
-    with _metrics().reconcile("QuantizedModel"):
-        outcome = models.reconcile(_api(), dict(body), _settings())
-        if outcome.status.get("phase") == "Ready":
-            _metrics().model_ready(body["metadata"]["uid"], _age_seconds(body["metadata"]))
-        _apply(outcome, body, patch)
+    _metrics().model_phase(body["metadata"]["uid"], phase, _age_seconds(body["metadata"]))
 
 
 def _age_seconds(metadata: dict) -> float:
@@ -141,17 +154,9 @@ def _age_seconds(metadata: dict) -> float:
 
 
 @kopf.on.event(
-    "apps",
-    "v1",
-    "deployments",
-    labels={
-        "app.kubernetes.io/managed-by": "gptq-operator",
-        "app.kubernetes.io/name": "gptq-serving",
-    },
+    "apps", "v1", "deployments", labels={**MANAGED, "app.kubernetes.io/name": "gptq-serving"}
 )
-def serving_deployment(body: kopf.Body, type: str | None, **_: Any) -> None:
+def serving_deployment(labels: kopf.Labels, namespace: str, type: str | None, **_: Any) -> None:
     """Carry a serving Deployment's readiness to its QuantizedModel."""
-    if type in (None, "ADDED", "MODIFIED"):
-        ready = models.observe_deployment(_api(), _as_dict(body))
-        if ready is not None:
-            _metrics().model_ready(ready["metadata"]["uid"], _age_seconds(ready["metadata"]))
+    if type in (None, "ADDED", "MODIFIED", "DELETED"):
+        _sync_model(namespace, labels.get("gptq.dev/quantized-model"))

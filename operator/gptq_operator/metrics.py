@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ class Metrics:
         self._phases: dict[str, str] = {}
         self._model_phases: dict[str, str] = {}
         self._ready: set[str] = set()
+        self._lock = threading.Lock()
 
     @contextmanager
     def reconcile(self, kind: str) -> Iterator[None]:
@@ -62,21 +64,29 @@ class Metrics:
             self.reconciles.labels(kind, result).inc()
             self.reconcile_seconds.labels(kind).observe(time.monotonic() - started)
 
-    def model_ready(self, uid: str, seconds: float) -> None:
-        """A QuantizedModel is Ready; only its first time counts, whichever path saw it."""
-        if uid not in self._ready:
-            self._ready.add(uid)
-            self.time_to_ready.observe(seconds)
+    def model_phase(self, uid: str, phase: str | None, age_seconds: float | None = None) -> None:
+        """Track one QuantizedModel's phase (None: deleted) and refresh the counts.
+
+        Time to ready is observed when this process sees a model turn Ready from another
+        phase, once per model: a model already Ready when the operator starts (or restarts)
+        was counted before, or its time is unknown."""
+        with self._lock:
+            before = self._model_phases.get(uid)
+            if (
+                phase == "Ready"
+                and before not in (None, "Ready")
+                and uid not in self._ready
+                and age_seconds is not None
+            ):
+                self._ready.add(uid)
+                self.time_to_ready.observe(age_seconds)
+            known = ("Pending", "Waiting", "Deploying", "Ready", "Degraded", "Failed")
+            _track(self.models, self._model_phases, uid, phase, known)
 
     def job_phase(self, uid: str, phase: str | None) -> None:
         """Track one QuantizationJob's phase (None: deleted) and refresh the counts."""
         known = ("Pending", "Unschedulable", "Running", "Succeeded", "Failed")
         _track(self.jobs, self._phases, uid, phase, known)
-
-    def model_phase(self, uid: str, phase: str | None) -> None:
-        """Track one QuantizedModel's phase (None: deleted) and refresh the counts."""
-        known = ("Pending", "Waiting", "Deploying", "Ready", "Degraded", "Failed")
-        _track(self.models, self._model_phases, uid, phase, known)
 
 
 def _track(

@@ -1,23 +1,30 @@
 """Reconciling a QuantizedModel: wait for its checkpoint, choose a kernel, roll out serving.
 
-Deployment and Service are applied server-side (field manager ``gptq-operator``), so a
-new checkpoint or setting rolls the pods and re-running the handler changes nothing.
+One function, :func:`sync`, does it all and is safe to run at any time, from any trigger
+(a spec change, a change of its Deployment or pods, of its source QuantizationJob, or the
+periodic re-check of nodes): it applies the children the spec calls for (server-side, field
+manager ``gptq-operator``, so re-running changes nothing), removes children of a backend no
+longer chosen, then publishes the whole status from what it observes (``status.publish``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
-from kubernetes.dynamic import DynamicClient
-from kubernetes.dynamic.exceptions import ResourceNotFoundError
+from kubernetes.client.rest import ApiException
 
 from gptq_compat.engines import UnknownEngineVersion
-from gptq_operator.api import GROUP, VERSION, CheckpointSummary, QuantizedModelSpec
+from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import Owner
+from gptq_operator.observe import failure as _failure
+from gptq_operator.observe import pod_cause
 from gptq_operator.scheduling import kernel_named, node_sm
 from gptq_operator.serving import (
+    TEMPLATE_HASH,
     Choice,
     Incompatible,
     choose,
@@ -29,54 +36,96 @@ from gptq_operator.serving import (
     tensor_parallel,
 )
 from gptq_operator.settings import OperatorSettings
-from gptq_operator.status import Outcome, read_owner, set_condition, stalled
+from gptq_operator.status import kstatus, publish, read_owner
 
-PLURAL = "quantizedmodels"
+PLURAL, KIND = "quantizedmodels", "QuantizedModel"
 DEFAULT_KERNEL = {
     "vllm": "vllm/marlin",
     "lmdeploy": "lmdeploy/turbomind",
     "builtin": "builtin/torch",
 }
+PATHS = {
+    "Deployment": "/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+    "Service": "/api/v1/namespaces/{namespace}/services/{name}",
+    "ServiceMonitor": (
+        "/apis/monitoring.coreos.com/v1/namespaces/{namespace}/servicemonitors/{name}"
+    ),
+}
+# ServiceMonitor only where the Prometheus Operator's CRD is installed; a missing CRD is
+# remembered for a while instead of being asked about on every reconcile
+_absent: dict[str, float] = {}
+_absent_lock = threading.Lock()
+ABSENT_FOR_S = 300.0
 
 
-_dynamic: dict[int, DynamicClient] = {}
+def apply(api: client.ApiClient, obj: dict) -> dict:
+    """Server-side apply (field manager gptq-operator); returns the object as stored.
 
-
-def _apply(api: client.ApiClient, obj: dict) -> dict:
-    """Server-side apply (field manager gptq-operator); returns the object as stored."""
-    if id(api) not in _dynamic:  # discovery is costly: one dynamic client per API client
-        _dynamic[id(api)] = DynamicClient(api)
-    dyn = _dynamic[id(api)]
-    resource = dyn.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-    stored = dyn.server_side_apply(
-        resource,
+    Made with the typed client's plain ``call_api`` (no discovery, no shared cache), so
+    reconciles in parallel threads are safe."""
+    path = PATHS[obj["kind"]].format(**obj["metadata"])
+    return api.call_api(
+        path,
+        "PATCH",
+        query_params=[("fieldManager", "gptq-operator"), ("force", "true")],
+        header_params={
+            "Content-Type": "application/apply-patch+yaml",
+            "Accept": "application/json",
+        },
         body=obj,
-        name=obj["metadata"]["name"],
-        namespace=obj["metadata"]["namespace"],
-        field_manager="gptq-operator",
-        force_conflicts=True,
+        response_type="object",
+        auth_settings=["BearerToken"],
+        _return_http_data_only=True,
     )
-    return stored.to_dict()
+
+
+def _apply_optional(api: client.ApiClient, obj: dict) -> None:
+    with _absent_lock:
+        if time.monotonic() < _absent.get(obj["kind"], 0.0):
+            return
+    try:
+        apply(api, obj)
+    except ApiException as err:
+        if err.status != 404:
+            raise
+        with _absent_lock:
+            _absent[obj["kind"]] = time.monotonic() + ABSENT_FOR_S
 
 
 class SourceJobFailed(RuntimeError):
     """The QuantizationJob a model is served from failed: no checkpoint will come."""
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the spec calls for, given the checkpoint and the nodes as they are now."""
+
+    state: str  # "waiting" | "stalled" | "serve"
+    reason: str = ""
+    message: str = ""
+    choice: Choice | None = None
+    uri: str | None = None
+    fmt: CheckpointSummary | None = None
+    tp: int = 1
+
+
 def _checkpoint(
     api: client.ApiClient, namespace: str, spec: QuantizedModelSpec
-) -> tuple[str | None, CheckpointSummary | None, list[str] | None, int | None, str]:
-    """(uri, format, loadable kernels, bytes, waiting message); uri None while waiting."""
+) -> tuple[str | None, CheckpointSummary | None, int | None, str]:
+    """(uri, format, bytes, waiting message); uri None while waiting."""
     if spec.source.uri:
-        return spec.source.uri, None, None, None, ""
+        return spec.source.uri, None, None, ""
     qjob = read_owner(api, "quantizationjobs", namespace, spec.source.job)
     if qjob is None:
-        return None, None, None, None, f"QuantizationJob {spec.source.job} does not exist"
+        return None, None, None, f"QuantizationJob {spec.source.job} does not exist"
     status = qjob.get("status") or {}
     if status.get("phase") == "Failed":
         ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
         why = f": {ready['message']}" if ready.get("message") else ""
-        raise SourceJobFailed(f"QuantizationJob {spec.source.job} failed{why}")
+        raise SourceJobFailed(
+            f"QuantizationJob {spec.source.job} failed{why}; delete and re-create it with a "
+            f"fix, and this model follows"
+        )
     if status.get("phase") != "Succeeded":
         progress = (status.get("progress") or {}).get("message")
         detail = f" ({progress})" if progress else ""
@@ -84,50 +133,22 @@ def _checkpoint(
             None,
             None,
             None,
-            None,
             f"QuantizationJob {spec.source.job} is {status.get('phase') or 'Pending'}{detail}",
         )
     result = status.get("result") or {}
     fmt = CheckpointSummary.model_validate(result["format"]) if result.get("format") else None
-    return (result.get("outputUri"), fmt, result.get("kernels"), result.get("checkpointBytes"), "")
+    return result.get("outputUri"), fmt, result.get("checkpointBytes"), ""
 
 
-def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> Outcome:
-    meta, status = body["metadata"], body.get("status") or {}
-    generation = meta.get("generation")
-    owner = Owner(meta["name"], meta["namespace"], meta["uid"], kind="QuantizedModel")
+def plan(api: client.ApiClient, body: dict, settings: OperatorSettings) -> Plan:
+    """Decide from the spec, the checkpoint and the nodes; touches nothing."""
     spec = QuantizedModelSpec.model_validate(body["spec"])
-    conditions = status.get("conditions")
-
     try:
-        uri, fmt, _validated, size, waiting = _checkpoint(api, owner.namespace, spec)
+        uri, fmt, size, waiting = _checkpoint(api, body["metadata"]["namespace"], spec)
     except SourceJobFailed as err:
-        # Stalled until the job succeeds (re-created, it runs again); looked at
-        # again each minute, so the model recovers by itself
-        conditions = stalled(conditions, "SourceJobFailed", str(err), generation)
-        conditions = set_condition(
-            conditions, "Reconciling", "False", "SourceJobFailed", str(err), generation
-        )
-        first = status.get("phase") != "Failed"
-        events = [("Warning", "SourceJobFailed", str(err))] if first else []
-        return Outcome(
-            {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
-            events,
-            retry_after=60,
-        )
-    conditions = _progressing(conditions, generation)
+        return Plan("stalled", "SourceJobFailed", str(err))
     if uri is None:
-        conditions = set_condition(
-            conditions, "Ready", "False", "WaitingForCheckpoint", waiting, generation
-        )
-        conditions = set_condition(
-            conditions, "Reconciling", "True", "WaitingForCheckpoint", waiting, generation
-        )
-        return Outcome(
-            {"phase": "Waiting", "conditions": conditions, "observedGeneration": generation},
-            [],
-            retry_after=10,
-        )
+        return Plan("waiting", "WaitingForCheckpoint", waiting)
     nodes = [n.to_dict() for n in client.CoreV1Api(api).list_node().items]
     selector = spec.scheduling.node_selector or {}
     nodes = [
@@ -167,108 +188,129 @@ def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> 
         else:
             choice = choose(spec.backend, fmt, engines, sms, tp)
     except Incompatible as err:
-        conditions = stalled(conditions, "Incompatible", str(err), generation)
-        return Outcome(
-            {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
-            [("Warning", "Incompatible", str(err))],
-            retry_after=120,
-        )
+        return Plan("stalled", "Incompatible", str(err))
+    return Plan("serve", choice=choice, uri=uri, fmt=fmt, tp=tp)
 
-    dep = _apply(api, deployment(owner, spec, choice, uri, fmt, tp, settings))
-    _apply(api, service(owner, choice))
-    events: list[tuple[str, str, str]] = []
-    # a ServiceMonitor only where the Prometheus Operator's CRD is installed
-    with contextlib.suppress(ResourceNotFoundError):
-        _apply(api, service_monitor(owner))
-    # Readiness from the Deployment and the model's conditions as they are now, not as they
-    # were when this handler started: observe_deployment may have written both meanwhile,
-    # and this patch would take them back. (This narrows, and does not close, the race of
-    # two status writers.)
-    now = client.AppsV1Api(api).read_namespaced_deployment_status(
-        dep["metadata"]["name"], owner.namespace
-    )
-    ready = now.status.ready_replicas or 0
-    latest = read_owner(api, PLURAL, owner.namespace, owner.name) or body
-    conditions = _progressing((latest.get("status") or {}).get("conditions"), generation)
-    patch = _readiness(conditions, generation, spec.replicas, ready, choice, owner)
-    patch.update(
-        backend=choice.backend,
-        kernel=choice.kernel,
-        endpoint=endpoint(owner),
-        selector=f"gptq.dev/quantized-model={owner.name}",
-        observedGeneration=generation,
-    )
-    if status.get("kernel") != choice.kernel:
-        events.append(
-            (
-                "Normal",
-                "Deploying",
-                f"serving with {choice.kernel} (tensor parallel {tp}) from {uri}",
+
+def sync(
+    api: client.ApiClient, namespace: str, name: str, settings: OperatorSettings
+) -> dict | None:
+    """Bring one QuantizedModel's children and status in line with its spec (module doc)."""
+    body = read_owner(api, PLURAL, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    meta = body["metadata"]
+    generation = meta.get("generation")
+    owner = Owner(meta["name"], meta["namespace"], meta["uid"], kind=KIND)
+    spec = QuantizedModelSpec.model_validate(body["spec"])
+    decided = plan(api, body, settings)
+    manifest: dict = {}
+    if decided.state == "serve":
+        assert decided.choice is not None and decided.uri is not None
+        manifest = deployment(
+            owner, spec, decided.choice, decided.uri, decided.fmt, decided.tp, settings
+        )
+        apply(api, manifest)
+        apply(api, service(owner, decided.choice))
+        _apply_optional(api, service_monitor(owner))
+        _remove_other_deployments(api, namespace, name, keep=manifest["metadata"]["name"])
+
+    def compute(latest: dict) -> dict[str, Any] | None:
+        if latest["metadata"].get("generation") != generation:
+            return None  # a newer spec: its own sync writes its status
+        status = latest.get("status") or {}
+        out: dict[str, Any] = {"observedGeneration": generation}
+        if decided.state != "serve":
+            out["phase"] = "Failed" if decided.state == "stalled" else "Waiting"
+            state = "stalled" if decided.state == "stalled" else "progressing"
+            out["conditions"] = kstatus(
+                status.get("conditions"), state, decided.reason, decided.message, generation
             )
+            if decided.state == "stalled":
+                out["lastFailure"] = _failure(status, decided.reason, decided.message)
+            return out
+        assert decided.choice is not None
+        out.update(_observe(api, namespace, name, manifest, spec.replicas, decided, status))
+        out["conditions"] = kstatus(
+            status.get("conditions"), out.pop("_state"), out.pop("_reason"),
+            out.pop("_message"), generation,
+        )  # fmt: skip
+        out.update(
+            backend=decided.choice.backend,
+            kernel=decided.choice.kernel,
+            endpoint=endpoint(owner),
+            selector=f"gptq.dev/quantized-model={name}",
         )
-    # not ready yet: look again shortly (Deployment events also update readiness)
-    return Outcome(patch, events, retry_after=None if patch["phase"] == "Ready" else 5)
+        return out
+
+    return publish(api, PLURAL, KIND, namespace, name, compute)
 
 
-def _progressing(conditions: list[dict] | None, generation: int | None) -> list[dict]:
-    """Stalled=False: nothing that needs a user's change blocks the model."""
-    return set_condition(
-        conditions, "Stalled", "False", "Progressing", "nothing blocks this model", generation
-    )
-
-
-def _readiness(
-    conditions: list[dict] | None,
-    generation: int | None,
+def _observe(
+    api: client.ApiClient,
+    namespace: str,
+    name: str,
+    manifest: dict,
     replicas: int,
-    ready: int,
-    choice: Choice,
-    owner: Owner,
+    decided: Plan,
+    status: dict,
 ) -> dict[str, Any]:
-    if replicas and ready >= replicas:
-        message = f"{ready}/{replicas} replicas ready on {choice.kernel}"
-        conditions = set_condition(conditions, "Ready", "True", "Ready", message, generation)
-        conditions = set_condition(conditions, "Reconciling", "False", "Ready", message, generation)
-        phase = "Ready"
-    else:
-        message = f"{ready}/{replicas} replicas ready"
-        conditions = set_condition(conditions, "Ready", "False", "Deploying", message, generation)
-        conditions = set_condition(
-            conditions, "Reconciling", "True", "Deploying", message, generation
-        )
-        phase = "Deploying"
-    return {"phase": phase, "conditions": conditions, "replicas": replicas, "readyReplicas": ready}
+    """Phase and readiness from the ReplicaSet that runs the wanted pod template (found by
+    its template digest, so a Deployment whose generation moved for metadata alone does not
+    read as a rollout) and from the pods, as they are now."""
+    assert decided.choice is not None
+    wanted = manifest["spec"]["template"]["metadata"]["annotations"][TEMPLATE_HASH]
+    selector = f"gptq.dev/quantized-model={name}"
+    sets = client.AppsV1Api(api).list_namespaced_replica_set(namespace, label_selector=selector)
+    ready = updated = 0
+    for rs in sets.items:
+        annotations = (rs.spec.template.metadata.annotations or {}) if rs.spec.template else {}
+        owners = [r.name for r in rs.metadata.owner_references or []]
+        if annotations.get(TEMPLATE_HASH) == wanted and manifest["metadata"]["name"] in owners:
+            ready += (rs.status.ready_replicas or 0) if rs.status else 0
+            updated += (rs.status.replicas or 0) if rs.status else 0
+    out: dict[str, Any] = {"replicas": replicas, "readyReplicas": ready}
+    kernel = decided.choice.kernel
+    if ready >= replicas:
+        what = f"{ready}/{replicas} replicas ready on {kernel} (tensor parallel {decided.tp})"
+        out.update(phase="Ready", _state="ready", _reason="Ready", _message=what)
+        return out
+    pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector).items
+    cause = pod_cause(pods)
+    if cause is not None:
+        out.update(phase="Failed" if ready == 0 else "Degraded")
+        out.update(_state="stalled", _reason=cause.reason, _message=cause.message)
+        out["lastFailure"] = _failure(status, cause.reason, cause.message, cause.exit_code)
+        return out
+    what = f"{ready}/{replicas} replicas ready, {updated} updated, on {kernel} from {decided.uri}"
+    out.update(phase="Deploying", _state="progressing", _reason="Deploying", _message=what)
+    return out
 
 
-def observe_deployment(api: client.ApiClient, dep: dict) -> dict | None:
-    """A serving Deployment changed: refresh readiness on its QuantizedModel.
+def _remove_other_deployments(api: client.ApiClient, namespace: str, name: str, keep: str) -> None:
+    """A backend switch: the Deployment of the previous backend goes (its pods share the
+    Service's selector, so leaving it would serve the old engine behind the same name)."""
+    apps = client.AppsV1Api(api)
+    for dep in apps.list_namespaced_deployment(
+        namespace, label_selector=f"gptq.dev/quantized-model={name}"
+    ).items:
+        if dep.metadata.name != keep:
+            try:
+                apps.delete_namespaced_deployment(
+                    dep.metadata.name, namespace, propagation_policy="Foreground"
+                )
+            except ApiException as err:
+                if err.status != 404:
+                    raise
 
-    Returns the QuantizedModel when this change made it Ready, else None."""
-    name = (dep["metadata"].get("labels") or {}).get("gptq.dev/quantized-model")
-    namespace = dep["metadata"]["namespace"]
-    qmodel = read_owner(api, PLURAL, namespace, name)
-    if qmodel is None:
-        return None
-    objects = client.CustomObjectsApi(api)
-    status = qmodel.get("status") or {}
-    template = ((dep.get("spec") or {}).get("template") or {}).get("metadata") or {}
-    kernel = (template.get("annotations") or {}).get("gptq.dev/kernel")
-    if not kernel:
-        return None
-    replicas = (dep.get("spec") or {}).get("replicas") or 0
-    ready = (dep.get("status") or {}).get("readyReplicas") or 0
-    choice = Choice(kernel.split("/")[0], kernel, None, None)
-    owner = Owner(name, namespace, qmodel["metadata"]["uid"], kind="QuantizedModel")
-    patch = _readiness(
-        status.get("conditions"),
-        qmodel["metadata"].get("generation"),
-        replicas,
-        ready,
-        choice,
-        owner,
-    )
-    if patch["phase"] != status.get("phase") or ready != status.get("readyReplicas"):
-        objects.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
-        )
-    return qmodel if patch["phase"] == "Ready" else None
+
+def sync_dependents(
+    api: client.ApiClient, namespace: str, job: str, settings: OperatorSettings
+) -> None:
+    """A QuantizationJob changed: sync the models that serve its output."""
+    items = client.CustomObjectsApi(api).list_namespaced_custom_object(
+        "gptq.dev", "v1alpha1", namespace, PLURAL
+    )["items"]
+    for model in items:
+        if ((model.get("spec") or {}).get("source") or {}).get("job") == job:
+            sync(api, namespace, model["metadata"]["name"], settings)

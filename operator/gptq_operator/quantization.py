@@ -2,21 +2,27 @@
 
 Division of labour (documented in the README):
 - the operator creates the worker's ServiceAccount, Role, ConfigMap and Job, owns
-  ``status.phase``, ``conditions``, ``attempts`` and ``result``;
+  ``status.phase``, ``conditions``, ``attempts``, ``result`` and ``lastFailure``;
 - the worker may patch ``status.progress`` of its own QuantizationJob (its Role allows
   exactly that) and leaves its result as the pod's termination message, which the
   operator reads when the Job ends.
+
+:func:`sync` is the one reconcile, run from every trigger (the job's creation, its worker
+Job's or pods' changes, the periodic node re-check); it creates what is missing and
+publishes the whole status from what it observes (``status.publish``). A job's spec is
+immutable (CEL ``self == oldSelf``): a job runs once; another run is another job.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from gptq_operator.api import GROUP, VERSION, QuantizationJobSpec
+from gptq_operator.api import QuantizationJobSpec
 from gptq_operator.manifests import (
     Owner,
     UnsupportedSource,
@@ -25,12 +31,14 @@ from gptq_operator.manifests import (
     worker_job,
     worker_rbac,
 )
+from gptq_operator.observe import failure as _failure
+from gptq_operator.observe import pod_cause
 from gptq_operator.quality_gate import REMEDIATIONS, gate_verdict, spec_for_attempt
 from gptq_operator.scheduling import UnknownKernel, describe_requirement, judge_nodes
 from gptq_operator.settings import OperatorSettings
-from gptq_operator.status import Outcome, now, read_owner, set_condition, stalled
+from gptq_operator.status import kstatus, now, publish, read_owner, set_condition
 
-PLURAL = "quantizationjobs"
+PLURAL, KIND = "quantizationjobs", "QuantizationJob"
 
 
 def _create(api: client.ApiClient, obj: dict) -> bool:
@@ -59,106 +67,243 @@ def current_attempt(status: dict | None) -> int:
     return max((a["attempt"] for a in attempts), default=1)
 
 
-def reconcile(api: client.ApiClient, body: dict, settings: OperatorSettings) -> Outcome:
-    """Make sure the worker Job of the current attempt exists, or say why it cannot."""
-    meta, status = body["metadata"], body.get("status") or {}
-    generation = meta.get("generation")
-    owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-    spec = QuantizationJobSpec.model_validate(body["spec"])
-    attempt = current_attempt(status)
-    spec = spec_for_attempt(spec, status, attempt)
-    conditions = status.get("conditions")
-    if (
+def finished(status: dict | None, generation: int | None) -> bool:
+    status = status or {}
+    return (
         status.get("phase") in ("Succeeded", "Failed")
         and status.get("observedGeneration") == generation
-    ):
-        return Outcome({}, [])
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the spec calls for now: run (the Job exists or was created), or why not."""
+
+    state: str  # "run" | "unschedulable" | "invalid" | "previous" (a namesake's Job remains)
+    reason: str = ""
+    message: str = ""
+    job_name: str = ""
+
+
+def sync(
+    api: client.ApiClient, namespace: str, name: str, settings: OperatorSettings
+) -> dict | None:
+    """Bring one QuantizationJob's children and status in line (module doc)."""
+    body = read_owner(api, PLURAL, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    meta, status = body["metadata"], body.get("status") or {}
+    generation = meta.get("generation")
+    if finished(status, generation):
+        return body
+    owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+    attempt = current_attempt(status)
+    spec = spec_for_attempt(QuantizationJobSpec.model_validate(body["spec"]), status, attempt)
+    decided = _plan(api, owner, spec, attempt, settings)
+
+    def compute(latest: dict) -> dict[str, Any] | None:
+        now_status = latest.get("status") or {}
+        if latest["metadata"].get("generation") != generation or finished(now_status, generation):
+            return None
+        if current_attempt(now_status) != attempt:
+            return None  # another trigger moved on to the next attempt meanwhile
+        return _status(api, latest, spec, attempt, decided)
+
+    stored = publish(api, PLURAL, KIND, namespace, name, compute)
+    if stored is not None and current_attempt(stored.get("status")) > attempt:
+        return sync(api, namespace, name, settings)  # remediation: the next attempt's Job
+    return stored
+
+
+def _plan(
+    api: client.ApiClient,
+    owner: Owner,
+    spec: QuantizationJobSpec,
+    attempt: int,
+    settings: OperatorSettings,
+) -> Plan:
+    """Create the current attempt's worker Job (and its settings and role) if no node
+    rules it out; say why not otherwise."""
     try:
         job = worker_job(owner, spec, settings, attempt)
         cm = config_map(owner, spec, attempt)
         min_sm, max_sm = sm_range(spec)
     except (UnsupportedSource, UnknownKernel) as err:
-        reason = type(err).__name__
-        conditions = stalled(conditions, reason, str(err), generation)
-        return Outcome(
-            {"phase": "Failed", "conditions": conditions, "observedGeneration": generation},
-            [("Warning", reason, str(err))],
-            permanent=str(err),
+        return Plan("invalid", type(err).__name__, str(err))
+    job_name = job["metadata"]["name"]
+    existing = _read_job(api, owner.namespace, job_name)
+    if existing is not None:
+        owners = [r["uid"] for r in existing["metadata"].get("owner_references") or []]
+        if owner.uid not in owners:  # left by a deleted job of the same name: wait for GC
+            return Plan(
+                "previous",
+                "Pending",
+                f"waiting for Job {job_name} of a deleted QuantizationJob of the same name to "
+                f"be removed",
+                job_name,
+            )
+        return Plan("run", job_name=job_name)
+    nodes = client.CoreV1Api(api).list_node().to_dict()["items"]
+    nodes = [_node_as_manifest(n) for n in nodes]
+    tolerations = job["spec"]["template"]["spec"]["tolerations"]
+    verdicts = judge_nodes(
+        nodes,
+        min_sm,
+        max_sm,
+        spec.resources.gpus,
+        spec.scheduling.node_selector or {},
+        tolerations,
+        settings.labels,
+        settings.gpu_resource,
+    )
+    if not any(v.fits for v in verdicts):
+        need = describe_requirement(min_sm, max_sm, spec.resources.gpus, settings.gpu_resource)
+        seen = ", ".join(f"{v.name} ({v.why})" for v in verdicts) or "no nodes"
+        message = (
+            f"no node can run the worker: it needs {need}; nodes seen: {seen}; add such a "
+            f"node or change spec.scheduling (checked again each minute)"
         )
+        return Plan("unschedulable", "NoCompatibleNodes", message, job_name)
+    for obj in (*worker_rbac(owner), cm):
+        _create(api, obj)
+    _create(api, job)
+    return Plan("run", job_name=job_name)
 
-    existing = _read_job(api, owner.namespace, job["metadata"]["name"])
-    if existing is None:
-        nodes = client.CoreV1Api(api).list_node().to_dict()["items"]
-        nodes = [_node_as_manifest(n) for n in nodes]
-        tolerations = job["spec"]["template"]["spec"]["tolerations"]
-        verdicts = judge_nodes(
-            nodes,
-            min_sm,
-            max_sm,
-            spec.resources.gpus,
-            spec.scheduling.node_selector or {},
-            tolerations,
-            settings.labels,
-            settings.gpu_resource,
+
+def _status(
+    api: client.ApiClient, latest: dict, spec: QuantizationJobSpec, attempt: int, decided: Plan
+) -> dict[str, Any]:
+    """The whole operator-owned status of a job that has not finished, from its worker Job
+    and pods as they are now."""
+    meta, status = latest["metadata"], latest.get("status") or {}
+    generation = meta.get("generation")
+    conditions = status.get("conditions")
+    out: dict[str, Any] = {"observedGeneration": generation}
+    if decided.state == "invalid":
+        conditions = kstatus(conditions, "stalled", decided.reason, decided.message, generation)
+        out.update(phase="Failed", conditions=conditions, completionTime=now())
+        out["lastFailure"] = _failure(status, decided.reason, decided.message)
+        return out
+    if decided.state == "previous":
+        conditions = kstatus(conditions, "progressing", decided.reason, decided.message, generation)
+        out.update(phase="Pending", conditions=conditions)
+        return out
+    if decided.state == "unschedulable":
+        conditions = set_condition(
+            conditions, "Schedulable", "False", decided.reason, decided.message, generation
         )
-        if not any(v.fits for v in verdicts):
-            need = describe_requirement(min_sm, max_sm, spec.resources.gpus, settings.gpu_resource)
-            seen = ", ".join(f"{v.name} ({v.why})" for v in verdicts) or "no nodes"
-            message = f"no node can run the worker: it needs {need}; nodes seen: {seen}"
-            conditions = set_condition(
-                conditions, "Schedulable", "False", "NoCompatibleNodes", message, generation
-            )
-            conditions = set_condition(
-                conditions, "Ready", "False", "NoCompatibleNodes", message, generation
-            )
-            return Outcome(
-                {
-                    "phase": "Unschedulable",
-                    "conditions": conditions,
-                    "observedGeneration": generation,
-                },
-                [("Warning", "NoCompatibleNodes", message)],
-                retry_after=60,
-            )
-        for obj in (*worker_rbac(owner), cm):
-            _create(api, obj)
-        created = _create(api, job)
-        events = (
-            [
-                (
-                    "Normal",
-                    "WorkerCreated",
-                    f"created Job {job['metadata']['name']} (attempt {attempt})",
-                )
-            ]
-            if created
-            else []
+        conditions = kstatus(conditions, "stalled", decided.reason, decided.message, generation)
+        out.update(phase="Unschedulable", conditions=conditions)
+        out["lastFailure"] = _failure(status, decided.reason, decided.message)
+        return out
+    conditions = set_condition(
+        conditions, "Schedulable", "True", "CompatibleNodes", "a node can run the worker",
+        generation,
+    )  # fmt: skip
+    if not status.get("startTime"):
+        out["startTime"] = now()
+    attempts = [dict(a) for a in status.get("attempts") or []] or [
+        {"attempt": 1, "settings": "initial", "outcome": "Running"}
+    ]
+    out["attempts"] = attempts
+    job = _read_job(api, meta["namespace"], decided.job_name)
+    job_status = (job or {}).get("status") or {}
+    job_conditions = {c["type"]: c for c in job_status.get("conditions") or []}
+    if job_conditions.get("Complete", {}).get("status") == "True":
+        return _completed(api, latest, spec, attempt, decided.job_name, out, conditions)
+    if job_conditions.get("Failed", {}).get("status") == "True":
+        message = _termination_message(api, meta["namespace"], decided.job_name) or {}
+        reason = job_conditions["Failed"].get("reason") or "WorkerFailed"
+        text = message.get("error") or job_conditions["Failed"].get("message") or reason
+        _record(attempts, attempt, "Failed", message=text)
+        out.update(
+            phase="Failed",
+            conditions=kstatus(conditions, "stalled", "WorkerFailed", text, generation),
+            completionTime=now(),
+            lastFailure=_failure(status, "WorkerFailed", text, message.get("exitCode")),
+        )
+        return out
+    pods = (
+        client.CoreV1Api(api)
+        .list_namespaced_pod(meta["namespace"], label_selector=f"job-name={decided.job_name}")
+        .items
+    )
+    cause = pod_cause(pods)
+    if cause is not None:
+        out.update(
+            phase="Pending",
+            conditions=kstatus(conditions, "stalled", cause.reason, cause.message, generation),
+            lastFailure=_failure(status, cause.reason, cause.message, cause.exit_code),
+        )
+        return out
+    running = any(p.status.phase == "Running" for p in pods)
+    if running:
+        what = f"worker Job {decided.job_name} is running (attempt {attempt})"
+        phase = "Evaluating" if status.get("phase") == "Evaluating" else "Running"
+        conditions = kstatus(conditions, "progressing", "Running", what, generation)
+        out.update(phase=phase, conditions=conditions)
+        return out
+    what = f"created worker Job {decided.job_name} (attempt {attempt}); its pod is starting"
+    out.update(
+        phase="Pending",
+        conditions=kstatus(conditions, "progressing", "WorkerCreated", what, generation),
+    )
+    return out
+
+
+def _completed(
+    api: client.ApiClient,
+    latest: dict,
+    spec: QuantizationJobSpec,
+    attempt: int,
+    job_name: str,
+    out: dict[str, Any],
+    conditions: list[dict],
+) -> dict[str, Any]:
+    """The worker ended well: the quality gate decides between success, the next rung of
+    the remediation ladder, and failure."""
+    meta, status = latest["metadata"], latest.get("status") or {}
+    generation = meta.get("generation")
+    attempts = out["attempts"]
+    message = _termination_message(api, meta["namespace"], job_name) or {}
+    before, after = message.get("perplexityBefore"), message.get("perplexityAfter")
+    passed, verdict = gate_verdict(spec.quality_gate, before, after)
+    result = {
+        "outputUri": spec.output.uri,
+        "format": message.get("format"),
+        "perplexityBefore": before,
+        "perplexityAfter": after,
+        "kernels": message.get("kernels"),
+        "checkpointBytes": message.get("checkpointBytes"),
+    }
+    out["result"] = {k: v for k, v in result.items() if v is not None}
+    ladder = (spec.quality_gate.remediation if spec.quality_gate else None) or []
+    if passed:
+        _record(attempts, attempt, "Succeeded", perplexity_after=after)
+        out.update(
+            phase="Succeeded",
+            conditions=kstatus(conditions, "ready", "Succeeded", verdict, generation),
+            completionTime=now(),
+            progress={**(status.get("progress") or {}), "message": "done"},
+        )
+    elif attempt <= len(ladder):
+        step = ladder[attempt - 1]
+        _record(attempts, attempt, "QualityGateFailed", perplexity_after=after, message=verdict)
+        attempts.append({"attempt": attempt + 1, "settings": step, "outcome": "Running"})
+        text = f"{verdict}; retrying with {REMEDIATIONS[step][0]}"
+        out.update(
+            phase="Pending",
+            conditions=kstatus(conditions, "progressing", "QualityGateFailed", text, generation),
         )
     else:
-        events = []
-    fits_message = "a node can run the worker"
-    conditions = set_condition(
-        conditions, "Schedulable", "True", "CompatibleNodes", fits_message, generation
-    )
-    conditions = set_condition(
-        conditions,
-        "Ready",
-        "False",
-        "Running",
-        f"worker Job {job['metadata']['name']} is running",
-        generation,
-    )
-    conditions = set_condition(
-        conditions, "Reconciling", "True", "Running", "quantizing", generation
-    )
-    patch: dict[str, Any] = {"conditions": conditions, "observedGeneration": generation}
-    if status.get("phase") in (None, "Pending", "Unschedulable"):
-        patch["phase"] = "Pending"
-    if not status.get("startTime"):
-        patch["startTime"] = now()
-    if not status.get("attempts"):
-        patch["attempts"] = [{"attempt": 1, "settings": "initial", "outcome": "Running"}]
-    return Outcome(patch, events)
+        _record(attempts, attempt, "QualityGateFailed", perplexity_after=after, message=verdict)
+        out.update(
+            phase="Failed",
+            conditions=kstatus(conditions, "stalled", "QualityGateFailed", verdict, generation),
+            completionTime=now(),
+            lastFailure=_failure(status, "QualityGateFailed", verdict),
+        )
+    return out
 
 
 def _node_as_manifest(node: dict) -> dict:
@@ -187,111 +332,6 @@ def _read_job(api: client.ApiClient, namespace: str, name: str) -> dict | None:
         if err.status == 404:
             return None
         raise
-
-
-def observe_worker(api: client.ApiClient, job: dict, settings: OperatorSettings) -> None:
-    """A worker Job changed: carry its state to the owning QuantizationJob's status."""
-    labels = job["metadata"].get("labels") or {}
-    name, namespace = labels.get("gptq.dev/quantization-job"), job["metadata"]["namespace"]
-    attempt = int(labels.get("gptq.dev/attempt", "1"))
-    qjob = read_owner(api, PLURAL, namespace, name)
-    if qjob is None:
-        return
-    objects = client.CustomObjectsApi(api)
-    status = qjob.get("status") or {}
-    if attempt != current_attempt(status) or status.get("phase") in ("Succeeded", "Failed"):
-        return
-    generation = qjob["metadata"].get("generation")
-    spec = QuantizationJobSpec.model_validate(qjob["spec"])
-    job_conditions = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
-    conditions = status.get("conditions")
-    patch: dict[str, Any] = {}
-    events: list[tuple[str, str, str]] = []
-    complete = job_conditions.get("Complete", {}).get("status") == "True"
-    failed = job_conditions.get("Failed", {}).get("status") == "True"
-    if not complete and not failed:
-        if (job.get("status") or {}).get("active") and status.get("phase") == "Pending":
-            patch["phase"] = "Running"
-        if patch:
-            _patch_status(objects, namespace, name, patch)
-        return
-
-    message = _termination_message(api, namespace, job["metadata"]["name"])
-    attempts = [dict(a) for a in status.get("attempts") or []]
-    if failed:
-        reason = job_conditions["Failed"].get("reason") or "WorkerFailed"
-        text = (message or {}).get("error") or job_conditions["Failed"].get("message") or reason
-        _record(attempts, attempt, "Failed", message=text)
-        conditions = stalled(conditions, "WorkerFailed", text, generation)
-        conditions = set_condition(
-            conditions, "Reconciling", "False", "WorkerFailed", text, generation
-        )
-        patch.update(phase="Failed", conditions=conditions, attempts=attempts, completionTime=now())
-        events.append(("Warning", "WorkerFailed", text))
-    else:
-        message = message or {}
-        before, after = message.get("perplexityBefore"), message.get("perplexityAfter")
-        passed, verdict = gate_verdict(spec.quality_gate, before, after)
-        result = {
-            "outputUri": spec.output.uri,
-            "format": message.get("format"),
-            "perplexityBefore": before,
-            "perplexityAfter": after,
-            "kernels": message.get("kernels"),
-            "checkpointBytes": message.get("checkpointBytes"),
-        }
-        patch["result"] = {k: v for k, v in result.items() if v is not None}
-        ladder = (spec.quality_gate.remediation if spec.quality_gate else None) or []
-        if passed:
-            _record(attempts, attempt, "Succeeded", perplexity_after=after)
-            conditions = set_condition(
-                conditions, "Ready", "True", "Succeeded", verdict, generation
-            )
-            conditions = set_condition(
-                conditions, "Reconciling", "False", "Succeeded", verdict, generation
-            )
-            patch.update(
-                phase="Succeeded",
-                conditions=conditions,
-                attempts=attempts,
-                completionTime=now(),
-                progress={**(status.get("progress") or {}), "message": "done"},
-            )
-            events.append(("Normal", "Succeeded", verdict))
-        elif attempt <= len(ladder):
-            step = ladder[attempt - 1]
-            _record(attempts, attempt, "QualityGateFailed", perplexity_after=after, message=verdict)
-            attempts.append({"attempt": attempt + 1, "settings": step, "outcome": "Running"})
-            conditions = set_condition(
-                conditions,
-                "Reconciling",
-                "True",
-                "Remediating",
-                f"{verdict}; retrying with {REMEDIATIONS[step][0]}",
-                generation,
-            )
-            patch.update(phase="Pending", conditions=conditions, attempts=attempts)
-            events.append(
-                (
-                    "Warning",
-                    "QualityGateFailed",
-                    f"{verdict}; retrying with {REMEDIATIONS[step][0]}",
-                )
-            )
-        else:
-            _record(attempts, attempt, "QualityGateFailed", perplexity_after=after, message=verdict)
-            conditions = stalled(conditions, "QualityGateFailed", verdict, generation)
-            patch.update(
-                phase="Failed", conditions=conditions, attempts=attempts, completionTime=now()
-            )
-            events.append(("Warning", "QualityGateFailed", verdict))
-    _patch_status(objects, namespace, name, patch)
-    for type_, reason, text in events:
-        _post_event(api, qjob, type_, reason, text)
-    if patch.get("phase") == "Pending":  # remediation: create the next attempt's Job now
-        qjob = objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-        outcome = reconcile(api, qjob, settings)
-        _patch_status(objects, namespace, name, outcome.status)
 
 
 def _record(
@@ -327,34 +367,3 @@ def _termination_message(api: client.ApiClient, namespace: str, job_name: str) -
                 except json.JSONDecodeError:
                     return {"error": terminated.message[-1000:]}
     return None
-
-
-def _patch_status(objects: client.CustomObjectsApi, namespace: str, name: str, patch: dict) -> None:
-    if patch:
-        objects.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": patch}
-        )
-
-
-def _post_event(api: client.ApiClient, qjob: dict, type_: str, reason: str, message: str) -> None:
-    meta = qjob["metadata"]
-    client.CoreV1Api(api).create_namespaced_event(
-        meta["namespace"],
-        {
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "QuantizationJob",
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta["uid"],
-            },
-            "type": type_,
-            "reason": reason,
-            "message": message[:1000],
-            "firstTimestamp": now(),
-            "lastTimestamp": now(),
-            "count": 1,
-            "source": {"component": "gptq-operator"},
-        },
-    )

@@ -194,6 +194,9 @@ def engine_command(
     ]
 
 
+TEMPLATE_HASH = "gptq.dev/template-hash"
+
+
 def serving_labels(owner: Owner) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "gptq-serving",
@@ -294,7 +297,7 @@ def deployment(
         t.model_dump(by_alias=True, exclude_none=True) for t in spec.scheduling.tolerations or []
     ]
     labels = serving_labels(owner)
-    return {
+    manifest = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
@@ -325,6 +328,13 @@ def deployment(
             },
         },
     }
+    # the whole pod template's digest, copied by the Deployment to its ReplicaSets: the
+    # status finds the ReplicaSet that runs this template without trusting timing
+    template = manifest["spec"]["template"]
+    template["metadata"]["annotations"][TEMPLATE_HASH] = hashlib.sha256(
+        json.dumps(template, sort_keys=True).encode()
+    ).hexdigest()[:16]
+    return manifest
 
 
 def service(owner: Owner, choice: Choice) -> dict:

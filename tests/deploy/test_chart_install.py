@@ -168,6 +168,9 @@ ALLOWED = [  # (verb, resource, namespaced): what reconciling needs
     ("patch", "deployments.apps", True),
     ("list", "nodes", False),
     ("create", "events", True),
+    ("patch", "events", True),  # aggregated: a cause seen again is counted
+    ("watch", "pods", True),  # pod states become status reasons
+    ("list", "replicasets.apps", True),  # readiness of the current pod template
 ]
 FORBIDDEN = [  # what it must not be able to do
     ("get", "secrets", True),

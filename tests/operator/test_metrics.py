@@ -8,11 +8,16 @@ from prometheus_client import CollectorRegistry
 from gptq_operator.metrics import Metrics
 
 
-def test_time_to_ready_counts_each_model_once_whichever_path_sees_it():
+def test_time_to_ready_counts_each_model_once_when_seen_turning_ready():
     m = Metrics(CollectorRegistry())
-    m.model_ready("uid-a", 42.0)  # seen by the reconcile
-    m.model_ready("uid-a", 43.0)  # and again by the Deployment watcher
-    m.model_ready("uid-b", 7.0)
+    m.model_phase("uid-a", "Deploying", 30.0)
+    m.model_phase("uid-a", "Ready", 42.0)
+    m.model_phase("uid-a", "Ready", 43.0)  # seen again: not counted twice
+    m.model_phase("uid-a", "Deploying", 50.0)
+    m.model_phase("uid-a", "Ready", 60.0)  # ready again after a rollout: its first time counts
+    m.model_phase("uid-b", "Waiting", 1.0)
+    m.model_phase("uid-b", "Ready", 7.0)
+    m.model_phase("uid-c", "Ready", 900.0)  # Ready when first seen (operator restart): unknown
     get = m.registry.get_sample_value
     assert get("gptq_operator_model_time_to_ready_seconds_count") == 2
     assert get("gptq_operator_model_time_to_ready_seconds_sum") == 49.0
