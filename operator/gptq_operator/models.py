@@ -213,7 +213,6 @@ def sync(
         apply(api, manifest)
         apply(api, service(owner, decided.choice))
         _apply_optional(api, service_monitor(owner))
-        _remove_other_deployments(api, namespace, name, keep=manifest["metadata"]["name"])
 
     def compute(latest: dict) -> dict[str, Any] | None:
         if latest["metadata"].get("generation") != generation:
@@ -285,23 +284,6 @@ def _observe(
     what = f"{ready}/{replicas} replicas ready, {updated} updated, on {kernel} from {decided.uri}"
     out.update(phase="Deploying", _state="progressing", _reason="Deploying", _message=what)
     return out
-
-
-def _remove_other_deployments(api: client.ApiClient, namespace: str, name: str, keep: str) -> None:
-    """A backend switch: the Deployment of the previous backend goes (its pods share the
-    Service's selector, so leaving it would serve the old engine behind the same name)."""
-    apps = client.AppsV1Api(api)
-    for dep in apps.list_namespaced_deployment(
-        namespace, label_selector=f"gptq.dev/quantized-model={name}"
-    ).items:
-        if dep.metadata.name != keep:
-            try:
-                apps.delete_namespaced_deployment(
-                    dep.metadata.name, namespace, propagation_policy="Foreground"
-                )
-            except ApiException as err:
-                if err.status != 404:
-                    raise
 
 
 def sync_dependents(

@@ -18,7 +18,7 @@ from gptq_compat.config import CheckpointFormat, ModuleSettings
 from gptq_compat.engines import DEFAULT_IMAGES, UnknownEngineVersion, engine
 from gptq_compat.rules import Engine, QuantizedModule, judge, sm_text
 from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
-from gptq_operator.manifests import PVC_ROOT, SCRATCH, Owner, child_name
+from gptq_operator.manifests import PVC_ROOT, SCRATCH, Owner
 from gptq_operator.scheduling import SM, sm_in_range, sm_node_selector_terms
 from gptq_operator.settings import OperatorSettings
 
@@ -301,7 +301,9 @@ def deployment(
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
-            "name": child_name(owner.name, choice.backend),
+            # one Deployment per model, whatever the backend: a backend switch is a rollout
+            # of the same Deployment (no second one selecting the same pods)
+            "name": owner.name,
             "namespace": owner.namespace,
             "labels": labels,
             "ownerReferences": [owner.reference()],

@@ -138,13 +138,13 @@ def test_examples_reach_ready_on_vllm_a100_and_lmdeploy_t4(
     assert serving_pods(api, namespace, "qwen2-5-7b")[0].spec.node_name == "gpu-t4"
 
     apps = client.AppsV1Api(api)
-    vllm = apps.read_namespaced_deployment("llama-3-1-8b-vllm", namespace)
+    vllm = apps.read_namespaced_deployment("llama-3-1-8b", namespace)
     args = vllm.spec.template.spec.containers[0].args
     assert args[args.index("--quantization") + 1] == "gptq"
     assert "--max-model-len" in args and args[args.index("--tensor-parallel-size") + 1] == "1"
     assert vllm.spec.template.metadata.annotations["prometheus.io/scrape"] == "true"
     assert vllm.spec.template.spec.containers[0].readiness_probe.http_get.path == "/health"
-    lmdeploy = apps.read_namespaced_deployment("qwen2-5-7b-lmdeploy", namespace)
+    lmdeploy = apps.read_namespaced_deployment("qwen2-5-7b", namespace)
     container = lmdeploy.spec.template.spec.containers[0]
     assert container.command == ["lmdeploy", "serve", "api_server"]
     assert container.args[container.args.index("--model-format") + 1] == "gptq"
@@ -208,20 +208,20 @@ def test_changing_the_checkpoint_rolls_the_deployment(operator, api, namespace, 
     create_qmodel(api, namespace, "m", "first", "vllm")
     wait_for(lambda: model_phase(api, namespace, "m") == "Ready", what="Ready", timeout=90)
     apps = client.AppsV1Api(api)
-    before = apps.read_namespaced_deployment("m-vllm", namespace).spec.template.metadata
+    before = apps.read_namespaced_deployment("m", namespace).spec.template.metadata
     objects.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, "quantizedmodels", "m", {"spec": {"source": {"job": "second"}}}
     )
     wait_for(
         lambda: (
-            apps.read_namespaced_deployment("m-vllm", namespace).spec.template.metadata.annotations[
+            apps.read_namespaced_deployment("m", namespace).spec.template.metadata.annotations[
                 "gptq.dev/served"
             ]
             != before.annotations["gptq.dev/served"]
         ),
         what="new pod template",
     )
-    dep = apps.read_namespaced_deployment("m-vllm", namespace)
+    dep = apps.read_namespaced_deployment("m", namespace)
     assert "/mnt/pvc/models/second-w4g128" in dep.spec.template.spec.containers[0].args
     wait_for(
         lambda: (
