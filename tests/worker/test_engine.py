@@ -248,3 +248,41 @@ def test_termination_message_carries_the_result(model_dir, tmp_path, calibration
     bad = [a if a != str(tmp_path / "out") else str(tmp_path / "out2") for a in args]
     assert main([*bad, "--group-size", "48"]) == 2
     assert "not a multiple of group_size 48" in json.loads(message.read_text())["error"]
+
+
+def test_evaluation_reads_what_calibration_reads(model_dir, tmp_path, corpus):
+    """A quality gate without evalDataset scores the calibration dataset: the worker reads
+    it as calibration does (here JSONL rows), not as a plain text file; a missing one is one
+    clear error naming the evaluation data."""
+    from gptq_compat.config import EvaluationConfig
+    from gptq_worker.pipeline.calibration import CalibrationError
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        "\n".join(json.dumps({"text": corpus[i : i + 4000]}) for i in range(0, 80_000, 4000))
+    )
+    src, out = model_dir("llama"), tmp_path / "ckpt"
+    cfg = worker_config(src, out, rows, bits=4, group_size=32).model_copy(
+        update={"evaluation": EvaluationConfig(text=str(rows), seqlen=64, max_samples=4)}
+    )
+    quantize(cfg, show_progress=False)
+    measured = json.loads((out / "quantize_config.json").read_text())["meta"]["perplexity"]
+    # the same number as scoring the documents' token stream (not the raw JSON lines)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gptq_worker.eval.perplexity import perplexity
+    from gptq_worker.pipeline.calibration import read_documents, token_stream
+
+    tok = AutoTokenizer.from_pretrained(src)
+    ids = torch.tensor(token_stream(read_documents(str(rows)), tok))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    before, _ = perplexity(model, ids, 64, torch.device("cpu"), 4)
+    assert measured["before"] == pytest.approx(before, rel=1e-4)
+    missing = cfg.model_copy(
+        update={
+            "output": str(tmp_path / "other"),
+            "evaluation": EvaluationConfig(text=str(tmp_path / "held-out.jsonl")),
+        }
+    )
+    with pytest.raises(CalibrationError, match=r"evaluation file .*held-out.jsonl does not exist"):
+        quantize(missing, show_progress=False)

@@ -27,45 +27,45 @@ class CalibrationError(ValueError):
 Document = str | list[int]  # text, or pre-tokenized ids
 
 
-def read_documents(source: str) -> list[Document]:
-    """Documents from a file, a directory of files, or a Hugging Face dataset name."""
+def read_documents(source: str, role: str = "calibration") -> list[Document]:
+    """Documents from a file, a directory of files, or a Hugging Face dataset name.
+
+    ``role`` names the data in errors (calibration, evaluation)."""
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
-            raise CalibrationError(
-                f"calibration directory {path} has no {'/'.join(SUFFIXES)} files"
-            )
-        return [doc for f in files for doc in _read_file(f)]
+            raise CalibrationError(f"{role} directory {path} has no {'/'.join(SUFFIXES)} files")
+        return [doc for f in files for doc in _read_file(f, role)]
     if path.is_file():
-        return _read_file(path)
+        return _read_file(path, role)
     if path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
-        raise CalibrationError(f"calibration file {source} does not exist")
-    return _read_hub_dataset(source)
+        raise CalibrationError(f"{role} file {source} does not exist")
+    return _read_hub_dataset(source, role)
 
 
-def _read_file(path: Path) -> list[Document]:
+def _read_file(path: Path, role: str = "calibration") -> list[Document]:
     try:
-        return _read_file_unchecked(path)
+        return _read_file_unchecked(path, role)
     except UnicodeDecodeError as err:
         raise CalibrationError(
-            f"calibration file {path} is not valid UTF-8 (byte {err.start}); convert it to UTF-8"
+            f"{role} file {path} is not valid UTF-8 (byte {err.start}); convert it to UTF-8"
         ) from err
     except OSError as err:
         raise CalibrationError(
-            f"calibration file {path} cannot be read: {err.strerror or err}; check its "
+            f"{role} file {path} cannot be read: {err.strerror or err}; check its "
             "permissions and format"
         ) from err
     except CalibrationError:
         raise
     except Exception as err:  # pyarrow raises its own types for a file that is not parquet
         raise CalibrationError(
-            f"calibration file {path} cannot be read ({type(err).__name__}: "
+            f"{role} file {path} cannot be read ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); check its format"
         ) from err
 
 
-def _read_file_unchecked(path: Path) -> list[Document]:
+def _read_file_unchecked(path: Path, role: str) -> list[Document]:
     if path.suffix == ".txt":
         text = path.read_text(encoding="utf-8")
         return [text] if text.strip() else []
@@ -85,7 +85,7 @@ def _read_file_unchecked(path: Path) -> list[Document]:
 
         table = pq.read_table(path)
         return [_row(row, f"{path} row {i}") for i, row in enumerate(table.to_pylist())]
-    raise CalibrationError(f"calibration file {path} must end in {', '.join(SUFFIXES)}")
+    raise CalibrationError(f"{role} file {path} must end in {', '.join(SUFFIXES)}")
 
 
 def _row(row: object, where: str) -> Document:
@@ -97,7 +97,7 @@ def _row(row: object, where: str) -> Document:
     raise CalibrationError(f"{where}: each row needs a 'text' string or an 'input_ids' list")
 
 
-def _read_hub_dataset(name: str) -> list[Document]:
+def _read_hub_dataset(name: str, role: str = "calibration") -> list[Document]:
     """``org/name[:config]``, split ``train``, column ``text``; needs the network."""
     try:
         import datasets
@@ -112,7 +112,7 @@ def _read_hub_dataset(name: str) -> list[Document]:
         return [row["text"] for _, row in zip(range(20_000), stream, strict=False)]
     except Exception as err:  # the hub client raises many types; report any of them plainly
         raise CalibrationError(
-            f"could not load calibration dataset {name!r} from the Hugging Face hub: {err}. "
+            f"could not load {role} dataset {name!r} from the Hugging Face hub: {err}. "
             "Without network access, pass a local .txt/.jsonl/.parquet file or directory"
         ) from err
 

@@ -282,7 +282,7 @@ def quantize_model(
             from gptq_worker.eval.perplexity import text_ids, windows
             from gptq_worker.pipeline.eval_stream import EvalStreams
 
-            ids = text_ids(cfg.evaluation.text, tokenizer)
+            ids = _evaluation_ids(cfg.evaluation.text, tokenizer, text_ids)
             evaluation = EvalStreams.capture(
                 model,
                 arch,
@@ -335,3 +335,21 @@ def _publish(staging: Path, output: Path, work: Path) -> None:
         old = work / "previous-output"
         os.replace(output, old)
     os.replace(staging, output)
+
+
+def _evaluation_ids(source: str, tokenizer, text_ids) -> torch.Tensor:
+    """Token ids of the evaluation data: a plain text file as it is; anything calibration
+    reads (.txt/.jsonl/.parquet files, a directory, a hub dataset name) as documents."""
+    from gptq_worker.pipeline.calibration import (
+        CalibrationError,
+        read_documents,
+        token_stream,
+    )
+
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix not in (".jsonl", ".parquet"):
+        return text_ids(source, tokenizer)  # as `gptq-worker eval` reads it
+    stream = token_stream(read_documents(source, role="evaluation"), tokenizer)
+    if not stream:
+        raise CalibrationError(f"evaluation data {source} has no text")
+    return torch.tensor(stream, dtype=torch.int64)
