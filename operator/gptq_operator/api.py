@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from gptq_compat.config import CalibrationConfig, QuantizeConfig
@@ -547,3 +547,13 @@ class QuantizedModelStatus(_Model):
     last_failure: LastFailure | None = Field(
         None, description="the last cause that kept serving pods from running, with its fix"
     )
+
+
+def spec_errors(err: ValidationError) -> str:
+    """A spec the schema admitted but the models refuse (what only code can check, such as
+    a ``dynamic`` key that is not a valid regex), in words, one clause per field."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in ("spec", *e["loc"]))
+        parts.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts) + "; fix the spec (see kubectl explain)"

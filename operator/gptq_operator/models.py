@@ -16,9 +16,10 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 
 from gptq_compat.engines import UnknownEngineVersion
-from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
+from gptq_operator.api import CheckpointSummary, QuantizedModelSpec, spec_errors
 from gptq_operator.manifests import Owner
 from gptq_operator.observe import failure as _failure
 from gptq_operator.observe import pod_cause
@@ -140,9 +141,10 @@ def _checkpoint(
     return result.get("outputUri"), fmt, result.get("checkpointBytes"), ""
 
 
-def plan(api: client.ApiClient, body: dict, settings: OperatorSettings) -> Plan:
+def plan(
+    api: client.ApiClient, body: dict, spec: QuantizedModelSpec, settings: OperatorSettings
+) -> Plan:
     """Decide from the spec, the checkpoint and the nodes; touches nothing."""
-    spec = QuantizedModelSpec.model_validate(body["spec"])
     try:
         uri, fmt, size, waiting = _checkpoint(api, body["metadata"]["namespace"], spec)
     except SourceJobFailed as err:
@@ -202,11 +204,15 @@ def sync(
     meta = body["metadata"]
     generation = meta.get("generation")
     owner = Owner(meta["name"], meta["namespace"], meta["uid"], kind=KIND)
-    spec = QuantizedModelSpec.model_validate(body["spec"])
-    decided = plan(api, body, settings)
+    try:
+        spec = QuantizedModelSpec.model_validate(body["spec"])
+    except ValidationError as err:  # admitted by the schema, refused by the models
+        spec, decided = None, Plan("stalled", "InvalidSpec", spec_errors(err))
+    else:
+        decided = plan(api, body, spec, settings)
     manifest: dict = {}
     if decided.state == "serve":
-        assert decided.choice is not None and decided.uri is not None
+        assert decided.choice is not None and decided.uri is not None and spec is not None
         manifest = deployment(
             owner, spec, decided.choice, decided.uri, decided.fmt, decided.tp, settings
         )
@@ -228,7 +234,7 @@ def sync(
             if decided.state == "stalled":
                 out["lastFailure"] = _failure(status, decided.reason, decided.message)
             return out
-        assert decided.choice is not None
+        assert decided.choice is not None and spec is not None
         out.update(_observe(api, namespace, name, manifest, spec.replicas, decided, status))
         out["conditions"] = kstatus(
             status.get("conditions"), out.pop("_state"), out.pop("_reason"),

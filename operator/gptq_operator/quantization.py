@@ -21,8 +21,9 @@ from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 
-from gptq_operator.api import QuantizationJobSpec
+from gptq_operator.api import QuantizationJobSpec, spec_errors
 from gptq_operator.manifests import (
     Owner,
     UnsupportedSource,
@@ -98,8 +99,12 @@ def sync(
         return body
     owner = Owner(meta["name"], meta["namespace"], meta["uid"])
     attempt = current_attempt(status)
-    spec = spec_for_attempt(QuantizationJobSpec.model_validate(body["spec"]), status, attempt)
-    decided = _plan(api, owner, spec, attempt, settings)
+    try:
+        spec = spec_for_attempt(QuantizationJobSpec.model_validate(body["spec"]), status, attempt)
+    except ValidationError as err:  # admitted by the schema, refused by the models
+        spec, decided = None, Plan("invalid", "InvalidSpec", spec_errors(err))
+    else:
+        decided = _plan(api, owner, spec, attempt, settings)
 
     def compute(latest: dict) -> dict[str, Any] | None:
         now_status = latest.get("status") or {}
@@ -171,7 +176,11 @@ def _plan(
 
 
 def _status(
-    api: client.ApiClient, latest: dict, spec: QuantizationJobSpec, attempt: int, decided: Plan
+    api: client.ApiClient,
+    latest: dict,
+    spec: QuantizationJobSpec | None,
+    attempt: int,
+    decided: Plan,
 ) -> dict[str, Any]:
     """The whole operator-owned status of a job that has not finished, from its worker Job
     and pods as they are now."""
@@ -196,6 +205,7 @@ def _status(
         out.update(phase="Unschedulable", conditions=conditions)
         out["lastFailure"] = _failure(status, decided.reason, decided.message)
         return out
+    assert spec is not None  # only an invalid spec has none, and it returned above
     conditions = set_condition(
         conditions, "Schedulable", "True", "CompatibleNodes", "a node can run the worker",
         generation,

@@ -90,6 +90,8 @@ def test_missing_pvc_stalls_the_job_and_it_recovers_when_the_claim_appears(
     events = events_for(api, namespace, "nopvc", "PVCNotFound")
     assert len(events) == 1 and events[0].type == "Warning"
     assert events[0].source.component == "gptq-operator"
+    print("\n" + control_plane.kubectl("get", "qjob", "-n", namespace, "-o", "wide"))
+    print(control_plane.kubectl("describe", "qjob", "nopvc", "-n", namespace))
 
     # the cause goes away: the claims appear, the scheduler binds, the job runs
     core = client.CoreV1Api(api)
@@ -173,8 +175,9 @@ def test_a_serving_pod_that_cannot_run_stalls_the_model_with_its_cause(
     assert len(events) == 1 and events[0].type == "Warning" and events[0].count == 1
     # the model's normal lifecycle is in events too, from the same source
     assert {e.reason for e in events_for(api, namespace, "m")} >= {"Ready", expected}
-    table = control_plane.kubectl("get", "qmodel", "m", "-n", namespace, "-o", "wide")
+    table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
     assert expected in table, table
+    print("\n" + table + "\n" + control_plane.kubectl("describe", "qmodel", "m", "-n", namespace))
 
 
 def test_a_failed_source_job_recovers_when_re_created(
@@ -298,3 +301,24 @@ def test_a_quantization_jobs_spec_cannot_change(operator, api, namespace, volume
         )
     assert err.value.status == 422
     assert "spec is immutable: a QuantizationJob runs once" in err.value.body
+
+
+def test_a_spec_only_the_operator_can_judge_is_stalled_with_the_field(
+    operator, control_plane, api, namespace, volumes
+):
+    """A `dynamic` key that is no regex passes the schema (CEL cannot compile a regex), so
+    the operator refuses it: Stalled, the field named, one Warning, no worker."""
+    body = qjob("badregex", quantization={"bits": 4, "dynamic": {"+:(": {"bits": 8}}})
+    client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, body
+    )
+    control_plane.kubectl(
+        "wait", "-n", namespace, "--for=condition=Stalled", "qjob/badregex", "--timeout=60s"
+    )
+    job = get(api, namespace, "badregex")
+    stalled = condition(job, "Stalled")
+    assert job["status"]["phase"] == "Failed" and stalled["reason"] == "InvalidSpec"
+    assert stalled["message"].startswith("spec.quantization.dynamic: dynamic key '+:(' is not")
+    events = events_for(api, namespace, "badregex", "InvalidSpec")
+    assert len(events) == 1 and events[0].type == "Warning"
+    assert client.BatchV1Api(api).list_namespaced_job(namespace).items == []
