@@ -32,8 +32,8 @@ from gptq_worker.format.pack import (
     pack_qweight,
     pack_qzeros,
 )
-from gptq_worker.pipeline.capture import Activations, forward_layer
-from gptq_worker.pipeline.hessians import collect_hessians, full_precision_pass
+from gptq_worker.pipeline.capture import Activations, forward_layer_in_place
+from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
 from gptq_worker.pipeline.mover import LayerMover, Phases
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
@@ -217,7 +217,7 @@ def _quantize_layers(
     packed: dict[str, torch.Tensor] = {}
     # GPTAQ: the full-precision stream, layer 0's inputs being the same for both streams
     gptaq = cfg.gptaq and cfg.method != Method.RTN
-    fp_hidden = list(acts.hidden) if gptaq else None
+    fp_stream = FullPrecisionStream(acts.hidden, acts) if gptaq else None
     fetched = mover.fetch(layers[0])
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
@@ -229,12 +229,15 @@ def _quantize_layers(
         if evaluation is not None:  # original weights: the "before" stream
             evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
-        fp_inputs = None
-        if gptaq:  # original weights: the full-precision stream, and each head's inputs
-            kept = [[n for n in g if names[n] in settings] for g in arch.groups]
-            heads = [] if resumed else [g[0] for g in kept if g]
-            with phases("forward"):
-                fp_inputs, fp_hidden = full_precision_pass(layer, heads, acts, fp_hidden, i)
+        passes = [[g] for g in arch.groups] if cfg.true_sequential else [list(arch.groups)]
+        passes = [[[n for n in g if names[n] in settings] for g in groups] for groups in passes]
+        passes = [[g for g in groups if g] for groups in passes]
+        passes = [] if resumed else [groups for groups in passes if groups]
+        if fp_stream is not None:  # the layer still has its original weights
+            fp_stream.begin(layer, i, copy_weights=bool(passes))
+            if resumed:
+                with phases("forward"):
+                    fp_stream.advance()
         losses: dict[str, dict[str, float]] = {}
         layer_packed: dict[str, torch.Tensor] = {}
         if resumed:
@@ -245,12 +248,7 @@ def _quantize_layers(
                         layer.get_submodule(short), full, layer_packed, settings[full].bits, fmt
                     )
         else:
-            passes = [[g] for g in arch.groups] if cfg.true_sequential else [list(arch.groups)]
-            for groups in passes:
-                groups = [[n for n in g if names[n] in settings] for g in groups]
-                groups = [g for g in groups if g]
-                if not groups:
-                    continue
+            for p, groups in enumerate(passes):
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
@@ -262,7 +260,8 @@ def _quantize_layers(
                         device,
                         options.hessian_precision,
                         phases,
-                        fp_inputs,
+                        fp_stream,
+                        complete=p == len(passes) - 1,
                     )
                 )
                 for group in groups:
@@ -277,9 +276,10 @@ def _quantize_layers(
                         losses[full] = {"loss": round(q.loss, 6), "damp": round(q.damp, 6)}
                     del results, H, dXXT
                 del hessians
-        del fp_inputs
         with phases("forward"):
-            acts.hidden = forward_layer(layer, acts, i)
+            if fp_stream is not None:
+                fp_stream.end()  # the full-precision stream moves on, if no pass moved it
+            forward_layer_in_place(layer, acts.hidden, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
 
