@@ -75,11 +75,11 @@ def capture_inputs(
             with contextlib.suppress(StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
+        model.to("cpu")  # before the layers are back: streamed ones hold no data (meta)
         for i, layer in enumerate(originals):
             layers[i] = layer
         if untied:
             setattr(model.get_submodule(parent) if parent else model, child, head)
-        model.to("cpu")
     return acts
 
 

@@ -5,7 +5,8 @@
    pre-hook on the group's first module that folds its input into one shared Hessian
    and stops the forward there; quantize the group's modules; then re-run the whole layer
    with quantized weights so the next layer sees quantized inputs.
-Only the current layer is on the accelerator; the rest of the model stays on the CPU.
+Only the current layer is on the accelerator; the rest of the model stays on the CPU, or
+on disk when it is streamed (``source.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,7 @@ from gptq_worker.quant.hessian import Hessian
 
 if TYPE_CHECKING:
     from gptq_worker.pipeline.eval_stream import EvalStreams
+    from gptq_worker.pipeline.source import StreamedLayers
 
 
 @dataclass(frozen=True)
@@ -189,18 +191,22 @@ def quantize_layers(
     on_layer: Callable[[int], None] | None = None,
     evaluation: EvalStreams | None = None,
     options: EngineOptions | None = None,
-) -> dict[str, torch.Tensor]:
+    source: StreamedLayers | None = None,
+) -> Mapping[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
 
     ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
+    With ``source`` the layers are read from disk as they are needed, and the packed tensors
+    are not kept in memory: the result reads them from ``state``'s files when asked.
     """
     options = options or EngineOptions()
-    mover = LayerMover(device)
+    mover = LayerMover(device, source)
     try:
-        return _quantize_layers(
+        packed = _quantize_layers(
             model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
             options, mover,
         )  # fmt: skip
+        return packed if source is None else state.packed()
     finally:
         try:
             mover.drain()
@@ -218,14 +224,14 @@ def _quantize_layers(
     # GPTAQ: the full-precision stream, layer 0's inputs being the same for both streams
     gptaq = cfg.gptaq and cfg.method != Method.RTN
     fp_stream = FullPrecisionStream(acts.hidden, acts) if gptaq else None
-    fetched = mover.fetch(layers[0])
+    fetched = mover.fetch(layers[0], 0)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
         names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
         with phases("move"):
             mover.ready(fetched, layer)
         if i + 1 < len(layers):
-            fetched = mover.fetch(layers[i + 1])  # copied in while this layer is computed
+            fetched = mover.fetch(layers[i + 1], i + 1)  # copied in while this is computed
         if evaluation is not None:  # original weights: the "before" stream
             evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
@@ -283,12 +289,18 @@ def _quantize_layers(
         if evaluation is not None:
             evaluation.after_layer(layer, i)
 
-        def finish(i=i, layer=layer, layer_packed=layer_packed, losses=losses, resumed=resumed):
-            layer.to("cpu")
+        quantized = {full for full in names.values() if full in settings}
+
+        def finish(
+            i=i, layer=layer, layer_packed=layer_packed, losses=losses, resumed=resumed,
+            quantized=quantized,
+        ):  # fmt: skip
+            mover.release(layer, i, quantized)
             on_cpu = _to_cpu(layer_packed)
             if not resumed:
                 state.save_layer(i, on_cpu, losses)
-            packed.update(on_cpu)
+            if mover.source is None:  # streaming: read back from the work directory
+                packed.update(on_cpu)
 
         mover.retire(finish)  # copied out and saved while the next layer is computed
         if on_layer is not None or not mover.cuda:
