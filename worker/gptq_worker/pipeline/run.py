@@ -246,12 +246,16 @@ def _quantize(
         if report.errors:
             raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
         _publish(staging, output, work)
+        gpu = {}
+        if device.type == "cuda":  # what the run's tensors took at most (not the cache)
+            gpu["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         progress.emit(
             "done",
             output=str(output),
             elapsed_s=round(time.monotonic() - started, 3),
             kernels=report.loadable_kernels(),
             perplexity=perplexity,
+            **gpu,
         )
     except BaseException as err:
         if progress is not None:
