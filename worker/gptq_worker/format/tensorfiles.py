@@ -98,6 +98,9 @@ class TensorFiles(Mapping):
         e = self.entries.get(key)
         return None if e is None else torch.empty(e.shape, dtype=e.dtype, device="meta")
 
+    def __contains__(self, key: object) -> bool:  # Mapping's own would read the tensor
+        return key in self.entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
 
