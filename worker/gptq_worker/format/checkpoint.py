@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,13 @@ from torch import nn
 
 from gptq_compat.config import OVERRIDABLE, QuantizeConfig
 from gptq_worker import __version__
+from gptq_worker.format.tensorfiles import (
+    Pending,
+    TensorFiles,
+    can_stream,
+    pending,
+    write_safetensors,
+)
 
 QUANTIZER = f"gptq-operator:{__version__}"
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -165,26 +173,38 @@ def read_quantize_config(directory: Path) -> QuantizeConfig:
 
 
 def checkpoint_tensors(
-    model: nn.Module, packed: dict[str, torch.Tensor]
+    model: nn.Module, packed: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """Everything to save: packed modules in place of their weights, the rest in fp16."""
+    return {k: p.make() for k, p in checkpoint_items(model, packed).items()}
+
+
+def checkpoint_items(model: nn.Module, packed: Mapping[str, torch.Tensor]) -> dict[str, Pending]:
+    """:func:`checkpoint_tensors` as tensors still to be made: packed tensors are read (from
+    the work directory when ``packed`` is a :class:`TensorFiles`) only when written."""
     quantized = {k.rsplit(".", 1)[0] for k in packed if k.endswith(".qweight")}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Pending] = {}
     seen: set[tuple[int, int]] = set()
     for key, tensor in model.state_dict().items():
         prefix, _, leaf = key.rpartition(".")
         if prefix in quantized and leaf == "weight":
             for suffix in QUANT_SUFFIXES:
-                out[f"{prefix}.{suffix}"] = packed[f"{prefix}.{suffix}"]
+                name = f"{prefix}.{suffix}"
+                if isinstance(packed, TensorFiles):
+                    e = packed.entries[name]
+                    out[name] = Pending(e.dtype, e.shape, lambda name=name: packed[name])
+                else:
+                    out[name] = pending(packed[name])
             continue
         storage = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
         if storage in seen:  # tied weights (lm_head = embed_tokens) are stored once
             continue
         seen.add(storage)
-        out[key] = (
-            tensor.detach()
-            .to("cpu", torch.float16 if tensor.is_floating_point() else tensor.dtype)
-            .contiguous()
+        dtype = torch.float16 if tensor.is_floating_point() else tensor.dtype
+        out[key] = Pending(
+            dtype,
+            tuple(tensor.shape),
+            lambda t=tensor, dtype=dtype: t.detach().to("cpu", dtype).contiguous(),
         )
     missing = quantized - {k.rsplit(".", 1)[0] for k in out if k.endswith(".qweight")}
     if missing:
@@ -196,17 +216,18 @@ def write_checkpoint(
     directory: Path,
     model: nn.Module,
     tokenizer: Any,
-    packed: dict[str, torch.Tensor],
+    packed: Mapping[str, torch.Tensor],
     cfg: QuantizeConfig,
     max_shard_size: str = "4GB",
     meta: dict[str, Any] | None = None,
 ) -> None:
     """Write a complete checkpoint into ``directory`` (which must be empty or absent).
 
-    ``meta`` joins ``quantization_config.meta`` (for example the measured perplexities)."""
+    Tensors are made and written one at a time, so the checkpoint is never whole in
+    memory. ``meta`` joins ``quantization_config.meta`` (for example the measured
+    perplexities)."""
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = checkpoint_tensors(model, packed)
-    _save_shards(directory, tensors, parse_size(max_shard_size))
+    _save_shards(directory, checkpoint_items(model, packed), parse_size(max_shard_size))
 
     qc = quantization_config(cfg, meta)
     (directory / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
@@ -222,11 +243,11 @@ def write_checkpoint(
         tokenizer.save_pretrained(directory)
 
 
-def _save_shards(directory: Path, tensors: dict[str, torch.Tensor], max_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def _save_shards(directory: Path, tensors: dict[str, Pending], max_bytes: int) -> None:
+    shards: list[dict[str, Pending]] = [{}]
     size = 0
     for key, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         if shards[-1] and size + nbytes > max_bytes:
             shards.append({})
             size = 0
@@ -234,16 +255,23 @@ def _save_shards(directory: Path, tensors: dict[str, torch.Tensor], max_bytes: i
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=metadata)
+        _save_shard(directory / "model.safetensors", shards[0], metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
+        _save_shard(directory / name, shard, metadata)
         weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.nbytes for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_shard(path: Path, shard: dict[str, Pending], metadata: dict[str, str]) -> None:
+    if can_stream(shard):
+        write_safetensors(path, shard, metadata)
+    else:  # a dtype the streaming writer does not know: made whole, written by safetensors
+        save_file({k: p.make() for k, p in shard.items()}, str(path), metadata=metadata)
 
 
 class CheckpointError(ValueError):

@@ -16,6 +16,7 @@ import torch
 from gptq_compat.config import QuantizeConfig
 from gptq_worker.arch import architecture_for, quantizable_names
 from gptq_worker.format.checkpoint import QUANT_SUFFIXES
+from gptq_worker.format.tensorfiles import described
 
 _LIST = 5  # names shown per problem
 
@@ -112,7 +113,7 @@ def check_structure(
             "config.json belongs to these weights"
         )
     for key, want in expected.items():
-        got = tensors.get(key)
+        got = described(tensors, key)
         if want is None or got is None:
             continue
         if tuple(got.shape) != tuple(want.shape):

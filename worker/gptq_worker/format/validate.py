@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from gptq_compat.config import CheckpointFormat, QuantizeConfig
 from gptq_compat.engines import DEFAULT
@@ -25,6 +24,7 @@ from gptq_worker.format.checkpoint import (
 )
 from gptq_worker.format.pack import unpack_qzeros, values_per_chunk
 from gptq_worker.format.structure import check_structure
+from gptq_worker.format.tensorfiles import TensorFiles, described
 
 _KEYS = ("bits", "group_size", "desc_act", "sym", "checkpoint_format", "lm_head")
 
@@ -119,14 +119,14 @@ def _check_config_agreement(directory: Path, report: Report) -> None:
             )
 
 
-def _open_tensors(directory: Path, report: Report) -> dict[str, torch.Tensor] | None:
+def _open_tensors(directory: Path, report: Report) -> TensorFiles | None:
     try:
         files = shard_files(directory)
         weight_map = read_weight_map(directory)
     except (FileNotFoundError, CheckpointError) as err:
         report.errors.append(str(err))
         return None
-    tensors: dict[str, torch.Tensor] = {}
+    readable = []
     for path in files:
         if not path.exists():
             report.errors.append(
@@ -134,14 +134,14 @@ def _open_tensors(directory: Path, report: Report) -> dict[str, torch.Tensor] | 
             )
             continue
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118
-                    tensors[key] = fh.get_tensor(key)
+            TensorFiles([path])  # reads and checks the header only
+            readable.append(path)
         except Exception as err:  # safetensors raises its own error type for corrupt files
             report.errors.append(
                 f"{path.name} cannot be read (truncated or corrupt?): {err}; copy the file "
                 "again or re-quantize"
             )
+    tensors = TensorFiles(readable)  # each tensor is read when a check asks for it
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
@@ -152,7 +152,11 @@ def _open_tensors(directory: Path, report: Report) -> dict[str, torch.Tensor] | 
 def _check_module(
     prefix: str, tensors: dict[str, torch.Tensor], cfg: QuantizeConfig, report: Report
 ) -> None:
-    parts = {s: tensors.get(f"{prefix}.{s}") for s in QUANT_SUFFIXES}
+    # qweight, the bulk of a checkpoint, is only looked at for its dtype and shape
+    parts = {
+        s: described(tensors, f"{prefix}.{s}") if s == "qweight" else tensors.get(f"{prefix}.{s}")
+        for s in QUANT_SUFFIXES
+    }
     absent = [s for s, t in parts.items() if t is None]
     if absent:
         report.errors.append(f"{prefix}: missing {', '.join(absent)}")

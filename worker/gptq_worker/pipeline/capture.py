@@ -75,11 +75,11 @@ def capture_inputs(
             with contextlib.suppress(StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
+        model.to("cpu")  # before the layers are back: streamed ones hold no data (meta)
         for i, layer in enumerate(originals):
             layers[i] = layer
         if untied:
             setattr(model.get_submodule(parent) if parent else model, child, head)
-        model.to("cpu")
     return acts
 
 
@@ -94,3 +94,14 @@ def forward_layer(layer: nn.Module, acts: Activations, index: int) -> list[torch
         layer_output(layer(h, *acts.args[index][b], **acts.kwargs[index][b]))
         for b, h in enumerate(acts.hidden)
     ]
+
+
+@torch.no_grad()
+def forward_layer_in_place(
+    layer: nn.Module, hidden: list[torch.Tensor], acts: Activations, index: int
+) -> None:
+    """:func:`forward_layer` over ``hidden`` (one entry per batch), each batch's output
+    replacing its input as soon as it exists: one batch more, not a second copy of the
+    stream, is alive at a time (2 GiB for an 8B layer over 128 x 2048 tokens)."""
+    for b in range(len(hidden)):
+        hidden[b] = layer_output(layer(hidden[b], *acts.args[index][b], **acts.kwargs[index][b]))

@@ -5,7 +5,8 @@
    pre-hook on the group's first module that folds its input into one shared Hessian
    and stops the forward there; quantize the group's modules; then re-run the whole layer
    with quantized weights so the next layer sees quantized inputs.
-Only the current layer is on the accelerator; the rest of the model stays on the CPU.
+Only the current layer is on the accelerator; the rest of the model stays on the CPU, or
+on disk when it is streamed (``source.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,8 +33,8 @@ from gptq_worker.format.pack import (
     pack_qweight,
     pack_qzeros,
 )
-from gptq_worker.pipeline.capture import Activations, forward_layer
-from gptq_worker.pipeline.hessians import collect_hessians, full_precision_pass
+from gptq_worker.pipeline.capture import Activations, forward_layer_in_place
+from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
 from gptq_worker.pipeline.mover import LayerMover, Phases
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
@@ -42,6 +43,7 @@ from gptq_worker.quant.hessian import Hessian
 
 if TYPE_CHECKING:
     from gptq_worker.pipeline.eval_stream import EvalStreams
+    from gptq_worker.pipeline.source import StreamedLayers
 
 
 @dataclass(frozen=True)
@@ -189,18 +191,22 @@ def quantize_layers(
     on_layer: Callable[[int], None] | None = None,
     evaluation: EvalStreams | None = None,
     options: EngineOptions | None = None,
-) -> dict[str, torch.Tensor]:
+    source: StreamedLayers | None = None,
+) -> Mapping[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
 
     ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
+    With ``source`` the layers are read from disk as they are needed, and the packed tensors
+    are not kept in memory: the result reads them from ``state``'s files when asked.
     """
     options = options or EngineOptions()
-    mover = LayerMover(device)
+    mover = LayerMover(device, source)
     try:
-        return _quantize_layers(
+        packed = _quantize_layers(
             model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
             options, mover,
         )  # fmt: skip
+        return packed if source is None else state.packed()
     finally:
         try:
             mover.drain()
@@ -217,24 +223,27 @@ def _quantize_layers(
     packed: dict[str, torch.Tensor] = {}
     # GPTAQ: the full-precision stream, layer 0's inputs being the same for both streams
     gptaq = cfg.gptaq and cfg.method != Method.RTN
-    fp_hidden = list(acts.hidden) if gptaq else None
-    fetched = mover.fetch(layers[0])
+    fp_stream = FullPrecisionStream(acts.hidden, acts) if gptaq else None
+    fetched = mover.fetch(layers[0], 0)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
         names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
         with phases("move"):
             mover.ready(fetched, layer)
         if i + 1 < len(layers):
-            fetched = mover.fetch(layers[i + 1])  # copied in while this layer is computed
+            fetched = mover.fetch(layers[i + 1], i + 1)  # copied in while this is computed
         if evaluation is not None:  # original weights: the "before" stream
             evaluation.before_layer(layer, i)
         resumed = i < state.layers_done
-        fp_inputs = None
-        if gptaq:  # original weights: the full-precision stream, and each head's inputs
-            kept = [[n for n in g if names[n] in settings] for g in arch.groups]
-            heads = [] if resumed else [g[0] for g in kept if g]
-            with phases("forward"):
-                fp_inputs, fp_hidden = full_precision_pass(layer, heads, acts, fp_hidden, i)
+        passes = [[g] for g in arch.groups] if cfg.true_sequential else [list(arch.groups)]
+        passes = [[[n for n in g if names[n] in settings] for g in groups] for groups in passes]
+        passes = [[g for g in groups if g] for groups in passes]
+        passes = [] if resumed else [groups for groups in passes if groups]
+        if fp_stream is not None:  # the layer still has its original weights
+            fp_stream.begin(layer, i, copy_weights=bool(passes))
+            if resumed:
+                with phases("forward"):
+                    fp_stream.advance()
         losses: dict[str, dict[str, float]] = {}
         layer_packed: dict[str, torch.Tensor] = {}
         if resumed:
@@ -245,12 +254,7 @@ def _quantize_layers(
                         layer.get_submodule(short), full, layer_packed, settings[full].bits, fmt
                     )
         else:
-            passes = [[g] for g in arch.groups] if cfg.true_sequential else [list(arch.groups)]
-            for groups in passes:
-                groups = [[n for n in g if names[n] in settings] for g in groups]
-                groups = [g for g in groups if g]
-                if not groups:
-                    continue
+            for p, groups in enumerate(passes):
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
@@ -262,7 +266,8 @@ def _quantize_layers(
                         device,
                         options.hessian_precision,
                         phases,
-                        fp_inputs,
+                        fp_stream,
+                        complete=p == len(passes) - 1,
                     )
                 )
                 for group in groups:
@@ -277,18 +282,25 @@ def _quantize_layers(
                         losses[full] = {"loss": round(q.loss, 6), "damp": round(q.damp, 6)}
                     del results, H, dXXT
                 del hessians
-        del fp_inputs
         with phases("forward"):
-            acts.hidden = forward_layer(layer, acts, i)
+            if fp_stream is not None:
+                fp_stream.end()  # the full-precision stream moves on, if no pass moved it
+            forward_layer_in_place(layer, acts.hidden, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
 
-        def finish(i=i, layer=layer, layer_packed=layer_packed, losses=losses, resumed=resumed):
-            layer.to("cpu")
+        quantized = {full for full in names.values() if full in settings}
+
+        def finish(
+            i=i, layer=layer, layer_packed=layer_packed, losses=losses, resumed=resumed,
+            quantized=quantized,
+        ):  # fmt: skip
+            mover.release(layer, i, quantized)
             on_cpu = _to_cpu(layer_packed)
             if not resumed:
                 state.save_layer(i, on_cpu, losses)
-            packed.update(on_cpu)
+            if mover.source is None:  # streaming: read back from the work directory
+                packed.update(on_cpu)
 
         mover.retire(finish)  # copied out and saved while the next layer is computed
         if on_layer is not None or not mover.cuda:

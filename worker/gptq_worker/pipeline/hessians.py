@@ -3,19 +3,93 @@ the full-precision inputs and the cross term.
 
 One pass over the captured batches per true-sequential step; hooks on each group's first
 module fold its inputs into the accumulators and stop the forward at the last group.
+
+GPTAQ pairs, batch by batch, the inputs a head module gets in the partly quantized layer
+(``X~``) with the inputs it gets in the full-precision model (``X``). ``X`` is not kept for
+the whole layer (for an 8B layer that was 2 GiB per head and 7.5 GiB for ``down_proj``,
+most of GPTAQ's GPU memory): :class:`FullPrecisionStream` runs an unmodified copy of the
+layer on the full-precision hidden states of one batch just before the quantized forward
+of the same batch needs them. The values are the same as a stored ``X`` (same weights,
+same inputs, same batch shapes), so the Hessians, and so the checkpoint, do not change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
 
 from gptq_worker.arch import features
-from gptq_worker.pipeline.capture import Activations, StopForward, forward_layer
+from gptq_worker.pipeline.capture import (
+    Activations,
+    StopForward,
+    forward_layer_in_place,
+    layer_output,
+)
 from gptq_worker.pipeline.mover import Phases
 from gptq_worker.quant.hessian import AsymmetricHessian, Hessian
+
+
+class FullPrecisionStream:
+    """GPTAQ's full-precision stream: the hidden states the unquantized model would have.
+
+    Per layer: :meth:`begin` with the layer still holding its original weights; then either
+    :meth:`head_inputs` once per batch and pass (the last pass with ``complete=True``, which
+    also moves that batch's hidden states on through the layer), or :meth:`advance` alone
+    (a resumed layer, or one with nothing to quantize); then :meth:`end`.
+    """
+
+    def __init__(self, hidden: list[torch.Tensor], acts: Activations) -> None:
+        self.hidden = list(hidden)  # per batch; replaced in place as batches move on
+        self.acts = acts  # the arguments (masks, rotary tables) do not depend on weights
+        self.original: nn.Module | None = None
+        self.index = -1
+        self.advanced = False
+
+    def begin(self, layer: nn.Module, index: int, copy_weights: bool) -> None:
+        """``copy_weights``: the layer is about to be quantized, so keep an unmodified copy."""
+        self.original = copy.deepcopy(layer) if copy_weights else layer
+        self.index = index
+        self.advanced = False
+
+    @torch.no_grad()
+    def head_inputs(self, b: int, heads: list[str], complete: bool) -> dict[str, torch.Tensor]:
+        """The inputs of each head module for batch ``b``; with ``complete`` the forward runs
+        to the end and batch ``b`` of the stream becomes the layer's output."""
+        got: dict[str, torch.Tensor] = {}
+        stop = heads[-1] if heads and not complete else None
+        handles = []
+        for head in heads:
+
+            def hook(_m: nn.Module, args: tuple, head: str = head) -> None:
+                got[head] = args[0].detach()
+                if head == stop:
+                    raise StopForward
+
+            handles.append(self.original.get_submodule(head).register_forward_pre_hook(hook))
+        i = self.index
+        try:
+            with contextlib.suppress(StopForward):
+                out = self.original(self.hidden[b], *self.acts.args[i][b], **self.acts.kwargs[i][b])
+                self.hidden[b] = layer_output(out)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if complete and b == len(self.hidden) - 1:
+            self.advanced = True
+        return got
+
+    def advance(self) -> None:
+        """Move every batch on through the layer (unless the last pass already did)."""
+        if not self.advanced:
+            forward_layer_in_place(self.original, self.hidden, self.acts, self.index)
+            self.advanced = True
+
+    def end(self) -> None:
+        self.advance()
+        self.original = None
 
 
 @torch.no_grad()
@@ -27,31 +101,34 @@ def collect_hessians(
     device: torch.device,
     precision: str,
     phases: Phases,
-    fp_inputs: dict[str, list[torch.Tensor]] | None = None,
+    fp_stream: FullPrecisionStream | None = None,
+    complete: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
 
     The pass stops at the last group's first module: nothing after it is computed. With
-    ``fp_inputs`` (GPTAQ: each head's full-precision inputs, per batch) every group also
-    gets the cross term ``dXXT``; otherwise its slot is None.
+    ``fp_stream`` (GPTAQ) every group also gets the cross term ``dXXT``, from the
+    full-precision inputs of each batch computed just before it; ``complete`` (the layer's
+    last pass) lets that stream's forward run through the whole layer. Otherwise the
+    cross term's slot is None.
     """
     hessians: dict[str, Hessian] = {}
     handles = []
-    batch = [0]  # the batch being run, for the hooks
-    for g, group in enumerate(groups):
-        head = group[0]
+    heads = [group[0] for group in groups]
+    fp_inputs: dict[str, torch.Tensor] = {}  # the batch being run, for the hooks
+    for g, head in enumerate(heads):
         in_features, _ = features(layer.get_submodule(head))
-        kind = Hessian if fp_inputs is None else AsymmetricHessian
+        kind = Hessian if fp_stream is None else AsymmetricHessian
         hessians[head] = kind(in_features, device, precision)
 
         def hook(
             _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
         ) -> None:
             with phases("hessian"):
-                if fp_inputs is None:
+                if fp_stream is None:
                     hessians[head].add(inputs[0])
                 else:
-                    hessians[head].add_pair(inputs[0], fp_inputs[head][batch[0]])
+                    hessians[head].add_pair(inputs[0], fp_inputs.pop(head))
             if stop:
                 raise StopForward
 
@@ -59,42 +136,14 @@ def collect_hessians(
     try:
         with phases("forward+hessian"):
             for b, h in enumerate(acts.hidden):
-                batch[0] = b
+                if fp_stream is not None:
+                    fp_inputs.update(fp_stream.head_inputs(b, heads, complete))
                 with contextlib.suppress(StopForward):
                     layer(h, *acts.args[index][b], **acts.kwargs[index][b])
     finally:
         for handle in handles:
             handle.remove()
     return {
-        head: (acc.result(), acc.cross_result() if fp_inputs is not None else None)
+        head: (acc.result(), acc.cross_result() if fp_stream is not None else None)
         for head, acc in hessians.items()
     }
-
-
-@torch.no_grad()
-def full_precision_pass(
-    layer: nn.Module, heads: list[str], acts: Activations, fp_hidden: list[torch.Tensor], index: int
-) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
-    """GPTAQ's full-precision stream through one layer that still has its original weights.
-
-    Returns each head module's inputs per batch (the ``X`` of ``||Q X~ - W X||``) and the
-    layer's outputs, the next layer's full-precision inputs. The arguments (masks, rotary
-    tables) are the quantized stream's: they do not depend on the weights.
-    """
-    inputs: dict[str, list[torch.Tensor]] = {head: [] for head in heads}
-
-    def hook(_module: nn.Module, args: tuple, head: str) -> None:
-        inputs[head].append(args[0].detach())
-
-    handles = [
-        layer.get_submodule(head).register_forward_pre_hook(
-            lambda m, a, head=head: hook(m, a, head)
-        )
-        for head in heads
-    ]
-    try:
-        outputs = forward_layer(layer, Activations(fp_hidden, acts.args, acts.kwargs), index)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inputs, outputs

@@ -7,9 +7,13 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from gptq_worker.pipeline.source import StreamedLayers
 
 
 class Phases:
@@ -50,18 +54,33 @@ class LayerMover:
     stream. On a CPU everything happens in line.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, source: StreamedLayers | None = None) -> None:
         self.device = device
+        self.source = source  # read layers from disk instead of moving them from the CPU
         self.cuda = device.type == "cuda"
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="gptq-mover") if self.cuda else None
         self._stream = torch.cuda.Stream(device) if self.cuda else None
         self._pending: list[Future] = []
 
-    def fetch(self, layer: nn.Module) -> Future | None:
+    def fetch(self, layer: nn.Module, index: int) -> Future | None:
         if not self.cuda:
-            layer.to(self.device)
+            self._load(layer, index)
             return None
-        return self._submit(self._to_device, layer)
+        return self._submit(self._to_device, layer, index)
+
+    def release(self, layer: nn.Module, index: int, quantized: set[str]) -> None:
+        """Take a finished layer off the device: to the CPU, or (streaming) drop the
+        weights of ``quantized`` modules, whose packed form is saved."""
+        if self.source is None:
+            layer.to("cpu")
+        else:
+            self.source.release(layer, index, quantized)
+
+    def _load(self, layer: nn.Module, index: int) -> None:
+        if self.source is None:
+            layer.to(self.device)
+        else:
+            self.source.load(layer, index, self.device)
 
     def ready(self, fetched: Future | None, layer: nn.Module) -> None:
         """Wait for ``fetch`` and hand the layer's tensors to the main stream."""
@@ -98,9 +117,9 @@ class LayerMover:
         self._pending.append(future)
         return future
 
-    def _to_device(self, layer: nn.Module) -> None:
+    def _to_device(self, layer: nn.Module, index: int) -> None:
         with torch.cuda.stream(self._stream):
-            layer.to(self.device)
+            self._load(layer, index)
         self._stream.synchronize()
 
     def _after(self, event: torch.cuda.Event, job: Callable[[], None]) -> None:

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -31,6 +31,7 @@ from gptq_worker.pipeline.calibration import batches, calibration_samples, finge
 from gptq_worker.pipeline.capture import capture_inputs
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver
 from gptq_worker.pipeline.plan import plan
+from gptq_worker.pipeline.source import StreamedLayers, open_streamed
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
 
@@ -93,12 +94,24 @@ def check_output(output: Path, overwrite: bool) -> Path:
     return work
 
 
-def load_model(
+def open_model(
     source: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None = None
-):
-    """Model (on CPU) and tokenizer from a local directory or a Hugging Face model id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+) -> tuple[torch.nn.Module, object, StreamedLayers | None]:
+    """Model, tokenizer, and the reader of its decoder layers when they are left on disk.
 
+    A local directory of safetensors is streamed (``source.py``): only the parts outside
+    the decoder layers are loaded now. Anything else is :func:`load_model`'s, whole.
+    """
+    if revision is None:
+        _check_model_path(source)
+        streamed = open_streamed(source, dtype, trust_remote_code)
+        if streamed is not None:
+            model, layers = streamed
+            return model, _load_tokenizer(source, trust_remote_code, revision), layers
+    return (*load_model(source, dtype, trust_remote_code, revision), None)
+
+
+def _check_model_path(source: str) -> None:
     path = Path(source).expanduser()
     if not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
         raise RunError(
@@ -107,10 +120,28 @@ def load_model(
         )
     if path.exists() and not (path / "config.json").exists():
         raise RunError(f"model directory {path} has no config.json; is it a Hugging Face model?")
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool, revision: str | None):
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, revision=revision
         )
+    except (OSError, ValueError) as err:
+        raise RunError(f"could not load model {source}: {err}") from err
+
+
+def load_model(
+    source: str, dtype: torch.dtype, trust_remote_code: bool, revision: str | None = None
+):
+    """Model (on CPU) and tokenizer from a local directory or a Hugging Face model id."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_path(source)
+    tokenizer = _load_tokenizer(source, trust_remote_code, revision)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=dtype,
@@ -193,11 +224,11 @@ def _quantize(
             "file or a directory of them) or a Hugging Face dataset name"
         )
     warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
-    model, tokenizer = load_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
+    model, tokenizer, layers = open_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
     progress = None
     try:
         packed, progress, perplexity = quantize_model(
-            model, tokenizer, cfg, device, work, show_progress, on_layer
+            model, tokenizer, cfg, device, work, show_progress, on_layer, layers
         )
         staging = work / "checkpoint"
         if staging.exists():
@@ -215,12 +246,16 @@ def _quantize(
         if report.errors:
             raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
         _publish(staging, output, work)
+        gpu = {}
+        if device.type == "cuda":  # what the run's tensors took at most (not the cache)
+            gpu["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         progress.emit(
             "done",
             output=str(output),
             elapsed_s=round(time.monotonic() - started, 3),
             kernels=report.loadable_kernels(),
             perplexity=perplexity,
+            **gpu,
         )
     except BaseException as err:
         if progress is not None:
@@ -241,8 +276,10 @@ def quantize_model(
     work: Path,
     show_progress: bool = True,
     on_layer: Callable[[int], None] | None = None,
+    streamed: StreamedLayers | None = None,
 ) -> QuantizeResult:
-    """Quantize ``model`` in place (its weights become the dequantized ones).
+    """Quantize ``model`` in place (its weights become the dequantized ones; with ``streamed``,
+    the model's decoder layers are read from disk and dropped when done).
 
     Returns the packed tensors of every quantized module, the open progress reporter, and
     the perplexities before and after when ``cfg.evaluation`` asks for them.
@@ -304,6 +341,7 @@ def quantize_model(
             on_layer,
             evaluation,
             options,
+            streamed,
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)
@@ -324,7 +362,7 @@ def quantize_model(
 
 
 class QuantizeResult(NamedTuple):
-    packed: dict[str, torch.Tensor]
+    packed: Mapping[str, torch.Tensor]
     progress: Progress
     perplexity: dict[str, float] | None  # {"before", "after"} when evaluation was asked for
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from gptq_worker.format.tensorfiles import TensorFiles
+
 log = logging.getLogger(__name__)
 
 
@@ -59,6 +61,10 @@ class WorkState:
 
     def load_layer(self, index: int) -> dict[str, torch.Tensor]:
         return load_file(str(self._layer_file(index)))
+
+    def packed(self) -> TensorFiles:
+        """Every saved layer's tensors, each read from disk when asked for."""
+        return TensorFiles(sorted(self.dir.glob("layer-*.safetensors")))
 
     def _layer_file(self, index: int) -> Path:
         return self.dir / f"layer-{index:05d}.safetensors"

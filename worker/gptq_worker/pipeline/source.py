@@ -1,0 +1,145 @@
+"""A model read from its safetensors files one decoder layer at a time.
+
+The model is built with every parameter on the meta device (no memory); the parameters
+outside the decoder layers (embeddings, final norm, lm_head: 2 GB for an 8B model) are
+read at once, and each decoder layer's parameters when the driver needs that layer,
+straight onto the accelerator. When a layer is done its quantized weights are dropped
+(their packed form is in the work directory) and its other parameters (norms, biases)
+go to the CPU for the checkpoint. So the host holds about one layer and the parts outside
+the layers, not the model: the whole point for a 70B model on a machine with little RAM.
+
+Streaming applies to a local directory whose safetensors files name every parameter the
+model has, as ``save_pretrained`` writes them; anything else is loaded whole by
+transformers (``run.load_model``), with the same result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gptq_worker.arch import architecture_for
+from gptq_worker.format.checkpoint import CheckpointError, shard_files
+from gptq_worker.format.tensorfiles import TensorFiles
+
+
+class StreamedLayers:
+    """Reads decoder layer ``i``'s parameters onto a device, and lets them go afterwards."""
+
+    def __init__(self, model: nn.Module, files: TensorFiles, layers_path: str) -> None:
+        self.model = model
+        self.files = files
+        self.layers_path = layers_path
+
+    def load(self, layer: nn.Module, index: int, device: torch.device) -> None:
+        prefix = f"{self.layers_path}.{index}"
+        for name, module, leaf, param in _parameters(layer):
+            t = self.files[f"{prefix}.{name}"].to(device=device, dtype=param.dtype)
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        for module in layer.modules():
+            for leaf, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[leaf] = buf.to(device)
+
+    def release(self, layer: nn.Module, index: int, quantized: set[str]) -> None:
+        """Drop the weights of ``quantized`` (full module names); the rest goes to the CPU."""
+        prefix = f"{self.layers_path}.{index}"
+        for name, module, leaf, param in _parameters(layer):
+            full = f"{prefix}.{name}".rpartition(".")[0]
+            if leaf == "weight" and full in quantized:
+                t = torch.empty(param.shape, dtype=param.dtype, device="meta")
+            else:
+                t = param.detach().to("cpu")
+            module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        for module in layer.modules():
+            for leaf, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[leaf] = buf.to("cpu")
+
+
+def _parameters(layer: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Parameter]]:
+    for mname, module in layer.named_modules():
+        for leaf, param in list(module._parameters.items()):
+            if param is not None:
+                yield (f"{mname}.{leaf}" if mname else leaf), module, leaf, param
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside is moved to the meta device; buffers (rotary
+    tables) stay real, as the model computes them."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def open_streamed(
+    source: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[nn.Module, StreamedLayers] | None:
+    """The model of local directory ``source`` with its layers left on disk, or None when
+    it cannot be streamed (not a local directory of safetensors, or other tensor names)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        files = TensorFiles(shard_files(path))
+    except (FileNotFoundError, CheckpointError, OSError, ValueError, KeyError):
+        return None
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with no_init_weights(), _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=trust_remote_code
+        )
+    model.tie_weights()  # the parameters were replaced while they were registered
+    try:
+        arch = architecture_for(model)
+    except ValueError:
+        return None
+    tied = _tied_keys(model)
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if any(name not in files for name in params - tied):
+        return None  # another naming (an old or converted checkpoint): transformers loads it
+    inside = f"{arch.layers}."
+    for name, module, leaf, param in _parameters(model):
+        if name.startswith(inside):
+            continue
+        if name not in files:  # tied to the input embeddings: tie_weights below
+            continue
+        t = files[name].to(dtype=param.dtype)
+        module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+    for name, buf in model.named_buffers():
+        if not name.startswith(inside) and name in files:  # persistent, saved buffers
+            buf.copy_(files[name])
+    if tied:
+        model.tie_weights()
+    model.eval()
+    model.config.use_cache = False
+    return model, StreamedLayers(model, files, arch.layers)
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Names of the output embedding's weight when it is the input embedding's."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return set()
+    return {f"{n}.weight" for n, m in model.named_modules() if m is out}
