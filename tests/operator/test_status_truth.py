@@ -8,7 +8,9 @@ plays the kubelet here (stage ``kwok-pod-waiting``), and the real-pod tier cover
 
 from __future__ import annotations
 
+import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +37,14 @@ from tests.operator.test_quantized_model_e2e import (
 pytestmark = pytest.mark.controlplane
 from kubernetes import client, watch  # noqa: E402
 from kubernetes.client.rest import ApiException  # noqa: E402
+
+
+def transcript(name: str, *outputs: str) -> None:
+    """What kubectl showed, kept under $GPTQ_TRANSCRIPTS when set (KopfRunner holds stdout)."""
+    where = os.environ.get("GPTQ_TRANSCRIPTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        (Path(where) / f"{name}.txt").write_text("\n".join(outputs))
 
 
 def events_for(api, namespace, name, reason=None) -> list:
@@ -90,8 +100,11 @@ def test_missing_pvc_stalls_the_job_and_it_recovers_when_the_claim_appears(
     events = events_for(api, namespace, "nopvc", "PVCNotFound")
     assert len(events) == 1 and events[0].type == "Warning"
     assert events[0].source.component == "gptq-operator"
-    print("\n" + control_plane.kubectl("get", "qjob", "-n", namespace, "-o", "wide"))
-    print(control_plane.kubectl("describe", "qjob", "nopvc", "-n", namespace))
+    transcript(
+        "qjob-PVCNotFound",
+        control_plane.kubectl("get", "qjob", "-n", namespace, "-o", "wide"),
+        control_plane.kubectl("describe", "qjob", "nopvc", "-n", namespace),
+    )
 
     # the cause goes away: the claims appear, the scheduler binds, the job runs
     core = client.CoreV1Api(api)
@@ -177,7 +190,11 @@ def test_a_serving_pod_that_cannot_run_stalls_the_model_with_its_cause(
     assert {e.reason for e in events_for(api, namespace, "m")} >= {"Ready", expected}
     table = control_plane.kubectl("get", "qjob,qmodel", "-n", namespace, "-o", "wide")
     assert expected in table, table
-    print("\n" + table + "\n" + control_plane.kubectl("describe", "qmodel", "m", "-n", namespace))
+    transcript(
+        f"qmodel-{expected}",
+        table,
+        control_plane.kubectl("describe", "qmodel", "m", "-n", namespace),
+    )
 
 
 def test_a_failed_source_job_recovers_when_re_created(
