@@ -71,6 +71,17 @@ class SecretReference(_Model):
     )
 
 
+class SecretKeyReference(_Model):
+    """One key of a Secret in the resource's namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        description="name of the Secret, in the same namespace as this resource"
+    )
+    key: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        "api-key", description="the key in the Secret's data; default api-key"
+    )
+
+
 class ModelSource(_Model):
     """The full-precision model to quantize."""
 
@@ -513,6 +524,12 @@ class QuantizedModelSpec(_Model):
     )
     scheduling: Scheduling = Field(
         default_factory=Scheduling, description="which nodes may run the serving pods"
+    )
+    api_key_secret_ref: SecretKeyReference | None = Field(
+        None,
+        description="Secret key holding the API key clients must send (Authorization: Bearer "
+        "KEY) to the OpenAI endpoints; health endpoints stay open for probes. Default: none, "
+        "the endpoint is open to whoever can reach the Service",
     )
     image: ServingImages | None = Field(
         None, description="serving images in place of the operator's defaults"

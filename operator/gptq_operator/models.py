@@ -23,6 +23,7 @@ from gptq_operator.api import CheckpointSummary, QuantizedModelSpec, spec_errors
 from gptq_operator.manifests import Owner
 from gptq_operator.observe import failure as _failure
 from gptq_operator.observe import pod_cause
+from gptq_operator.policy import refuse_images, refuse_secrets
 from gptq_operator.scheduling import kernel_named, node_sm
 from gptq_operator.serving import (
     TEMPLATE_HASH,
@@ -145,6 +146,15 @@ def plan(
     api: client.ApiClient, body: dict, spec: QuantizedModelSpec, settings: OperatorSettings
 ) -> Plan:
     """Decide from the spec, the checkpoint and the nodes; touches nothing."""
+    images = spec.image.model_dump() if spec.image else {}
+    if refused := refuse_images(images, settings):
+        return Plan("stalled", "ImageNotAllowed", refused)
+    secrets = {
+        "spec.source.secretRef": spec.source.secret_ref.name if spec.source.secret_ref else None,
+        "spec.apiKeySecretRef": (spec.api_key_secret_ref.name if spec.api_key_secret_ref else None),
+    }
+    if refused := refuse_secrets(secrets, settings):
+        return Plan("stalled", "SecretNotAllowed", refused)
     try:
         uri, fmt, size, waiting = _checkpoint(api, body["metadata"]["namespace"], spec)
     except SourceJobFailed as err:
@@ -167,7 +177,6 @@ def plan(
         if settings.labels.memory in (labels := n["metadata"].get("labels") or {})
     ]
     tp = tensor_parallel(spec.tensor_parallel_size, size, memories)
-    images = spec.image.model_dump() if spec.image else {}
     engines: dict = {}
     for backend in ("vllm", "lmdeploy", "builtin"):
         try:

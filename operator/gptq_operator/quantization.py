@@ -34,6 +34,7 @@ from gptq_operator.manifests import (
 )
 from gptq_operator.observe import failure as _failure
 from gptq_operator.observe import pod_cause
+from gptq_operator.policy import refuse_images, refuse_secrets
 from gptq_operator.quality_gate import REMEDIATIONS, gate_verdict, spec_for_attempt
 from gptq_operator.scheduling import UnknownKernel, describe_requirement, judge_nodes
 from gptq_operator.settings import OperatorSettings
@@ -129,6 +130,20 @@ def _plan(
 ) -> Plan:
     """Create the current attempt's worker Job (and its settings and role) if no node
     rules it out; say why not otherwise."""
+    refused = refuse_images(
+        {"worker": spec.image.worker if spec.image else None}, settings
+    ) or refuse_secrets(
+        {
+            "spec.model.secretRef": spec.model.secret_ref.name if spec.model.secret_ref else None,
+            "spec.output.secretRef": (
+                spec.output.secret_ref.name if spec.output.secret_ref else None
+            ),
+        },
+        settings,
+    )
+    if refused:
+        reason = "ImageNotAllowed" if refused.startswith("spec.image") else "SecretNotAllowed"
+        return Plan("invalid", reason, refused)
     try:
         job = worker_job(owner, spec, settings, attempt)
         cm = config_map(owner, spec, attempt)

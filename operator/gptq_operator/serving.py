@@ -197,6 +197,22 @@ def engine_command(
 TEMPLATE_HASH = "gptq.dev/template-hash"
 
 
+API_KEY_ENV = "GPTQ_API_KEY"
+
+
+def _api_key_env(spec: QuantizedModelSpec, backend: str) -> list[dict]:
+    """The API key from its Secret, as each engine reads it: vLLM 0.32 from VLLM_API_KEY
+    (vllm/entrypoints/serve/middleware/register.py:33), the built-in runtime from
+    GPTQ_SERVE_API_KEY, LMDeploy 0.18 from ``--api-keys`` (lmdeploy/cli/utils.py:373),
+    given as ``$(GPTQ_API_KEY)`` so the key never appears in the pod's spec."""
+    ref = spec.api_key_secret_ref
+    if ref is None:
+        return []
+    source = {"secretKeyRef": {"name": ref.name, "key": ref.key}}
+    names = {"vllm": ["VLLM_API_KEY"], "builtin": ["GPTQ_SERVE_API_KEY"]}.get(backend, [])
+    return [{"name": n, "valueFrom": source} for n in (API_KEY_ENV, *names)]
+
+
 def serving_labels(owner: Owner) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "gptq-serving",
@@ -218,6 +234,8 @@ def deployment(
     port = PORTS[choice.backend]
     model_path = _model_path(checkpoint_uri)
     command, args = engine_command(choice, owner.name, model_path, fmt, tp, spec.engine_args or [])
+    if spec.api_key_secret_ref is not None and choice.backend == "lmdeploy":
+        args = [*args, "--api-keys", f"$({API_KEY_ENV})"]
     images = spec.image.model_dump() if spec.image else {}
     image = images.get(choice.backend) or settings.serving_image(choice.backend)
     # what the pods serve: a new checkpoint changes this hash and so rolls the Deployment
@@ -240,8 +258,12 @@ def deployment(
         resources["limits"]["memory"] = spec.resources.memory
     if spec.resources.cpu:
         resources["requests"]["cpu"] = spec.resources.cpu
-    # readiness: the model is loaded; liveness: the process answers (builtin tells them apart)
-    health = "/v1/models" if choice.backend == "lmdeploy" else "/health"
+    # readiness: the model is loaded; liveness: the process answers (builtin tells them apart).
+    # vLLM 0.32 and LMDeploy 0.18 serve /health outside their API-key check
+    # (vllm/entrypoints/serve/middleware/authenticate.py:11 guards /v1, /v2, /inference and
+    # /cohere; lmdeploy/serve/utils/server_utils.py:104 exempts /health), and both start
+    # listening only once the engine is built.
+    health = "/health"
     alive = "/healthz" if choice.backend == "builtin" else health
     if choice.backend == "builtin":
         health = "/readyz"
@@ -251,7 +273,11 @@ def deployment(
         "image": image,
         "args": args,
         "ports": [{"name": "http", "containerPort": port}],
-        "env": [{"name": "HOME", "value": SCRATCH}, {"name": "HF_HOME", "value": f"{SCRATCH}/hf"}],
+        "env": [
+            {"name": "HOME", "value": SCRATCH},
+            {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+            *_api_key_env(spec, choice.backend),
+        ],
         "resources": resources,
         "readinessProbe": {"httpGet": {"path": health, "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {
@@ -270,7 +296,11 @@ def deployment(
             {"name": "scratch", "mountPath": SCRATCH},
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
     }
     if command:
         container["command"] = command
@@ -281,7 +311,15 @@ def deployment(
             {"name": "scratch", "emptyDir": {}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
         ],
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        # Pod Security "restricted": non-root (the engines' images run as any UID with HOME
+        # on the scratch volume), no privilege escalation, no capabilities, RuntimeDefault
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": settings.run_as_user,
+            "runAsGroup": settings.run_as_user,
+            "fsGroup": settings.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "tolerations": list(settings.gpu_tolerations) if gpus else [],
     }
     terms = sm_node_selector_terms(choice.min_sm, choice.max_sm, settings.labels)

@@ -9,6 +9,14 @@ from pydantic import BaseModel, Field
 from gptq_compat.engines import DEFAULT_IMAGES
 
 
+def repository(image: str) -> str:
+    """``registry/path/name`` of an image reference, without tag or digest."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
 class LabelKeys(BaseModel):
     """Node labels that describe GPUs (NVIDIA GPU Feature Discovery's by default)."""
 
@@ -33,6 +41,10 @@ class OperatorSettings(BaseModel):
     image_vllm: str = DEFAULT_IMAGES["vllm"]
     image_lmdeploy: str = DEFAULT_IMAGES["lmdeploy"]
     image_builtin: str | None = None
+    # what a spec may name (policy.py): image repositories ("*": any; a trailing "/": any
+    # image under that path; empty: the default images' repositories) and Secret names
+    allowed_images: list[str] = Field(default_factory=list)
+    allowed_secrets: list[str] = Field(default_factory=lambda: ["hf-token", "gptq-*"])
     run_as_user: int = 10001
     scratch_size: str = "20Gi"
     metrics_port: int = 8080  # 0: no metrics endpoint
@@ -60,9 +72,24 @@ class OperatorSettings(BaseModel):
             )
             if f"GPTQ_{field.upper()}" in env
         }
-        return cls(labels=labels, **{k: v for k, v in values.items() if v != ""})
+        lists = {
+            field: [
+                item.strip() for item in env[f"GPTQ_{field.upper()}"].split(",") if item.strip()
+            ]
+            for field in ("allowed_images", "allowed_secrets")
+            if f"GPTQ_{field.upper()}" in env
+        }
+        return cls(labels=labels, **lists, **{k: v for k, v in values.items() if v != ""})
 
     def serving_image(self, backend: str) -> str:
         """The default image of a serving backend (a QuantizedModel's spec.image overrides)."""
         image = {"vllm": self.image_vllm, "lmdeploy": self.image_lmdeploy}.get(backend)
         return image or self.image_builtin or self.worker_image
+
+    def allowed_image_repositories(self) -> list[str]:
+        """The image repositories a spec may name (``allowed_images``, or by default the
+        repositories of the default images)."""
+        if self.allowed_images:
+            return list(self.allowed_images)
+        defaults = (self.image_vllm, self.image_lmdeploy, self.image_builtin, self.worker_image)
+        return sorted({repository(i) for i in defaults if i})

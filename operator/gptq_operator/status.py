@@ -23,6 +23,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from gptq_operator.api import GROUP, VERSION
+from gptq_operator.policy import scrub
 
 log = logging.getLogger(__name__)
 COMPONENT = "gptq-operator"
@@ -138,6 +139,8 @@ def publish(
             return None
         current = obj.get("status") or {}
         wanted = compute(obj)
+        if wanted is not None:
+            wanted = _scrubbed(wanted)
         if wanted is None or all(current.get(k) == v for k, v in wanted.items()):
             return obj
         body = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"]}}
@@ -164,6 +167,17 @@ def publish(
     raise RuntimeError(f"{kind} {namespace}/{name}: status kept changing while it was written")
 
 
+def _scrubbed(value: Any) -> Any:
+    """``value`` with credentials taken out of every string (policy.scrub)."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    return value
+
+
 def record_event(
     api: client.ApiClient, obj: dict, kind: str, type_: str, reason: str, message: str
 ) -> None:
@@ -188,7 +202,7 @@ def record_event(
                 },
                 "type": type_,
                 "reason": reason,
-                "message": message[:1024],
+                "message": scrub(message)[:1024],
                 "firstTimestamp": stamp,
                 "lastTimestamp": stamp,
                 "count": 1,
@@ -209,7 +223,7 @@ def record_event(
                     "metadata": {"resourceVersion": seen.metadata.resource_version},
                     "count": (seen.count or 1) + 1,
                     "lastTimestamp": stamp,
-                    "message": message[:1024],
+                    "message": scrub(message)[:1024],
                     "type": type_,
                 },
             )
