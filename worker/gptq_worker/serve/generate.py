@@ -198,6 +198,7 @@ class Engine:
                     if r.cancelled.is_set():  # its client left while it waited
                         _emit(r, Chunk("", 0, "cancelled"))
                     else:
+                        r.emit = self._counted(r.emit)
                         batch.append(r)
                 self._running = len(batch)
             try:
@@ -211,6 +212,21 @@ class Engine:
                 with self._cv:
                     self._running = 0
                     self._cv.notify_all()
+
+    def _counted(self, emit: Callable[[Chunk], None]) -> Callable[[Chunk], None]:
+        """``emit`` that takes its request out of ``running`` before the final chunk goes
+        out, so a client that has its answer never sees itself counted as running."""
+        done = False
+
+        def wrapped(chunk: Chunk) -> None:
+            nonlocal done
+            if chunk.finish_reason is not None and not done:
+                done = True
+                with self._cv:
+                    self._running = max(0, self._running - 1)
+            emit(chunk)
+
+        return wrapped
 
     # -- decoding ---------------------------------------------------------------------
     @torch.inference_mode()
