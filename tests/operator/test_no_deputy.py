@@ -184,22 +184,28 @@ def test_a_worker_may_report_progress_and_nothing_else(
     worker_api = worker_client(control_plane, api, namespace, "honest-worker")
     worker = client.CustomObjectsApi(worker_api)
 
-    def lie():
+    def lie(**status):
         worker.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, "honest",
-            {"status": {"phase": "Succeeded", "result": {"outputUri": "pvc://models/x"}}},
-        )  # fmt: skip
+            GROUP, VERSION, namespace, PLURAL, "honest", {"status": status}
+        )
 
-    # the policy takes effect within seconds of being created
+    # the policy takes effect within seconds of being created: probe with a change that
+    # differs every time (a change that slipped through before would make an identical one
+    # a no-op), then lie
+    probes = iter(range(1000, 100000))
+
     def refused():
         try:
-            lie()
+            lie(observedGeneration=next(probes))
         except client.rest.ApiException as err:
             return err if err.status in (403, 422) else None
         return None
 
-    err = wait_for(refused, what="the policy refusing the worker", timeout=30)
-    assert "a worker may change only status.progress" in err.body
+    wait_for(refused, what="the policy in effect", timeout=60)
+    with pytest.raises(client.rest.ApiException) as err:
+        lie(phase="Succeeded", result={"outputUri": "pvc://models/x"})
+    assert err.value.status in (403, 422)
+    assert "a worker may change only status.progress" in err.value.body
     StatusReporter(f"{namespace}/honest", worker_api).layer(3, 32, 10.0)
     status = get(api, namespace, "honest")["status"]
     assert status["progress"]["layer"] == 3 and status["phase"] != "Succeeded"
