@@ -26,19 +26,21 @@ from gptq_operator.observe import pod_cause
 from gptq_operator.policy import refuse_images, refuse_secrets
 from gptq_operator.scheduling import kernel_named, node_sm
 from gptq_operator.serving import (
-    TEMPLATE_HASH,
     Choice,
     Incompatible,
     choose,
-    deployment,
-    endpoint,
-    service,
-    service_monitor,
     serving_engine,
     tensor_parallel,
 )
 from gptq_operator.settings import OperatorSettings
 from gptq_operator.status import kstatus, publish, read_owner
+from gptq_operator.workload import (
+    TEMPLATE_HASH,
+    deployment,
+    endpoint,
+    service,
+    service_monitor,
+)
 
 PLURAL, KIND = "quantizedmodels", "QuantizedModel"
 DEFAULT_KERNEL = {

@@ -62,8 +62,11 @@ def test_defaults_render_one_operator_with_least_privilege(render):
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "Deployment",
+            "NetworkPolicy",
             "Service",
             "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
     (deployment,) = by_kind(objects, "Deployment")

@@ -10,8 +10,9 @@ import pytest
 from gptq_operator.api import CheckpointSummary, QuantizedModelSpec
 from gptq_operator.manifests import Owner
 from gptq_operator.policy import image_allowed, refuse_images, refuse_secrets, scrub
-from gptq_operator.serving import Choice, deployment
+from gptq_operator.serving import Choice
 from gptq_operator.settings import OperatorSettings, repository
+from gptq_operator.workload import deployment
 
 W4G128 = CheckpointSummary.model_validate(
     {"bits": 4, "groupSize": 128, "descAct": False, "sym": True, "checkpointFormat": "gptq"}

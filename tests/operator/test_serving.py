@@ -133,8 +133,9 @@ def test_builtin_pods_run_a_command_the_worker_accepts():
     """The Deployment's args parse with ``gptq-worker serve``'s own parser; probes match."""
     from gptq_operator.api import QuantizedModelSpec
     from gptq_operator.manifests import Owner
-    from gptq_operator.serving import Choice, deployment
+    from gptq_operator.serving import Choice
     from gptq_operator.settings import OperatorSettings
+    from gptq_operator.workload import deployment
     from gptq_worker.cli import parser as _parser
 
     spec = QuantizedModelSpec.model_validate(
