@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptq_worker.serve.metrics import RequestTimes
+
 log = logging.getLogger(__name__)
 
 
@@ -57,7 +59,27 @@ class Request:
     sampling: Sampling
     emit: Callable[[Chunk], None]  # called from the engine thread
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
+    times: RequestTimes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.times = RequestTimes(self.arrived)
+
+
+class NoMetrics:
+    """What the engine reports to when no server is attached (tests, benches)."""
+
+    def prefilled(self, prompt_tokens: int) -> None:
+        pass
+
+    def step(self, tokens: int) -> None:
+        pass
+
+    def token(self, t: RequestTimes, now: float) -> None:
+        pass
+
+    def finished(self, t, reason: str, prompt_tokens: int, max_tokens: int | None) -> None:
+        pass
 
 
 class TextStream:
@@ -146,6 +168,7 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
+        self.metrics = NoMetrics()  # the server attaches its ServeMetrics
         self._thread = threading.Thread(target=self._loop, name="gptq-engine", daemon=True)
         self._thread.start()
 
@@ -166,6 +189,11 @@ class Engine:
     @property
     def running(self) -> int:
         return self._running
+
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache's token budget in use (no budget yet: 0)."""
+        return 0.0
 
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new work and wait until every accepted request has finished."""
@@ -196,7 +224,7 @@ class Engine:
                 while self._waiting and len(batch) < self.max_batch:
                     r = self._waiting.popleft()
                     if r.cancelled.is_set():  # its client left while it waited
-                        _emit(r, Chunk("", 0, "cancelled"))
+                        self._emit(r, Chunk("", 0, "cancelled"))
                     else:
                         batch.append(r)
                 self._running = len(batch)
@@ -206,7 +234,7 @@ class Engine:
             except Exception as err:  # one bad batch must not kill the server
                 log.exception("generation failed")
                 for r in batch:
-                    _emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
+                    self._emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
             finally:
                 with self._cv:
                     self._running = 0
@@ -225,10 +253,14 @@ class Engine:
                 prepared.append((r, *self._prepare(r)))
             except Exception as err:
                 log.warning("request refused by the engine: %s: %s", type(err).__name__, err)
-                _emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
+                self._emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
         if not prepared:
             return
         batch = [p[0] for p in prepared]
+        now = time.monotonic()
+        for r in batch:
+            r.times.scheduled = now
+        self.metrics.prefilled(sum(len(r.prompt_ids) for r in batch))
         generators = [p[1] for p in prepared]
         streams = [p[2] for p in prepared]
         n = len(batch)
@@ -245,6 +277,7 @@ class Engine:
         cache = DynamicCache()
         step_ids, step_pos = ids, positions
         while not all(done):
+            self.metrics.step(int(mask[:, -step_ids.shape[1] :].sum()))
             out = self.model(
                 input_ids=step_ids,
                 attention_mask=mask,
@@ -260,7 +293,7 @@ class Engine:
                     continue
                 if r.cancelled.is_set():
                     done[i] = True
-                    _emit(r, Chunk("", counts[i], "cancelled"))
+                    self._emit(r, Chunk("", counts[i], "cancelled"))
                     continue
                 try:
                     chunk = self._step(r, logits[i], generators[i], streams[i], counts[i] + 1)
@@ -268,15 +301,28 @@ class Engine:
                     log.warning("request failed while decoding: %s: %s", type(err).__name__, err)
                     chunk = Chunk("", counts[i], "error", error=f"{type(err).__name__}: {err}")
                     done[i] = True
-                    _emit(r, chunk)
+                    self._emit(r, chunk)
                     continue
                 counts[i] = chunk.tokens
                 next_ids[i] = chunk.token
                 done[i] = chunk.finish_reason is not None
-                _emit(r, chunk)
+                self._emit(r, chunk)
             step_ids = next_ids.view(n, 1).to(self.device)
             mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], 1)
             step_pos = step_pos[:, -1:] + 1
+
+    def _emit(self, r: Request, chunk: Chunk) -> None:
+        """Record the chunk in the metrics, then hand it to its request."""
+        t = r.times
+        if chunk.token is not None:
+            now = time.monotonic()
+            self.metrics.token(t, now)
+            t.first_token = t.first_token or now
+            t.last_token, t.tokens = now, t.tokens + 1
+        if chunk.finish_reason is not None:
+            s = r.sampling
+            self.metrics.finished(t, chunk.finish_reason, len(r.prompt_ids), s.max_tokens)
+        _emit(r, chunk)
 
     def _prepare(self, r: Request) -> tuple[torch.Generator | None, TextStream]:
         if not r.prompt_ids or r.sampling.max_tokens < 1:
