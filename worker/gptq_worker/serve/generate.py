@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gptq_worker.serve.metrics import RequestTimes
+from gptq_worker.serve.text import TextStream, sample
 
 log = logging.getLogger(__name__)
 
@@ -80,71 +81,6 @@ class NoMetrics:
 
     def finished(self, t, reason: str, prompt_tokens: int, max_tokens: int | None) -> None:
         pass
-
-
-class TextStream:
-    """Turns generated token ids into text deltas, holding back what may still change.
-
-    Held back: a trailing partial UTF-8 character (decoded as U+FFFD) and a tail that could
-    be the start of a stop string. A stop string ends the text just before it.
-    """
-
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
-        self.text = ""
-
-    def push(self, token: int) -> tuple[str, bool]:
-        """(new text safe to send, whether a stop string was hit)."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hit = self._first_stop()
-        if hit is not None:
-            delta, self.sent = self.text[self.sent : hit], hit
-            return delta, True
-        end = len(self.text)
-        if self.text.endswith("\ufffd"):
-            end -= 1
-        end -= self._partial_stop(self.text[:end])
-        if end <= self.sent:
-            return "", False
-        delta, self.sent = self.text[self.sent : end], end
-        return delta, False
-
-    def flush(self) -> str:
-        """The held-back tail, once generation has ended without a stop string."""
-        delta, self.sent = self.text[self.sent :], len(self.text)
-        return delta
-
-    def _first_stop(self) -> int | None:
-        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
-        found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-        return min(found) if found else None
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """One token from ``logits`` ``[vocab]``: greedy at temperature 0, else top-p sampling."""
-    if s.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < s.top_p  # always keeps one
-        sorted_probs = sorted_probs * keep
-        pick = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 class Engine:
