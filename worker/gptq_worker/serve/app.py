@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from gptq_worker.serve.generate import Chunk, Draining, QueueFull, Request, Sampling
+from gptq_worker.serve.generate import Chunk, Draining, QueueFull, Request, Sampling, TooLarge
 from gptq_worker.serve.metrics import ServeMetrics
 from gptq_worker.serve.model import Loaded
 from gptq_worker.serve.protocol import (
@@ -313,6 +313,8 @@ class Server:
             ) from err
         except Draining as err:
             raise ApiError(503, str(err), "service_unavailable") from err
+        except TooLarge as err:
+            raise ApiError(400, str(err), param="max_tokens", code="kv_cache_too_small") from err
         self.active += 1
         self.idle.clear()
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
