@@ -10,8 +10,9 @@ from torch import nn
 
 from gptq_worker.format.pack import dequantize_packed
 from gptq_worker.pipeline.run import quantize
-from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling, TextStream
+from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling
 from gptq_worker.serve.model import QuantLinear, load_quantized_model
+from gptq_worker.serve.text import TextStream
 
 from .conftest import worker_config
 

@@ -21,8 +21,9 @@ from gptq_worker.serve.model import load_quantized_model
 
 from .conftest import NAME, PROMPT, Served
 
-GEN = ("gptq_serve_generation_tokens_total", ())
-RUNNING = ("gptq_serve_requests_running", ())
+ENGINE = (("engine", "0"), ("model_name", NAME))
+GEN = ("vllm:generation_tokens_total", ENGINE)
+RUNNING = ("vllm:num_requests_running", ENGINE)
 MIB = 1 << 20
 
 

@@ -17,6 +17,8 @@ from gptq_worker.serve.model import load_quantized_model
 from .conftest import NAME, PROMPT, Served
 from .test_serve import dense_copy, greedy
 
+ENGINE = {"engine": "0", "model_name": NAME}  # the labels of every vllm: metric
+
 
 @pytest.fixture(scope="module")
 def checkpoint(served_checkpoint) -> Path:
@@ -212,29 +214,42 @@ def test_unknown_path_and_method(server):
     assert status == 405
 
 
-def test_metrics_count_requests_and_tokens(server):
+def test_metrics_count_requests_and_tokens(server, reference):
+    tokenizer, _ = reference
     before = server.metrics()
     key = ("gptq_serve_requests_total", (("endpoint", "/v1/completions"), ("status", "200")))
     bad = ("gptq_serve_requests_total", (("endpoint", "/v1/completions"), ("status", "400")))
+    answers = []
     for _ in range(3):
-        assert (
-            server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0})[0]
-            == 200
+        status, body = server.post(
+            "/v1/completions", {"prompt": PROMPT, "max_tokens": 5, "temperature": 0}
         )
+        assert status == 200
+        answers.append(body)
     assert server.post("/v1/completions", {"prompt": PROMPT, "max_tokens": 0})[0] == 400
     after = server.metrics()
+
+    def delta(name: str, **labels) -> float:
+        k = (name, tuple(sorted((ENGINE | labels).items())))
+        return after[k] - before.get(k, 0)
+
     assert after[key] - before.get(key, 0) == 3
     assert after[bad] - before.get(bad, 0) == 1
-    gen = ("gptq_serve_generation_tokens_total", ())
-    assert 3 <= after[gen] - before.get(gen, 0) <= 15
-    ttft = ("gptq_serve_time_to_first_token_seconds_count", ())
-    assert after[ttft] - before.get(ttft, 0) == 3
+    generated = sum(a["usage"]["completion_tokens"] for a in answers)
+    assert delta("vllm:generation_tokens_total") == generated
+    assert delta("vllm:request_generation_tokens_sum") == generated
+    assert delta("vllm:prompt_tokens_total") == 3 * len(tokenizer(PROMPT).input_ids)
+    assert delta("vllm:time_to_first_token_seconds_count") == 3
+    assert delta("vllm:e2e_request_latency_seconds_count") == 3
+    assert delta("vllm:inter_token_latency_seconds_count") == generated - 3
+    reasons = [a["choices"][0]["finish_reason"] for a in answers]
+    for reason in ("stop", "length"):
+        counted = delta("vllm:request_success_total", finished_reason=reason)
+        assert counted == reasons.count(reason)
     latency = ("gptq_serve_request_duration_seconds_count", (("endpoint", "/v1/completions"),))
     assert after[latency] - before.get(latency, 0) == 4
-    prompt = ("gptq_serve_prompt_tokens_total", ())
-    assert after[prompt] > before.get(prompt, 0)
-    assert after[("gptq_serve_requests_running", ())] == 0
-    assert after[("gptq_serve_requests_waiting", ())] == 0
+    for gauge in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+        assert after[(gauge, tuple(sorted(ENGINE.items())))] == 0
     info = next(labels for (name, labels) in after if name == "gptq_serve_model_info")
     assert dict(info) | {"device": "cpu"} == dict(info)
     assert dict(info)["bits"] == "4" and dict(info)["kernel"] == "builtin/torch"
@@ -280,12 +295,18 @@ def test_full_queue_answers_429_at_once(checkpoint):
         assert started.wait(60)
         queued, _, queued_events = _stream_in_background(s, {**long, "max_tokens": 2})
         deadline = time.monotonic() + 30
-        while s.metrics()[("gptq_serve_requests_waiting", ())] < 1:
+        waiting = ("vllm:num_requests_waiting", tuple(sorted(ENGINE.items())))
+        while s.metrics()[waiting] < 1:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         t0 = time.monotonic()
         status, body = s.post("/v1/completions", {"prompt": "x", "max_tokens": 2})
         assert status == 429 and body["error"]["type"] == "rate_limit_error"
+        rejected = (
+            "vllm:admission_rejections_total",
+            (("model_name", NAME), ("reason", "max_num_queued_reqs")),
+        )
+        assert s.metrics()[rejected] == 1
         assert time.monotonic() - t0 < 5
         running.join(120)
         queued.join(120)

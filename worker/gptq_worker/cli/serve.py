@@ -23,6 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--max-batch", dest="max_batch", type=int, default=8, help="requests decoded together"
     )
     sv.add_argument(
+        "--kv-cache-tokens",
+        dest="kv_cache_tokens",
+        type=int,
+        default=None,
+        help="KV-cache slots shared by the running requests (default: from free memory); "
+        "requests wait while admitting one more could overflow it",
+    )
+    sv.add_argument(
         "--max-queue",
         dest="max_queue",
         type=int,
@@ -76,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, not {value}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < 1:
+        raise UsageError(f"--kv-cache-tokens must be at least 1, not {args.kv_cache_tokens}")
     if args.max_prompt_bytes < 1:
         raise UsageError(f"--max-prompt-bytes must be at least 1, not {args.max_prompt_bytes}")
     for flag, value in (
@@ -96,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        kv_cache_tokens=args.kv_cache_tokens,
         grace=args.grace,
         trust_remote_code=args.trust_remote_code,
         api_key=api_key,

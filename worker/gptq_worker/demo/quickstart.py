@@ -111,10 +111,10 @@ METRICS_SHOWN = (
     "gptq_serve_model_info",
     "gptq_serve_model_weight_bytes",
     "gptq_serve_requests_total",
-    "gptq_serve_prompt_tokens_total",
-    "gptq_serve_generation_tokens_total",
-    "gptq_serve_time_to_first_token_seconds_count",
-    "gptq_serve_time_to_first_token_seconds_sum",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:time_to_first_token_seconds_sum",
 )
 
 

@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from gptq_worker.serve.generate import Chunk, Draining, QueueFull, Request, Sampling
+from gptq_worker.serve.generate import Chunk, Draining, QueueFull, Request, Sampling, TooLarge
 from gptq_worker.serve.metrics import ServeMetrics
 from gptq_worker.serve.model import Loaded
 from gptq_worker.serve.protocol import (
@@ -78,7 +78,7 @@ class Server:
         self.max_body_bytes = max(1 << 20, 6 * max_prompt_bytes + (64 << 10))
         # tokenizers are not safe to call from several threads at once: one worker
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="gptq-tokenize")
-        self.metrics = ServeMetrics()
+        self.metrics = ServeMetrics(name)
         self.model: Loaded | None = None
         self.load_error: str | None = None
         self.draining = False
@@ -96,13 +96,14 @@ class Server:
 
     def attach(self, loaded: Loaded) -> None:
         self.model = loaded
+        loaded.engine.metrics = self.metrics
         self.metrics.info.info(loaded.info)
         self.metrics.weight_bytes.labels("packed").set(loaded.packed_bytes)
         self.metrics.weight_bytes.labels("fp16").set(loaded.fp16_bytes)
 
     @web.middleware
     async def _observe(self, request: web.Request, handler) -> web.StreamResponse:
-        started = time.monotonic()
+        started = request["arrived"] = time.monotonic()
         endpoint = (
             request.match_info.route.resource.canonical
             if request.match_info.route.resource
@@ -161,8 +162,10 @@ class Server:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         if self.model is not None:
-            self.metrics.running.set(self.model.engine.running)
-            self.metrics.waiting.set(self.model.engine.waiting)
+            engine = self.model.engine
+            self.metrics.running.set(engine.running)
+            self.metrics.waiting.set(engine.waiting)
+            self.metrics.kv_usage.set(engine.kv_usage)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -283,7 +286,6 @@ class Server:
         chat: bool,
     ) -> web.StreamResponse:
         check_context(len(ids), max_tokens, m.engine.context, "messages" if chat else "prompt")
-        started = time.monotonic()
         loop = asyncio.get_running_loop()
         chunks: asyncio.Queue[Chunk] = asyncio.Queue()
         sampling = Sampling(
@@ -294,34 +296,34 @@ class Server:
             seed=body.seed,
             ignore_eos=body.ignore_eos,
         )
-        counted = [0]
-
-        def arrived(chunk: Chunk) -> None:  # on the event loop
-            # generated tokens are counted as the engine makes them, whether or not anyone
-            # still reads them (a client that left is visible in the counter, then stops)
-            self.metrics.generated_tokens.inc(max(0, chunk.tokens - counted[0]))
-            counted[0] = max(counted[0], chunk.tokens)
-            chunks.put_nowait(chunk)
-
-        job = Request(ids, sampling, lambda c: loop.call_soon_threadsafe(arrived, c))
+        # the engine counts tokens and times as it makes them (metrics.py), whether or not
+        # anyone still reads them: a client that left is visible in the counters, then stops
+        job = Request(
+            ids,
+            sampling,
+            lambda c: loop.call_soon_threadsafe(chunks.put_nowait, c),
+            arrived=request["arrived"],
+        )
         try:
             m.engine.submit(job)
         except QueueFull as err:
+            self.metrics.rejections.inc()
             raise ApiError(
                 429, f"too many requests: {err}; try again shortly", "rate_limit_error"
             ) from err
         except Draining as err:
             raise ApiError(503, str(err), "service_unavailable") from err
-        self.metrics.prompt_tokens.inc(len(ids))
+        except TooLarge as err:
+            raise ApiError(400, str(err), param="max_tokens", code="kv_cache_too_small") from err
         self.active += 1
         self.idle.clear()
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         finished = False
         try:
             if body.stream:
-                response = await self._stream(request, m, body, job, chunks, rid, chat, started)
+                response = await self._stream(request, m, body, job, chunks, rid, chat)
             else:
-                response = await self._collect(request, m, job, chunks, rid, chat, started)
+                response = await self._collect(request, m, job, chunks, rid, chat)
             finished = True
             return response
         finally:
@@ -331,9 +333,7 @@ class Server:
             if self.active == 0:
                 self.idle.set()
 
-    async def _next(
-        self, request: web.Request, chunks: asyncio.Queue[Chunk], first: list[bool], started: float
-    ) -> Chunk:
+    async def _next(self, request: web.Request, chunks: asyncio.Queue[Chunk]) -> Chunk:
         """The next chunk of a request's generation; raises ``ClientGone`` once
         its client has gone (aiohttp does not cancel the handler), and the caller's
         ``finally`` cancels the generation."""
@@ -345,15 +345,12 @@ class Server:
                 break
             except asyncio.TimeoutError:
                 continue
-        if chunk.tokens and first[0]:
-            first[0] = False
-            self.metrics.ttft.observe(time.monotonic() - started)
         return chunk
 
-    async def _collect(self, request, m, job, chunks, rid, chat, started) -> web.Response:
-        parts, first = [], [True]
+    async def _collect(self, request, m, job, chunks, rid, chat) -> web.Response:
+        parts = []
         while True:
-            chunk = await self._next(request, chunks, first, started)
+            chunk = await self._next(request, chunks)
             parts.append(chunk.text)
             if chunk.finish_reason is not None:
                 break
@@ -363,7 +360,7 @@ class Server:
         answer = Answer(rid, m.name, chat, len(job.prompt_ids))
         return web.json_response(answer.whole(text, chunk.finish_reason, chunk.tokens))
 
-    async def _stream(self, request, m, body, job, chunks, rid, chat, started):
+    async def _stream(self, request, m, body, job, chunks, rid, chat):
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -376,15 +373,14 @@ class Server:
         if chat:
             await response.write(answer.event("", None, role=True))
         try:
-            await self._stream_events(request, body, chunks, started, answer, response)
+            await self._stream_events(request, body, chunks, answer, response)
         except (ClientGone, ConnectionResetError):
             job.cancelled.set()  # the client went away: the answer is over, unfinished
         return response
 
-    async def _stream_events(self, request, body, chunks, started, answer, response):
-        first = [True]
+    async def _stream_events(self, request, body, chunks, answer, response):
         while True:
-            chunk = await self._next(request, chunks, first, started)
+            chunk = await self._next(request, chunks)
             if chunk.finish_reason == "error":
                 await response.write(sse(server_error(f"generation failed: {chunk.error}")))
                 break

@@ -1,11 +1,19 @@
-"""Token generation for ``gptq-worker serve``: one engine thread, requests in batches.
+"""Token generation for ``gptq-worker serve``: one engine thread, continuous batching.
 
-Requests wait in a bounded queue. The engine thread takes up to ``max_batch`` of them,
-left-pads their prompts into one batch and decodes it step by step with one KV cache;
-each row samples with its own settings and seed, stops on its own (end of sequence, a
-stop string, ``max_tokens``, or the client going away) and streams its text as it goes.
-Requests that arrive meanwhile wait for the next batch. A full queue is refused at once
-(:class:`QueueFull`), never left to hang.
+Requests wait in a bounded queue (a full queue is refused at once with :class:`QueueFull`,
+never left to hang). At every step the engine thread admits waiting requests, in arrival
+order, while the running batch has fewer than ``max_batch`` rows and the KV cache budget
+(``kv_cache_tokens`` slots, by default sized from free memory) still holds every running
+request's worst case (:func:`batch.peak_slots`): admitted prompts are prefilled together
+and join the running batch, whose rows then decode one token each. Each row samples with
+its own settings and seed, stops on its own (end of sequence, a stop string,
+``max_tokens``, or the client going away), streams its text as it goes, and leaves the
+batch at once, so a short request never waits behind a long one. A request that alone
+needs more than the whole budget is refused at submission (:class:`TooLarge`).
+
+One request's failure harms only itself: preparing it or sampling for it fails that row
+alone; a failed prefill fails only the requests it was prefilling; a failed decode step
+fails the rows of that step (their shared cache is gone) and the engine goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +27,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gptq_worker.serve.batch import (
+    Row,
+    RunningBatch,
+    auto_kv_tokens,
+    kv_bytes_per_token,
+    peak_slots,
+)
+from gptq_worker.serve.metrics import RequestTimes
+from gptq_worker.serve.text import TextStream, sample
+
 log = logging.getLogger(__name__)
+MAX_PREFILL_TOKENS = 8192  # prompt tokens prefilled in one step (at least one request)
 
 
 class QueueFull(RuntimeError):
@@ -28,6 +47,10 @@ class QueueFull(RuntimeError):
 
 class Draining(RuntimeError):
     pass
+
+
+class TooLarge(ValueError):
+    """The request alone needs more KV-cache slots than the engine has."""
 
 
 @dataclass(frozen=True)
@@ -57,76 +80,32 @@ class Request:
     sampling: Sampling
     emit: Callable[[Chunk], None]  # called from the engine thread
     cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.monotonic)  # for the latency metrics
+    times: RequestTimes = field(init=False)
+    finished: bool = field(default=False, init=False)  # its last chunk was emitted
+
+    def __post_init__(self) -> None:
+        self.times = RequestTimes(self.arrived)
 
 
-class TextStream:
-    """Turns generated token ids into text deltas, holding back what may still change.
+class NoMetrics:
+    """What the engine reports to when no server is attached (tests, benches)."""
 
-    Held back: a trailing partial UTF-8 character (decoded as U+FFFD) and a tail that could
-    be the start of a stop string. A stop string ends the text just before it.
-    """
+    def prefilled(self, prompt_tokens: int) -> None:
+        pass
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
-        self.ids: list[int] = []
-        self.sent = 0  # characters already emitted
-        self.text = ""
+    def step(self, tokens: int) -> None:
+        pass
 
-    def push(self, token: int) -> tuple[str, bool]:
-        """(new text safe to send, whether a stop string was hit)."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hit = self._first_stop()
-        if hit is not None:
-            delta, self.sent = self.text[self.sent : hit], hit
-            return delta, True
-        end = len(self.text)
-        if self.text.endswith("\ufffd"):
-            end -= 1
-        end -= self._partial_stop(self.text[:end])
-        if end <= self.sent:
-            return "", False
-        delta, self.sent = self.text[self.sent : end], end
-        return delta, False
+    def token(self, t: RequestTimes, now: float) -> None:
+        pass
 
-    def flush(self) -> str:
-        """The held-back tail, once generation has ended without a stop string."""
-        delta, self.sent = self.text[self.sent :], len(self.text)
-        return delta
-
-    def _first_stop(self) -> int | None:
-        start = max(0, self.sent - max((len(s) for s in self.stop), default=0))
-        found = [i for s in self.stop if (i := self.text.find(s, start)) >= 0]
-        return min(found) if found else None
-
-    def _partial_stop(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that begins some stop string."""
-        best = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
-
-
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> int:
-    """One token from ``logits`` ``[vocab]``: greedy at temperature 0, else top-p sampling."""
-    if s.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    if s.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < s.top_p  # always keeps one
-        sorted_probs = sorted_probs * keep
-        pick = torch.multinomial(sorted_probs, 1, generator=generator)
-        return int(order[pick])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    def finished(self, t, reason: str, prompt_tokens: int, max_tokens: int | None) -> None:
+        pass
 
 
 class Engine:
-    """Owns the model; runs batches on its own thread."""
+    """Owns the model; runs the continuous batch on its own thread."""
 
     def __init__(
         self,
@@ -135,14 +114,32 @@ class Engine:
         device: torch.device,
         max_batch: int = 8,
         max_queue: int = 64,
+        kv_cache_tokens: int | None = None,
+        max_prefill_tokens: int = MAX_PREFILL_TOKENS,
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.context = context_length(model)
         self.eos = eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.vocab = model.get_input_embeddings().num_embeddings
+        self.kv_token_bytes = kv_bytes_per_token(model, device)
+        if kv_cache_tokens is None:
+            found = auto_kv_tokens(device, self.kv_token_bytes)
+            kv_cache_tokens = min(found, max_batch * self.context)  # more is never used
+            if kv_cache_tokens < self.context:
+                log.warning(
+                    "free memory holds a KV cache of %d tokens, less than the context (%d)",
+                    kv_cache_tokens,
+                    self.context,
+                )
+        self.kv_cache_tokens = kv_cache_tokens
+        self.metrics = NoMetrics()  # the server attaches its ServeMetrics
+        self._batch = RunningBatch(model, device, self.pad)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running = 0
+        self._slots = 0
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
@@ -151,6 +148,13 @@ class Engine:
 
     # -- queue ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        need = peak_slots([(len(request.prompt_ids), request.sampling.max_tokens)])
+        if need > self.kv_cache_tokens:
+            raise TooLarge(
+                f"the prompt's {len(request.prompt_ids)} tokens and max_tokens "
+                f"{request.sampling.max_tokens} need {need} KV-cache slots; this server's KV "
+                f"cache holds {self.kv_cache_tokens} (--kv-cache-tokens)"
+            )
         with self._cv:
             if self._draining:
                 raise Draining("the server is shutting down")
@@ -167,6 +171,11 @@ class Engine:
     def running(self) -> int:
         return self._running
 
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the KV cache's slots the running batch holds (padding included)."""
+        return self._slots / self.kv_cache_tokens if self.kv_cache_tokens else 0.0
+
     def drain(self, timeout: float | None = None) -> bool:
         """Refuse new work and wait until every accepted request has finished."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -180,135 +189,170 @@ class Engine:
         return True
 
     def stop(self) -> None:
+        """End the engine thread; requests still waiting or running end "cancelled"."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=30)
 
+    # -- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
+        batch = self._batch
         while True:
             with self._cv:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not batch.rows and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._waiting:
-                    return
-                batch = []
-                while self._waiting and len(batch) < self.max_batch:
-                    r = self._waiting.popleft()
-                    if r.cancelled.is_set():  # its client left while it waited
-                        _emit(r, Chunk("", 0, "cancelled"))
-                    else:
-                        r.emit = self._counted(r.emit)
-                        batch.append(r)
-                self._running = len(batch)
+                if self._stopping:
+                    left = [*self._waiting, *(r.request for r in batch.rows)]
+                    self._waiting.clear()
+                    batch.reset()
+                    self._running = self._slots = 0
+                    self._cv.notify_all()
+                    break
+                admitted = self._admit(batch)
+                self._running = len(batch.rows) + len(admitted)
             try:
-                if batch:
-                    self.generate(batch)
-            except Exception as err:  # one bad batch must not kill the server
-                log.exception("generation failed")
-                for r in batch:
-                    _emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
+                if admitted:
+                    self._start(batch, admitted)
+                if batch.rows:
+                    self._decode(batch)
+            except Exception as err:  # a bug of ours: fail what runs, keep serving
+                log.exception("the engine step failed")
+                self._fail([*admitted, *(row.request for row in batch.rows)], err)
+                batch.reset()
             finally:
                 with self._cv:
-                    self._running = 0
+                    self._running, self._slots = len(batch.rows), batch.slots
                     self._cv.notify_all()
+        for r in left:
+            self._emit(r, Chunk("", r.times.tokens, "cancelled"))
 
-    def _counted(self, emit: Callable[[Chunk], None]) -> Callable[[Chunk], None]:
-        """``emit`` that takes its request out of ``running`` before the final chunk goes
-        out, so a client that has its answer never sees itself counted as running."""
-        done = False
+    def _admit(self, batch: RunningBatch) -> list[Request]:
+        """Waiting requests that may join now, in arrival order (called under the lock)."""
+        shapes = [(r.length, r.growth) for r in batch.rows]
+        admitted: list[Request] = []
+        prefill = 0
+        while self._waiting and len(batch.rows) + len(admitted) < self.max_batch:
+            r = self._waiting[0]
+            if r.cancelled.is_set():  # its client left while it waited
+                self._waiting.popleft()
+                self._emit(r, Chunk("", 0, "cancelled"))
+                continue
+            shape = (len(r.prompt_ids), r.sampling.max_tokens)
+            if admitted and prefill + shape[0] > self.max_prefill_tokens:
+                break
+            if peak_slots([*shapes, shape]) > self.kv_cache_tokens:
+                break  # first come, first served: later ones do not overtake it
+            shapes.append(shape)
+            prefill += shape[0]
+            admitted.append(self._waiting.popleft())
+        return admitted
 
-        def wrapped(chunk: Chunk) -> None:
-            nonlocal done
-            if chunk.finish_reason is not None and not done:
-                done = True
-                with self._cv:
-                    self._running = max(0, self._running - 1)
-            emit(chunk)
-
-        return wrapped
-
-    # -- decoding ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, batch: list[Request]) -> None:
-        from transformers import DynamicCache
-
-        # each request is prepared on its own: one that cannot be (a seed torch refuses, a
-        # token id outside the vocabulary) fails alone, and the others run
-        prepared = []
-        for r in batch:
+    def _start(self, batch: RunningBatch, admitted: list[Request]) -> None:
+        """Prefill the admitted requests, sample their first tokens, join the batch."""
+        now = time.monotonic()
+        rows: list[Row] = []
+        for r in admitted:
+            r.times.scheduled = now
+            # each request is prepared on its own: one that cannot be (a seed torch refuses,
+            # a token id outside the vocabulary) fails alone, and the others run
             try:
-                prepared.append((r, *self._prepare(r)))
+                generator, stream = self._prepare(r)
             except Exception as err:
                 log.warning("request refused by the engine: %s: %s", type(err).__name__, err)
-                _emit(r, Chunk("", 0, "error", error=f"{type(err).__name__}: {err}"))
-        if not prepared:
+                self._fail([r], err)
+                continue
+            rows.append(Row(r, generator, stream, length=len(r.prompt_ids)))
+        if not rows:
             return
-        batch = [p[0] for p in prepared]
-        generators = [p[1] for p in prepared]
-        streams = [p[2] for p in prepared]
-        n = len(batch)
-        longest = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((n, longest), self.pad, dtype=torch.long)
-        mask = torch.zeros((n, longest), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's last token is at -1
-            ids[i, longest - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
-            mask[i, longest - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        done = [False] * n
-        counts = [0] * n
-        cache = DynamicCache()
-        step_ids, step_pos = ids, positions
-        while not all(done):
-            out = self.model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :]
-            cache = out.past_key_values
-            next_ids = torch.full((n,), self.pad, dtype=torch.long)
-            for i, r in enumerate(batch):
-                if done[i]:
-                    continue
-                if r.cancelled.is_set():
-                    done[i] = True
-                    _emit(r, Chunk("", counts[i], "cancelled"))
-                    continue
-                try:
-                    chunk = self._step(r, logits[i], generators[i], streams[i], counts[i] + 1)
-                except Exception as err:  # this row's sampling or decoding: it alone fails
-                    log.warning("request failed while decoding: %s: %s", type(err).__name__, err)
-                    chunk = Chunk("", counts[i], "error", error=f"{type(err).__name__}: {err}")
-                    done[i] = True
-                    _emit(r, chunk)
-                    continue
-                counts[i] = chunk.tokens
-                next_ids[i] = chunk.token
-                done[i] = chunk.finish_reason is not None
-                _emit(r, chunk)
-            step_ids = next_ids.view(n, 1).to(self.device)
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=self.device)], 1)
-            step_pos = step_pos[:, -1:] + 1
+        prompts = [row.request.prompt_ids for row in rows]
+        self.metrics.prefilled(sum(map(len, prompts)))
+        self.metrics.step(sum(map(len, prompts)))
+        try:
+            logits, cache = batch.prefill(prompts)
+        except Exception as err:  # e.g. out of memory: these requests fail, the batch runs on
+            log.exception("prefill failed")
+            self._fail([row.request for row in rows], err)
+            return
+        self._sample(rows, logits)
+        picked = [i for i, row in enumerate(rows) if not row.done]
+        batch.join([rows[i] for i in picked], cache, picked)
+
+    def _decode(self, batch: RunningBatch) -> None:
+        gone = [row for row in batch.rows if row.request.cancelled.is_set()]
+        for row in gone:
+            self._emit(row.request, Chunk("", row.count, "cancelled"))
+        batch.leave(gone)
+        if not batch.rows:
+            return
+        self.metrics.step(len(batch.rows))
+        logits = batch.decode()
+        self._sample(batch.rows, logits)
+        batch.leave([row for row in batch.rows if row.done])
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """One token for each row from its logits; emits, and marks finished rows done."""
+        greedy = None
+        if any(row.request.sampling.temperature == 0 for row in rows):
+            greedy = logits.argmax(-1).tolist()  # one transfer for all greedy rows
+        for i, row in enumerate(rows):
+            r = row.request
+            if r.cancelled.is_set():
+                row.done = True
+                self._emit(r, Chunk("", row.count, "cancelled"))
+                continue
+            try:
+                token = greedy[i] if r.sampling.temperature == 0 else None
+                chunk = self._step(row, logits[i], token)
+            except Exception as err:  # this row's sampling or decoding: it alone fails
+                log.warning("request failed while decoding: %s: %s", type(err).__name__, err)
+                row.done = True
+                self._emit(r, Chunk("", row.count, "error", error=f"{type(err).__name__}: {err}"))
+                continue
+            row.count, row.token = chunk.tokens, chunk.token
+            row.done = chunk.finish_reason is not None
+            self._emit(r, chunk)
+
+    def _fail(self, requests: list[Request], err: Exception) -> None:
+        for r in requests:
+            if not r.finished:
+                self._emit(
+                    r, Chunk("", r.times.tokens, "error", error=f"{type(err).__name__}: {err}")
+                )
+
+    def _emit(self, r: Request, chunk: Chunk) -> None:
+        """Record the chunk in the metrics, then hand it to its request."""
+        t = r.times
+        if chunk.token is not None:
+            now = time.monotonic()
+            self.metrics.token(t, now)
+            t.first_token = t.first_token or now
+            t.last_token, t.tokens = now, t.tokens + 1
+        if chunk.finish_reason is not None:
+            r.finished = True
+            s = r.sampling
+            self.metrics.finished(t, chunk.finish_reason, len(r.prompt_ids), s.max_tokens)
+            if t.scheduled:  # it ran: it leaves `running` before its client has the answer
+                with self._cv:
+                    self._running = max(0, self._running - 1)
+        _emit(r, chunk)
 
     def _prepare(self, r: Request) -> tuple[torch.Generator | None, TextStream]:
         if not r.prompt_ids or r.sampling.max_tokens < 1:
             raise ValueError("empty prompt or max_tokens < 1")
-        vocab = self.model.get_input_embeddings().num_embeddings
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in r.prompt_ids):
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab for t in r.prompt_ids):
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab})")
         g = None
         if r.sampling.temperature > 0:
             g = torch.Generator(device=self.device)
             g.manual_seed(r.sampling.seed if r.sampling.seed is not None else g.seed())
         return g, TextStream(self.tokenizer, r.sampling.stop)
 
-    def _step(self, r: Request, logits, generator, stream: TextStream, count: int) -> Chunk:
-        """Sample one token for ``r``: the chunk to send, its token in ``chunk.token``."""
-        token = sample(logits, r.sampling, generator)
+    def _step(self, row: Row, logits: torch.Tensor, token: int | None) -> Chunk:
+        """Sample one token for ``row`` (``token`` if already chosen greedily)."""
+        r, stream, count = row.request, row.stream, row.count + 1
+        if token is None:
+            token = sample(logits, r.sampling, row.generator)
         if token in self.eos and not r.sampling.ignore_eos:
             chunk = Chunk(stream.flush(), count, "stop")
         else:

@@ -166,6 +166,7 @@ def load(
     max_batch: int,
     max_queue: int,
     trust_remote_code: bool = False,
+    kv_cache_tokens: int | None = None,
 ) -> Loaded:
     from transformers import AutoTokenizer
 
@@ -201,5 +202,12 @@ def load(
         "device": str(dev),
         "dtype": str(dtype).removeprefix("torch."),
     }
-    engine = Engine(model, tokenizer, dev, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(
+        model,
+        tokenizer,
+        dev,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        kv_cache_tokens=kv_cache_tokens,
+    )
     return Loaded(engine, tokenizer, name, info, packed, fp16, int(time.time()))

@@ -27,6 +27,7 @@ async def _run(
     trust_remote_code: bool,
     ready: threading.Event | None,
     options: dict,
+    kv_cache_tokens: int | None = None,
 ) -> int:
     server = Server(name, max_batch, max_queue, **options)
     # keep-alive connections idle past keepalive_timeout are closed; at shutdown, handlers
@@ -53,7 +54,15 @@ async def _run(
             loop.add_signal_handler(sig, stop.set)  # only the main thread can
     code = 0
     loading = loop.run_in_executor(
-        None, load, checkpoint, name, device, max_batch, max_queue, trust_remote_code
+        None,
+        load,
+        checkpoint,
+        name,
+        device,
+        max_batch,
+        max_queue,
+        trust_remote_code,
+        kv_cache_tokens,
     )
     done, _ = await asyncio.wait(
         {loading, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
@@ -66,7 +75,9 @@ async def _run(
             print(
                 f"gptq-worker serve: ready: {name} ({i['bits']}-bit, group {i['group_size']}, "
                 f"{i['kernel']} on {i['device']}); quantized weights "
-                f"{m.packed_bytes / 2**20:.2f} MiB packed, {m.fp16_bytes / 2**20:.2f} MiB in fp16",
+                f"{m.packed_bytes / 2**20:.2f} MiB packed, {m.fp16_bytes / 2**20:.2f} MiB in fp16; "
+                f"KV cache {m.engine.kv_cache_tokens} tokens "
+                f"({m.engine.kv_cache_tokens * m.engine.kv_token_bytes / 2**20:.1f} MiB)",
                 flush=True,
             )
             if ready is not None:
@@ -106,6 +117,7 @@ def serve(
     grace: float = 30.0,
     trust_remote_code: bool = False,
     ready: threading.Event | None = None,
+    kv_cache_tokens: int | None = None,
     **options,
 ) -> int:
     """Serve ``checkpoint`` until SIGTERM/SIGINT; returns the process exit code.
@@ -125,5 +137,6 @@ def serve(
             trust_remote_code,
             ready,
             options,
+            kv_cache_tokens,
         )
     )
