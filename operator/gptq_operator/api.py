@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 from gptq_compat.config import CalibrationConfig, QuantizeConfig
@@ -449,6 +449,13 @@ class QuantizationJobStatus(_Model):
     )
 
 
+SERVE_FROM_PVC = (
+    "source.uri: this version serves checkpoints from pvc://claim/path only; copy an hf:// "
+    "or s3:// checkpoint to a PersistentVolumeClaim first (or quantize with a "
+    "QuantizationJob and use source.job)"
+)
+
+
 class ModelReference(_Model):
     """The checkpoint to serve: a QuantizationJob's output or a URI."""
 
@@ -457,6 +464,10 @@ class ModelReference(_Model):
             (
                 "has(self.job) != has(self.uri)",
                 "source needs exactly one of job (a QuantizationJob name) or uri (a checkpoint)",
+            ),
+            (
+                "!has(self.uri) || self.uri.startsWith('pvc://')",
+                SERVE_FROM_PVC,
             ),
         )
     )
@@ -468,14 +479,21 @@ class ModelReference(_Model):
     )
     uri: _uri(MODEL_URI, "source.uri", MODEL_FORMS) | None = Field(
         None,
-        description="a GPTQ checkpoint: hf://org/name[@revision], s3://bucket/prefix or "
-        "pvc://claim/path, e.g. pvc://models/llama-3.1-8b-w4g128",
+        description="a GPTQ checkpoint on a PersistentVolumeClaim: pvc://claim/path, e.g. "
+        "pvc://models/llama-3.1-8b-w4g128 (hf:// and s3:// are refused by this version)",
     )
     secret_ref: SecretReference | None = Field(
         None,
-        description="Secret with HF_TOKEN (hf://) or AWS_ACCESS_KEY_ID and "
-        "AWS_SECRET_ACCESS_KEY (s3://) to read uri",
+        description="reserved for hf:// and s3:// sources, which this version does not "
+        "serve from yet",
     )
+
+    @field_validator("uri")
+    @classmethod
+    def _from_pvc(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("pvc://"):
+            raise ValueError(SERVE_FROM_PVC)
+        return value
 
 
 class ServingImages(_Model):

@@ -162,7 +162,8 @@ def worker_config(spec: QuantizationJobSpec) -> WorkerConfig:
         output=_local(spec.output.uri, "output"),
         quantization=spec.quantization,
         calibration=calibration,
-        device="cuda",
+        # no GPU asked for: the worker runs on the CPU (slow, but it is what was asked)
+        device="cuda" if spec.resources.gpus else "cpu",
         overwrite=True,
     )
 

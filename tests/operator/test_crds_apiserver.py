@@ -187,6 +187,16 @@ INVALID_MODELS = [
         "source.uri must not hold credentials (user:password@); put them in a Secret and "
         "name it in source.secretRef",
     ),
+    (
+        "hf source (served from PVCs only)",
+        {"source": {"uri": "hf://acme/llama-w4"}},
+        "source.uri: this version serves checkpoints from pvc://claim/path only",
+    ),
+    (
+        "s3 source (served from PVCs only)",
+        {"source": {"uri": "s3://bucket/llama-w4"}},
+        "copy an hf:// or s3:// checkpoint to a PersistentVolumeClaim first",
+    ),
     ("unknown backend", {"backend": "tgi"}, 'Unsupported value: "tgi"'),
     ("negative replicas", {"replicas": -1}, "spec.replicas"),
     ("tp in words", {"tensorParallelSize": "many"}, "tensorParallelSize is 'auto'"),

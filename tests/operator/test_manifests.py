@@ -274,3 +274,11 @@ def test_set_condition_keeps_transition_time_when_status_is_unchanged():
     assert again[0]["lastTransitionTime"] == first[0]["lastTransitionTime"]
     assert again[0]["message"] == "b" and again[0]["observedGeneration"] == 2
     assert len(set_condition(again, "Stalled", "True", "X", "", 2)) == 2
+
+
+def test_a_job_without_gpus_runs_its_worker_on_the_cpu():
+    def device(gpus: int) -> str:
+        spec = QuantizationJobSpec.model_validate({**SPEC, "resources": {"gpus": gpus}})
+        return json.loads(config_map(OWNER, spec, attempt=1)["data"]["worker.json"])["device"]
+
+    assert (device(0), device(1)) == ("cpu", "cuda")

@@ -185,7 +185,9 @@ def _job(batch, namespace, name):
         return None
 
 
-def test_no_capable_node_gives_a_condition_not_a_pending_pod(operator, api, namespace):
+def test_no_capable_node_gives_a_condition_not_a_pending_pod(
+    operator, control_plane, api, namespace
+):
     objects = client.CustomObjectsApi(api)
     objects.create_namespaced_custom_object(
         GROUP,
@@ -205,7 +207,11 @@ def test_no_capable_node_gives_a_condition_not_a_pending_pod(operator, api, name
         .list_namespaced_event(namespace, field_selector="involvedObject.name=future")
         .items
     )
-    assert any(e.reason == "NoCompatibleNodes" for e in events)
+    assert [e.reason for e in events].count("NoCompatibleNodes") == 1  # one, counted
+    control_plane.kubectl(
+        "wait", "-n", namespace, "--for=condition=Stalled", "qjob/future", "--timeout=30s"
+    )
+    assert condition(get(api, namespace, "future"), "Reconciling")["status"] == "False"
 
 
 def test_failed_quality_gate_climbs_the_remediation_ladder(operator, api, namespace, volumes):

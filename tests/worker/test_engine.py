@@ -286,3 +286,27 @@ def test_evaluation_reads_what_calibration_reads(model_dir, tmp_path, corpus):
     )
     with pytest.raises(CalibrationError, match=r"evaluation file .*held-out.jsonl does not exist"):
         quantize(missing, show_progress=False)
+
+
+def test_checkpoint_is_readable_by_every_user_whatever_the_umask(
+    model_dir, tmp_path, calibration_file
+):
+    """A serving pod runs as another user than the worker: the published checkpoint is
+    files 0644 and directories 0755 even when the worker's umask is 077."""
+    import os
+    import stat
+
+    out = tmp_path / "ckpt"
+    old = os.umask(0o077)
+    try:
+        quantize(worker_config(model_dir("llama"), out, calibration_file), show_progress=False)
+    finally:
+        os.umask(old)
+    modes = {
+        p.relative_to(out).as_posix() or ".": stat.S_IMODE(p.stat().st_mode)
+        for p in [out, *out.rglob("*")]
+    }
+    assert modes["."] == 0o755
+    assert modes and all(m == (0o755 if (out / p).is_dir() else 0o644) for p, m in modes.items()), (
+        modes
+    )

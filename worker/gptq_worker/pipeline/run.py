@@ -368,7 +368,13 @@ class QuantizeResult(NamedTuple):
 
 
 def _publish(staging: Path, output: Path, work: Path) -> None:
-    """Move the finished checkpoint to ``output`` with renames only."""
+    """Move the finished checkpoint to ``output`` with renames only.
+
+    A checkpoint is a model file: readable by everyone (files 0644, directories 0755)
+    whatever the worker's umask, so a serving pod that runs as another user reads it."""
+    for path in [staging, *staging.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(0o755 if path.is_dir() else 0o644)
     if output.exists():
         old = work / "previous-output"
         os.replace(output, old)
