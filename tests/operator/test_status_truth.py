@@ -303,7 +303,12 @@ def test_switching_backend_rolls_the_one_deployment_to_the_new_engine(
         return deployments[0].spec.template.spec.containers[0].args
 
     wait_for(lambda: serving_args()[0] == "serve", what="the built-in server's arguments")
-    wait_for(lambda: model_phase(api, namespace, "m") == "Ready", what="Ready", timeout=90)
+
+    def ready_for_the_new_spec() -> bool:  # kstatus: Ready counts once observedGeneration is 2
+        status = qmodel(api, namespace, "m").get("status") or {}
+        return status.get("observedGeneration") == 2 and status.get("phase") == "Ready"
+
+    wait_for(ready_for_the_new_spec, what="Ready for generation 2", timeout=90)
     model = qmodel(api, namespace, "m")
     assert (model["status"]["backend"], model["status"]["kernel"]) == ("builtin", "builtin/torch")
     assert model["status"]["observedGeneration"] == model["metadata"]["generation"] == 2
