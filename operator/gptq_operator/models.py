@@ -24,7 +24,7 @@ from gptq_operator.manifests import Owner
 from gptq_operator.observe import failure as _failure
 from gptq_operator.observe import pod_cause
 from gptq_operator.policy import refuse_images, refuse_secrets
-from gptq_operator.scheduling import kernel_named, node_sm
+from gptq_operator.scheduling import kernel_named, list_nodes, node_sm
 from gptq_operator.serving import (
     Choice,
     Incompatible,
@@ -145,7 +145,11 @@ def _checkpoint(
 
 
 def plan(
-    api: client.ApiClient, body: dict, spec: QuantizedModelSpec, settings: OperatorSettings
+    api: client.ApiClient,
+    body: dict,
+    spec: QuantizedModelSpec,
+    settings: OperatorSettings,
+    nodes: list[dict] | None = None,
 ) -> Plan:
     """Decide from the spec, the checkpoint and the nodes; touches nothing."""
     images = spec.image.model_dump() if spec.image else {}
@@ -163,7 +167,7 @@ def plan(
         return Plan("stalled", "SourceJobFailed", str(err))
     if uri is None:
         return Plan("waiting", "WaitingForCheckpoint", waiting)
-    nodes = [n.to_dict() for n in client.CoreV1Api(api).list_node().items]
+    nodes = list_nodes(api) if nodes is None else nodes
     selector = spec.scheduling.node_selector or {}
     nodes = [
         n
@@ -206,7 +210,11 @@ def plan(
 
 
 def sync(
-    api: client.ApiClient, namespace: str, name: str, settings: OperatorSettings
+    api: client.ApiClient,
+    namespace: str,
+    name: str,
+    settings: OperatorSettings,
+    nodes: list[dict] | None = None,
 ) -> dict | None:
     """Bring one QuantizedModel's children and status in line with its spec (module doc)."""
     body = read_owner(api, PLURAL, namespace, name)
@@ -220,7 +228,7 @@ def sync(
     except ValidationError as err:  # admitted by the schema, refused by the models
         spec, decided = None, Plan("stalled", "InvalidSpec", spec_errors(err))
     else:
-        decided = plan(api, body, spec, settings)
+        decided = plan(api, body, spec, settings, nodes)
     manifest: dict = {}
     if decided.state == "serve":
         assert decided.choice is not None and decided.uri is not None and spec is not None
@@ -304,7 +312,11 @@ def _observe(
 
 
 def sync_dependents(
-    api: client.ApiClient, namespace: str, job: str, settings: OperatorSettings
+    api: client.ApiClient,
+    namespace: str,
+    job: str,
+    settings: OperatorSettings,
+    nodes: list[dict] | None = None,
 ) -> None:
     """A QuantizationJob changed: sync the models that serve its output."""
     items = client.CustomObjectsApi(api).list_namespaced_custom_object(
@@ -312,4 +324,4 @@ def sync_dependents(
     )["items"]
     for model in items:
         if ((model.get("spec") or {}).get("source") or {}).get("job") == job:
-            sync(api, namespace, model["metadata"]["name"], settings)
+            sync(api, namespace, model["metadata"]["name"], settings, nodes)

@@ -36,7 +36,12 @@ from gptq_operator.observe import failure as _failure
 from gptq_operator.observe import pod_cause
 from gptq_operator.policy import refuse_images, refuse_secrets
 from gptq_operator.quality_gate import REMEDIATIONS, gate_verdict, spec_for_attempt
-from gptq_operator.scheduling import UnknownKernel, describe_requirement, judge_nodes
+from gptq_operator.scheduling import (
+    UnknownKernel,
+    describe_requirement,
+    judge_nodes,
+    list_nodes,
+)
 from gptq_operator.settings import OperatorSettings
 from gptq_operator.status import kstatus, now, publish, read_owner, set_condition
 
@@ -88,7 +93,11 @@ class Plan:
 
 
 def sync(
-    api: client.ApiClient, namespace: str, name: str, settings: OperatorSettings
+    api: client.ApiClient,
+    namespace: str,
+    name: str,
+    settings: OperatorSettings,
+    nodes: list[dict] | None = None,
 ) -> dict | None:
     """Bring one QuantizationJob's children and status in line (module doc)."""
     body = read_owner(api, PLURAL, namespace, name)
@@ -105,7 +114,7 @@ def sync(
     except ValidationError as err:  # admitted by the schema, refused by the models
         spec, decided = None, Plan("invalid", "InvalidSpec", spec_errors(err))
     else:
-        decided = _plan(api, owner, spec, attempt, settings)
+        decided = _plan(api, owner, spec, attempt, settings, nodes)
 
     def compute(latest: dict) -> dict[str, Any] | None:
         now_status = latest.get("status") or {}
@@ -117,7 +126,7 @@ def sync(
 
     stored = publish(api, PLURAL, KIND, namespace, name, compute)
     if stored is not None and current_attempt(stored.get("status")) > attempt:
-        return sync(api, namespace, name, settings)  # remediation: the next attempt's Job
+        return sync(api, namespace, name, settings, nodes)  # remediation: the next attempt
     return stored
 
 
@@ -127,6 +136,7 @@ def _plan(
     spec: QuantizationJobSpec,
     attempt: int,
     settings: OperatorSettings,
+    nodes: list[dict] | None = None,
 ) -> Plan:
     """Create the current attempt's worker Job (and its settings and role) if no node
     rules it out; say why not otherwise."""
@@ -163,8 +173,7 @@ def _plan(
                 job_name,
             )
         return Plan("run", job_name=job_name)
-    nodes = client.CoreV1Api(api).list_node().to_dict()["items"]
-    nodes = [_node_as_manifest(n) for n in nodes]
+    nodes = list_nodes(api) if nodes is None else nodes
     tolerations = job["spec"]["template"]["spec"]["tolerations"]
     verdicts = judge_nodes(
         nodes,
@@ -329,25 +338,6 @@ def _completed(
             lastFailure=_failure(status, "QualityGateFailed", verdict),
         )
     return out
-
-
-def _node_as_manifest(node: dict) -> dict:
-    """The python client's snake_case node dict, in the shape judge_nodes reads."""
-    spec = node.get("spec") or {}
-    return {
-        "metadata": {
-            "name": node["metadata"]["name"],
-            "labels": node["metadata"].get("labels") or {},
-        },
-        "spec": {
-            "unschedulable": spec.get("unschedulable"),
-            "taints": [
-                {"key": t["key"], "value": t.get("value"), "effect": t["effect"]}
-                for t in spec.get("taints") or []
-            ],
-        },
-        "status": {"allocatable": (node.get("status") or {}).get("allocatable") or {}},
-    }
 
 
 def _read_job(api: client.ApiClient, namespace: str, name: str) -> dict | None:

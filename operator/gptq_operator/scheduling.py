@@ -7,7 +7,9 @@ A range (TurboMind: 7.0 to 8.9) is the product of the lower and upper terms.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 from gptq_compat.engines import default_kernels
 from gptq_compat.rules import Kernel
@@ -155,3 +157,32 @@ def describe_requirement(min_sm: SM | None, max_sm: SM | None, gpus: int, gpu_re
     if gpus:
         parts.append(f"{gpus} {gpu_resource}")
     return " and ".join(parts) or "no GPU"
+
+
+def node_summary(node: dict) -> dict:
+    """What scheduling judgments read of a Node (its API form, camelCase): name, labels,
+    unschedulable, taints and allocatable resources. The operator keeps these in a Kopf
+    index fed by a watch, so reconciles do not list the nodes."""
+    spec = node.get("spec") or {}
+    return {
+        "metadata": {
+            "name": node["metadata"]["name"],
+            "labels": dict(node["metadata"].get("labels") or {}),
+        },
+        "spec": {
+            "unschedulable": spec.get("unschedulable"),
+            "taints": [
+                {"key": t["key"], "value": t.get("value"), "effect": t["effect"]}
+                for t in spec.get("taints") or []
+            ],
+        },
+        "status": {"allocatable": dict((node.get("status") or {}).get("allocatable") or {})},
+    }
+
+
+def list_nodes(api: Any) -> list[dict]:
+    """Node summaries read from the API (where no watch keeps them)."""
+    from kubernetes import client
+
+    items = client.CoreV1Api(api).list_node(_preload_content=False)
+    return [node_summary(n) for n in json.loads(items.data)["items"]]

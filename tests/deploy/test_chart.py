@@ -103,7 +103,7 @@ def test_rbac_lists_every_verb_and_nothing_broad(render):
         assert all(b["roleRef"]["name"] != "cluster-admin" for b in bindings)
         (cluster,) = [r for r in roles if r["metadata"]["name"].endswith("-cluster")]
         assert cluster["rules"] == [
-            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
             {
                 "apiGroups": ["apiextensions.k8s.io"],
                 "resources": ["customresourcedefinitions"],

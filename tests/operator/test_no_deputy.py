@@ -135,10 +135,15 @@ def test_credentials_in_a_workers_error_stay_out_of_status_and_events(
     job = get(api, namespace, "leak")
     assert token not in str(job["status"])
     assert "[redacted]" in condition(job, "Ready")["message"]
-    events = client.CoreV1Api(api).list_namespaced_event(
-        namespace, field_selector="involvedObject.name=leak"
+    events = wait_for(
+        lambda: (
+            client.CoreV1Api(api)
+            .list_namespaced_event(namespace, field_selector="involvedObject.name=leak")
+            .items
+        ),
+        what="the job's events",
     )
-    assert events.items and not [e for e in events.items if token in (e.message or "")]
+    assert not [e for e in events if token in (e.message or "")]
 
 
 POLICY = "templates/worker-status-policy.yaml"

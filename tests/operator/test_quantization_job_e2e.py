@@ -202,10 +202,13 @@ def test_no_capable_node_gives_a_condition_not_a_pending_pod(
     assert "needs SM >= 10.0 and 1 nvidia.com/gpu" in cond["message"]
     assert "gpu-h100 (SM 9.0)" in cond["message"] and "cpu-only (no GPU labels" in cond["message"]
     assert client.BatchV1Api(api).list_namespaced_job(namespace).items == []
-    events = (
-        client.CoreV1Api(api)
-        .list_namespaced_event(namespace, field_selector="involvedObject.name=future")
-        .items
+    events = wait_for(
+        lambda: (
+            client.CoreV1Api(api)
+            .list_namespaced_event(namespace, field_selector="involvedObject.name=future")
+            .items
+        ),
+        what="the NoCompatibleNodes event",
     )
     assert [e.reason for e in events].count("NoCompatibleNodes") == 1  # one, counted
     control_plane.kubectl(

@@ -262,7 +262,14 @@ def test_model_of_a_failed_job_is_stalled_with_the_jobs_reason(
     assert "QuantizationJob doomed failed" in stalled["message"]
     assert "model_type 'opt' is not supported" in stalled["message"]
     assert condition(model, "Reconciling")["status"] == "False"
-    events = client.CoreV1Api(api).list_namespaced_event(
-        namespace, field_selector="involvedObject.name=doomed,reason=SourceJobFailed"
+    events = wait_for(
+        lambda: (
+            client.CoreV1Api(api)
+            .list_namespaced_event(
+                namespace, field_selector="involvedObject.name=doomed,reason=SourceJobFailed"
+            )
+            .items
+        ),
+        what="the SourceJobFailed event",
     )
-    assert len(events.items) == 1
+    assert len(events) == 1

@@ -48,8 +48,16 @@ def transcript(name: str, *outputs: str) -> None:
 
 
 def events_for(api, namespace, name, reason=None) -> list:
+    """Events of ``name``; with a reason, once at least one is there (an event is posted
+    right after the status write it belongs to)."""
     selector = f"involvedObject.name={name}" + (f",reason={reason}" if reason else "")
-    return client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=selector).items
+
+    def listed():
+        return client.CoreV1Api(api).list_namespaced_event(namespace, field_selector=selector).items
+
+    if reason:
+        wait_for(listed, what=f"a {reason} event", timeout=30)
+    return listed()
 
 
 def make_wait(api, namespace, pod_name, reason, message="", exit_code=None) -> None:
