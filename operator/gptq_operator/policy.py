@@ -40,7 +40,7 @@ def refuse_images(images: dict[str, str | None], settings: OperatorSettings) -> 
         f"{named}: the operator's settings do not allow this image repository (allowed: "
         f"{', '.join(settings.allowed_image_repositories())}); use an allowed image, or "
         f"ask the operator's administrator to add it to GPTQ_ALLOWED_IMAGES (Helm value "
-        f"operator.allowedImages)"
+        f"policy.allowedImages)"
     )
 
 
@@ -59,7 +59,7 @@ def refuse_secrets(refs: dict[str, str | None], settings: OperatorSettings) -> s
         f"{named}: the operator's settings do not allow giving this Secret to its pods "
         f"(allowed names: {', '.join(patterns)}); rename the Secret to match, or ask the "
         f"operator's administrator to add it to GPTQ_ALLOWED_SECRETS (Helm value "
-        f"operator.allowedSecrets)"
+        f"policy.allowedSecrets)"
     )
 
 

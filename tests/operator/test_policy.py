@@ -60,10 +60,11 @@ def test_allowed_images_from_the_environment_with_paths_and_wildcard():
 def test_refusals_name_the_field_the_value_and_the_setting():
     why = refuse_images({"vllm": "evil/vllm:1", "lmdeploy": None}, DEFAULTS)
     assert why.startswith("spec.image.vllm evil/vllm:1: the operator's settings do not allow")
-    assert "GPTQ_ALLOWED_IMAGES" in why and "operator.allowedImages" in why
+    assert "GPTQ_ALLOWED_IMAGES" in why and "Helm value policy.allowedImages" in why
     why = refuse_secrets({"spec.apiKeySecretRef": "db-password"}, DEFAULTS)
     assert why.startswith("spec.apiKeySecretRef db-password: the operator's settings do not")
     assert "hf-token, gptq-*" in why and "GPTQ_ALLOWED_SECRETS" in why
+    assert "Helm value policy.allowedSecrets" in why
     assert refuse_secrets({"a": "hf-token", "b": "gptq-llama-key", "c": None}, DEFAULTS) is None
 
 
