@@ -33,7 +33,7 @@ from gptq_operator.serving import (
     tensor_parallel,
 )
 from gptq_operator.settings import OperatorSettings
-from gptq_operator.status import kstatus, publish, read_owner
+from gptq_operator.status import kstatus, publish, read_live, read_owner
 from gptq_operator.workload import (
     TEMPLATE_HASH,
     deployment,
@@ -217,8 +217,8 @@ def sync(
     nodes: list[dict] | None = None,
 ) -> dict | None:
     """Bring one QuantizedModel's children and status in line with its spec (module doc)."""
-    body = read_owner(api, PLURAL, namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
+    body = read_live(api, PLURAL, namespace, name)
+    if body is None:
         return None
     meta = body["metadata"]
     generation = meta.get("generation")

@@ -43,7 +43,7 @@ from gptq_operator.scheduling import (
     list_nodes,
 )
 from gptq_operator.settings import OperatorSettings
-from gptq_operator.status import kstatus, now, publish, read_owner, set_condition
+from gptq_operator.status import kstatus, now, publish, read_live, set_condition
 
 PLURAL, KIND = "quantizationjobs", "QuantizationJob"
 
@@ -100,8 +100,8 @@ def sync(
     nodes: list[dict] | None = None,
 ) -> dict | None:
     """Bring one QuantizationJob's children and status in line (module doc)."""
-    body = read_owner(api, PLURAL, namespace, name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
+    body = read_live(api, PLURAL, namespace, name)
+    if body is None:
         return None
     meta, status = body["metadata"], body.get("status") or {}
     generation = meta.get("generation")

@@ -121,6 +121,14 @@ def read_owner(api: client.ApiClient, plural: str, namespace: str, name: str | N
         raise
 
 
+def read_live(api: client.ApiClient, plural: str, namespace: str, name: str) -> dict | None:
+    """The object to reconcile, or None when it is gone or being deleted."""
+    body = read_owner(api, plural, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    return body
+
+
 Compute = Callable[[dict], dict[str, Any] | None]
 
 
