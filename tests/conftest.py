@@ -88,21 +88,21 @@ def _has_default_sa(core, namespace) -> bool:
         return False
 
 
-@pytest.fixture
-def volumes(api, namespace):
-    """PVCs "models" and "datasets", pre-bound to hostPath volumes (no provisioner here)."""
+def bind_claims(api, namespace: str, claims=("models", "datasets"), size: str = "100Gi") -> None:
+    """PVCs pre-bound to hostPath volumes named ``<namespace>-<claim>`` (no provisioner here),
+    waited for until Bound; the caller deletes the volumes."""
     from kubernetes.client import CoreV1Api
 
     from tests.controlplane.test_control_plane import wait_for
 
     core = CoreV1Api(api)
-    for claim in ("models", "datasets"):
+    for claim in claims:
         pv = f"{namespace}-{claim}"
         core.create_persistent_volume(
             {
                 "metadata": {"name": pv},
                 "spec": {
-                    "capacity": {"storage": "100Gi"},
+                    "capacity": {"storage": size},
                     "accessModes": ["ReadWriteMany"],
                     "storageClassName": "",
                     "hostPath": {"path": f"/tmp/{pv}"},
@@ -118,7 +118,7 @@ def volumes(api, namespace):
                     "accessModes": ["ReadWriteMany"],
                     "storageClassName": "",
                     "volumeName": pv,
-                    "resources": {"requests": {"storage": "100Gi"}},
+                    "resources": {"requests": {"storage": size}},
                 },
             },
         )
@@ -129,6 +129,14 @@ def volumes(api, namespace):
         ),
         what="PVCs bound",
     )
+
+
+@pytest.fixture
+def volumes(api, namespace):
+    """PVCs "models" and "datasets", pre-bound to hostPath volumes (no provisioner here)."""
+    from kubernetes.client import CoreV1Api
+
+    bind_claims(api, namespace)
     yield
     for claim in ("models", "datasets"):
-        core.delete_persistent_volume(f"{namespace}-{claim}")
+        CoreV1Api(api).delete_persistent_volume(f"{namespace}-{claim}")

@@ -19,7 +19,12 @@ from tests.operator.test_quantization_job_e2e import (
     qjob,
     running_pod,
 )
-from tests.operator.test_quantized_model_e2e import model_phase, play_worker, qmodel
+from tests.operator.test_quantized_model_e2e import (
+    create_qmodel,
+    model_phase,
+    play_worker,
+    qmodel,
+)
 
 pytestmark = pytest.mark.controlplane
 from kubernetes import client  # noqa: E402
@@ -45,22 +50,10 @@ def test_worker_and_serving_pods_are_admitted_under_pod_security_restricted(
     objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, qjob("psa"))
     play_worker(api, namespace, "psa", RESULT)  # its pod was admitted and ran
     for backend in ("vllm", "lmdeploy", "builtin"):
-        objects.create_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            "quantizedmodels",
-            {
-                "apiVersion": f"{GROUP}/{VERSION}",
-                "kind": "QuantizedModel",
-                "metadata": {"name": f"psa-{backend}"},
-                "spec": {
-                    "source": {"job": "psa"},
-                    "backend": backend,
-                    "apiKeySecretRef": {"name": "gptq-psa-key"},
-                },
-            },
-        )
+        create_qmodel(
+            api, namespace, f"psa-{backend}", "psa", backend,
+            apiKeySecretRef={"name": "gptq-psa-key"},
+        )  # fmt: skip
     for backend in ("vllm", "lmdeploy", "builtin"):
         wait_for(
             lambda b=backend: model_phase(api, namespace, f"psa-{b}") == "Ready",
@@ -77,22 +70,10 @@ def test_an_image_the_settings_do_not_allow_is_refused_by_name(operator, api, na
     objects = client.CustomObjectsApi(api)
     objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, qjob("img"))
     play_worker(api, namespace, "img", RESULT)
-    objects.create_namespaced_custom_object(
-        GROUP,
-        VERSION,
-        namespace,
-        "quantizedmodels",
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizedModel",
-            "metadata": {"name": "img"},
-            "spec": {
-                "source": {"job": "img"},
-                "backend": "vllm",
-                "image": {"vllm": "attacker.example/vllm/vllm-openai:v0.32.0"},
-            },
-        },
-    )
+    create_qmodel(
+        api, namespace, "img", "img", "vllm",
+        image={"vllm": "attacker.example/vllm/vllm-openai:v0.32.0"},
+    )  # fmt: skip
     wait_for(lambda: model_phase(api, namespace, "img") == "Failed", what="refused")
     stalled = condition(qmodel(api, namespace, "img"), "Stalled")
     assert stalled["status"] == "True" and stalled["reason"] == "ImageNotAllowed"

@@ -44,7 +44,7 @@ def model_phase(api, namespace, name):
     return (qmodel(api, namespace, name).get("status") or {}).get("phase")
 
 
-def create_qmodel(api, namespace: str, name: str, job: str, backend: str) -> None:
+def create_qmodel(api, namespace: str, name: str, job: str, backend: str, **spec) -> None:
     client.CustomObjectsApi(api).create_namespaced_custom_object(
         GROUP,
         VERSION,
@@ -54,7 +54,7 @@ def create_qmodel(api, namespace: str, name: str, job: str, backend: str) -> Non
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "QuantizedModel",
             "metadata": {"name": name},
-            "spec": {"source": {"job": job}, "backend": backend},
+            "spec": {"source": {"job": job}, "backend": backend, **spec},
         },
     )
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import bind_claims
 from tests.controlplane.test_control_plane import wait_for
 from tests.operator.test_quantization_job_e2e import (
     GROUP,
@@ -116,32 +117,7 @@ def test_missing_pvc_stalls_the_job_and_it_recovers_when_the_claim_appears(
 
     # the cause goes away: the claims appear, the scheduler binds, the job runs
     core = client.CoreV1Api(api)
-    for claim in ("models", "datasets"):
-        pv = f"{namespace}-{claim}"
-        core.create_persistent_volume(
-            {
-                "metadata": {"name": pv},
-                "spec": {
-                    "capacity": {"storage": "1Gi"},
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "hostPath": {"path": f"/tmp/{pv}"},
-                    "claimRef": {"namespace": namespace, "name": claim},
-                },
-            }
-        )
-        core.create_namespaced_persistent_volume_claim(
-            namespace,
-            {
-                "metadata": {"name": claim},
-                "spec": {
-                    "accessModes": ["ReadWriteMany"],
-                    "storageClassName": "",
-                    "volumeName": pv,
-                    "resources": {"requests": {"storage": "1Gi"}},
-                },
-            },
-        )
+    bind_claims(api, namespace, size="1Gi")
     try:
         wait_for(lambda: phase(api, namespace, "nopvc") == "Running", what="Running", timeout=120)
         job = get(api, namespace, "nopvc")
