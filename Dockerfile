@@ -4,35 +4,61 @@
 #   docker build --target worker   -t ghcr.io/gptq-operator/worker:0.1.0 .
 # The worker's torch is PyPI's CUDA build: it carries the CUDA runtime libraries, so the
 # image needs only the NVIDIA driver the node's container toolkit mounts.
+#
+# BUILD_BASE and BASE name the images the build and runtime stages start from. Any Debian-
+# like image with python3 (>= 3.10) and its venv module will do, as long as both have
+# python3 at the same path (the virtualenv links to it); the cluster test tier builds one
+# with mmdebstrap (tests/cluster/images.sh), as no registry is reachable there.
 
 ARG PYTHON_VERSION=3.12.8
 ARG DEBIAN_RELEASE=bookworm
+ARG BUILD_BASE=python:${PYTHON_VERSION}-${DEBIAN_RELEASE}
+ARG BASE=python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE}
 ARG VERSION=0.1.0
 
 # ---- build stages: full Python image (compilers, headers); nothing of them ships --------
-FROM python:${PYTHON_VERSION}-${DEBIAN_RELEASE} AS build
+# The dependency lists come out of pyproject.toml first; the virtualenvs are built from those
+# lists alone, so that their layers (torch: gigabytes) are reused until a dependency changes.
+FROM ${BUILD_BASE} AS build
+# pip trusts the base image's CA bundle (where a site adds its proxy's CA), not only its own
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
+
+FROM build AS requirements
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+[open(f'requirements-{x}.txt', 'w').write('\n'.join(p['dependencies'] + p['optional-dependencies'][x]) + '\n') for x in ('operator', 'worker')]"
+
+FROM build AS deps-operator
+COPY --from=requirements /src/requirements-operator.txt ./
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --requirement requirements-operator.txt \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools
+
+FROM build AS deps-worker
+COPY --from=requirements /src/requirements-worker.txt ./
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --requirement requirements-worker.txt \
+    && /opt/venv/bin/pip uninstall --yes pip setuptools
+
+# The project's own packages: a layer of their own, rebuilt when the source changes.
+FROM build AS app
 COPY pyproject.toml README.md ./
 COPY compat/ compat/
 COPY worker/ worker/
 COPY operator/ operator/
-
-FROM build AS build-operator
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[operator]" \
-    && /opt/venv/bin/pip uninstall --yes pip setuptools
-
-FROM build AS build-worker
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir ".[worker]" \
-    && /opt/venv/bin/pip uninstall --yes pip setuptools
+RUN python3 -m venv /opt/buildenv \
+    && /opt/buildenv/bin/pip install --no-cache-dir --no-deps --target /opt/app . \
+    && sed -i '1s|.*|#!/opt/venv/bin/python3|' /opt/app/bin/*
 
 # ---- runtime: what both images share (slim base, the fixed non-root user, environment) ---
-FROM python:${PYTHON_VERSION}-slim-${DEBIAN_RELEASE} AS runtime
+FROM ${BASE} AS runtime
 RUN groupadd --system --gid 10001 gptq \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin gptq
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/app/bin:/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
@@ -45,7 +71,8 @@ LABEL org.opencontainers.image.title="gptq-operator" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.source="https://github.com/gptq-operator/gptq-operator" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build-operator /opt/venv /opt/venv
+COPY --from=deps-operator /opt/venv /opt/venv
+COPY --from=app /opt/app /opt/app
 USER 10001:10001
 ENTRYPOINT ["kopf"]
 CMD ["run", "--standalone", "--all-namespaces", "--liveness=http://0.0.0.0:8081/healthz", "-m", "gptq_operator.handlers"]
@@ -58,7 +85,8 @@ LABEL org.opencontainers.image.title="gptq-worker" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.source="https://github.com/gptq-operator/gptq-operator" \
       org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build-worker /opt/venv /opt/venv
+COPY --from=deps-worker /opt/venv /opt/venv
+COPY --from=app /opt/app /opt/app
 # the operator mounts a writable scratch volume here; the root filesystem stays read-only
 ENV HOME=/scratch \
     HF_HOME=/scratch/hf \

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -9,8 +10,17 @@ import pytest
 import yaml
 
 
+@contextlib.contextmanager
+def live_output(config):
+    """Let what runs inside reach the terminal while pytest captures output: builds that
+    take minutes print a line per step instead of sitting silent."""
+    capman = config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        yield
+
+
 @pytest.fixture(scope="session")
-def control_plane(tmp_path_factory):
+def control_plane(tmp_path_factory, pytestconfig):
     """A real kube-apiserver, controller-manager and scheduler with kwok GPU nodes.
 
     Started once per test session. Without the binaries (and without Go to build them) the
@@ -19,7 +29,8 @@ def control_plane(tmp_path_factory):
     from tests.controlplane.cluster import ControlPlane, ControlPlaneUnavailable, ensure_binaries
 
     try:
-        ensure_binaries(build=True)
+        with live_output(pytestconfig):
+            ensure_binaries(build=True)
     except ControlPlaneUnavailable as err:
         if os.environ.get("CI"):
             pytest.fail(f"the control-plane tier must run in CI: {err}")

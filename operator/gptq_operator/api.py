@@ -120,6 +120,11 @@ class OutputSpec(_Model):
         description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (s3://) or an "
         "HF_TOKEN that may write (hf://, required there)",
     )
+    overwrite: bool = Field(
+        False,
+        description="replace a checkpoint that already exists at uri (default false: the job "
+        "fails with OutputExists and the files stay as they are)",
+    )
 
 
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"

@@ -130,6 +130,8 @@ def _volumes(spec: QuantizationJobSpec, settings: OperatorSettings) -> _Mounts:
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "scratch", "mountPath": SCRATCH},
+        # the root filesystem is read-only: /tmp (Python's tempfile, torch) is scratch too
+        {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
     ]
     for i, (claim, read_only) in enumerate(sorted(claims.items())):
         volumes.append(
@@ -144,7 +146,7 @@ def _volumes(spec: QuantizationJobSpec, settings: OperatorSettings) -> _Mounts:
     return _Mounts(volumes, mounts)
 
 
-def worker_config(spec: QuantizationJobSpec) -> WorkerConfig:
+def worker_config(spec: QuantizationJobSpec, gpu_device: str = "cuda") -> WorkerConfig:
     """What the worker pod runs: the spec's settings with URIs turned into local paths."""
     model = _local(spec.model.uri, "model")
     revision = spec.model.uri.split("@", 1)[1] if "@" in spec.model.uri else None
@@ -162,14 +164,19 @@ def worker_config(spec: QuantizationJobSpec) -> WorkerConfig:
         output=_local(spec.output.uri, "output"),
         quantization=spec.quantization,
         calibration=calibration,
-        # no GPU asked for: the worker runs on the CPU (slow, but it is what was asked)
-        device="cuda" if spec.resources.gpus else "cpu",
-        overwrite=True,
+        # no GPU asked for: the worker runs on the CPU (slow, but it is what was asked); with
+        # GPUs, what the operator's settings say (cuda; auto: the CPU where the pod sees none)
+        device=gpu_device if spec.resources.gpus else "cpu",
+        # a retry resumes from the work directory beside the output, whatever this says; it
+        # decides only whether an existing checkpoint at the output may be replaced
+        overwrite=spec.output.overwrite,
     )
 
 
-def config_map(owner: Owner, spec: QuantizationJobSpec, attempt: int) -> dict:
-    cfg = worker_config(spec)
+def config_map(
+    owner: Owner, spec: QuantizationJobSpec, attempt: int, gpu_device: str = "cuda"
+) -> dict:
+    cfg = worker_config(spec, gpu_device)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",

@@ -119,3 +119,16 @@ def failure(status: dict, reason: str, message: str, exit_code: int | None = Non
     if last.get("reason") == reason and last.get("message") == message:
         return last
     return Cause(reason, message, exit_code).record()
+
+
+def crash_summary(log_tail: str, pod: str) -> str:
+    """What a container that died without its own report said, for a status message: a
+    Python traceback becomes its last line (the exception), anything else its last lines,
+    with where to read the rest."""
+    lines = [line.rstrip() for line in log_tail.strip().splitlines() if line.strip()]
+    if not lines:
+        return f"the worker exited without a message; see kubectl logs {pod}"
+    # FallbackToLogsOnError keeps the last 2 KiB: the traceback's head may be cut off
+    if any(line.startswith(("Traceback (most recent", '  File "')) for line in lines):
+        return f"the worker crashed: {lines[-1].strip()[:500]} (traceback: kubectl logs {pod})"
+    return f"{' / '.join(lines[-3:])[-700:]} (kubectl logs {pod})"

@@ -32,7 +32,7 @@ from gptq_operator.manifests import (
     worker_job,
     worker_rbac,
 )
-from gptq_operator.observe import failure as _failure
+from gptq_operator.observe import crash_summary, failure as _failure
 from gptq_operator.observe import pod_cause
 from gptq_operator.policy import refuse_images, refuse_secrets
 from gptq_operator.quality_gate import REMEDIATIONS, gate_verdict, spec_for_attempt
@@ -156,7 +156,7 @@ def _plan(
         return Plan("invalid", reason, refused)
     try:
         job = worker_job(owner, spec, settings, attempt)
-        cm = config_map(owner, spec, attempt)
+        cm = config_map(owner, spec, attempt, settings.worker_gpu_device)
         min_sm, max_sm = sm_range(spec)
     except (UnsupportedSource, UnknownKernel) as err:
         return Plan("invalid", type(err).__name__, str(err))
@@ -277,6 +277,22 @@ def _status(
         conditions = kstatus(conditions, "progressing", "Running", what, generation)
         out.update(phase=phase, conditions=conditions)
         return out
+    # between the worker's pods: one ended, the Job has not said its last word yet
+    ongoing = "Evaluating" if status.get("phase") == "Evaluating" else "Running"
+    if any(p.status.phase == "Succeeded" for p in pods):
+        what = f"the worker of Job {decided.job_name} finished; the Job is completing"
+        conditions = kstatus(conditions, "progressing", "WorkerFinished", what, generation)
+        out.update(phase=ongoing, conditions=conditions)
+        return out
+    ended = [p for p in pods if p.status.phase == "Failed" or p.metadata.deletion_timestamp]
+    if ended and status.get("phase") in ("Running", "Evaluating"):
+        what = (
+            f"worker pod {ended[-1].metadata.name} ended before the work was done; Job "
+            f"{decided.job_name} starts another, which resumes from the last finished layer"
+        )
+        conditions = kstatus(conditions, "progressing", "WorkerRestarting", what, generation)
+        out.update(phase=ongoing, conditions=conditions)
+        return out
     what = f"created worker Job {decided.job_name} (attempt {attempt}); its pod is starting"
     out.update(
         phase="Pending",
@@ -380,5 +396,9 @@ def _termination_message(api: client.ApiClient, namespace: str, job_name: str) -
                 try:
                     return json.loads(terminated.message)
                 except json.JSONDecodeError:
-                    return {"error": terminated.message[-1000:]}
+                    # not the worker's own report: the tail of its log (a crash)
+                    return {
+                        "error": crash_summary(terminated.message, pod.metadata.name),
+                        "exitCode": terminated.exit_code,
+                    }
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +30,10 @@ class LabelKeys(BaseModel):
 
 class OperatorSettings(BaseModel):
     worker_image: str = "ghcr.io/gptq-operator/worker:0.1.0"
+    # the device a worker that asked for GPUs is told to use: cuda (fail if the pod sees
+    # none), or auto (CUDA when the pod sees it, else the CPU: clusters that advertise
+    # nvidia.com/gpu without GPUs behind it, such as development and test clusters)
+    worker_gpu_device: Literal["cuda", "auto"] = "cuda"
     gpu_resource: str = "nvidia.com/gpu"
     labels: LabelKeys = Field(default_factory=LabelKeys)
     # Tolerations added to every GPU pod, for clusters that taint GPU nodes.
@@ -63,6 +68,7 @@ class OperatorSettings(BaseModel):
             field: env[f"GPTQ_{field.upper()}"]
             for field in (
                 "worker_image",
+                "worker_gpu_device",
                 "gpu_resource",
                 "scratch_size",
                 "metrics_port",

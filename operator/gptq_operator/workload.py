@@ -181,6 +181,8 @@ def deployment(
         "volumeMounts": [
             {"name": "checkpoint", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": True},
             {"name": "scratch", "mountPath": SCRATCH},
+            # a writable /tmp whatever the image's root filesystem allows
+            {"name": "scratch", "mountPath": "/tmp", "subPath": "tmp"},
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
         "securityContext": {

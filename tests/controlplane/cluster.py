@@ -41,6 +41,9 @@ BINARIES = (
     "etcd",
     "kwok",
     "helm",  # not part of the control plane: the chart's tests install with it
+    "kubelet",  # the cluster tier's real node (tests/cluster)
+    "kube-proxy",
+    "coredns",
 )
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
@@ -123,14 +126,18 @@ def ensure_binaries(build: bool = True) -> Path:
             f"tests/controlplane/build.sh (needs Go >= 1.24 and the Go module proxy; "
             f"about 15 minutes on 2 cores the first time)"
         )
-    result = subprocess.run(
-        ["bash", str(HERE / "build.sh")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "K8S_VERSION": K8S_VERSION},
-    )
+    # build.sh prints a line per binary on stderr, which is left to reach the terminal;
+    # Go's own output goes to a log whose tail is reported if the build fails
+    log = directory.parent / "build.log"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        result = subprocess.run(
+            ["bash", str(HERE / "build.sh")],
+            stdout=out,
+            env={**os.environ, "K8S_VERSION": K8S_VERSION, "BUILD_LOG": str(log)},
+        )
     if result.returncode != 0:
-        raise ControlPlaneUnavailable(f"build.sh failed:\n{result.stderr[-4000:]}")
+        raise ControlPlaneUnavailable(f"build.sh failed:\n{log.read_text()[-4000:]}")
     return directory
 
 
@@ -144,7 +151,7 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(directory: Path) -> None:
+def make_pki(directory: Path, extra_ips: tuple[str, ...] = ()) -> None:
     """CA, apiserver serving certificate, service-account keys and client certificates."""
     directory.mkdir(parents=True, exist_ok=True)
     _openssl(
@@ -165,8 +172,9 @@ def make_pki(directory: Path) -> None:
     )
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=directory)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=directory)
+    ips = "".join(f"IP:{ip}," for ip in extra_ips)
     sans = (
-        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+        f"subjectAltName={ips}IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
         "DNS:kubernetes.default.svc.cluster.local\nextendedKeyUsage=serverAuth\n"
     )
@@ -181,6 +189,12 @@ CLIENTS = {
     "scheduler": "/CN=system:kube-scheduler",
     "kwok": "/O=system:masters/CN=kwok",
     "restricted": "/O=gptq-test:restricted/CN=restricted-user",
+    # the real node of the cluster tier (tests/cluster): kubelet, kube-proxy, CoreDNS, and
+    # the apiserver's client identity towards the kubelet (logs, exec, port-forward)
+    "kubelet": "/O=system:nodes/CN=system:node:gptq-node",
+    "kube-proxy": "/CN=system:kube-proxy",
+    "coredns": "/O=system:masters/CN=coredns",
+    "apiserver-kubelet-client": "/O=system:masters/CN=kube-apiserver-kubelet-client",
 }
 
 
@@ -249,7 +263,14 @@ class ControlPlane:
     bin: Path = field(default_factory=bin_dir)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     server: str = ""
+    api_port: int = 0
     startup_s: float = 0.0
+    # kwok's simulated GPU nodes; the cluster tier runs a real node instead
+    simulated: tuple[SimulatedNode, ...] = NODES
+    # where the apiserver listens and what it advertises as the ``kubernetes`` Service's
+    # endpoint: loopback for the control-plane tier, the node's address when pods must reach it
+    bind_address: str = "127.0.0.1"
+    advertise_address: str = "127.0.0.1"
 
     @property
     def pki(self) -> Path:
@@ -261,8 +282,10 @@ class ControlPlane:
     def start(self, timeout: float = 120) -> ControlPlane:
         started = time.monotonic()
         self.root.mkdir(parents=True, exist_ok=True)
-        make_pki(self.pki)
+        extra_ips = (self.advertise_address,) if self.advertise_address != "127.0.0.1" else ()
+        make_pki(self.pki, extra_ips)
         etcd_port, peer_port, api_port = _free_port(), _free_port(), _free_port()
+        self.api_port = api_port
         self.server = f"https://127.0.0.1:{api_port}"
         for user in CLIENTS:
             self.kubeconfig_path(user).write_text(
@@ -299,11 +322,17 @@ class ControlPlane:
                 "--etcd-servers",
                 etcd_url,
                 "--bind-address",
-                "127.0.0.1",
+                self.bind_address,
                 "--advertise-address",
-                "127.0.0.1",
+                self.advertise_address,
                 "--secure-port",
                 str(api_port),
+                "--kubelet-client-certificate",
+                str(pki / "apiserver-kubelet-client.crt"),
+                "--kubelet-client-key",
+                str(pki / "apiserver-kubelet-client.key"),
+                "--kubelet-preferred-address-types",
+                "InternalIP,Hostname",
                 "--tls-cert-file",
                 str(pki / "apiserver.crt"),
                 "--tls-private-key-file",
@@ -321,7 +350,8 @@ class ControlPlane:
                 "--authorization-mode",
                 "Node,RBAC",
                 "--endpoint-reconciler-type",
-                "none",  # loopback is no valid endpoint address
+                # loopback is no valid endpoint address
+                "none" if self.advertise_address == "127.0.0.1" else "lease",
                 "--allow-privileged=true",
                 "--profiling=false",
                 "--v=1",
@@ -340,6 +370,13 @@ class ControlPlane:
             ],
         )
         self._spawn("kube-scheduler", self._component_flags("scheduler"))
+        if self.simulated:
+            self._start_kwok(timeout - (time.monotonic() - started))
+        self._wait_default_service_account(timeout - (time.monotonic() - started))
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def _start_kwok(self, timeout: float) -> None:
         self._spawn(
             "kwok",
             [
@@ -361,13 +398,14 @@ class ControlPlane:
             "-f",
             "-",
             input=json.dumps(
-                {"apiVersion": "v1", "kind": "List", "items": [n.manifest() for n in NODES]}
+                {
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": [n.manifest() for n in self.simulated],
+                }
             ),
         )
-        self._wait_nodes_ready(timeout - (time.monotonic() - started))
-        self._wait_default_service_account(timeout - (time.monotonic() - started))
-        self.startup_s = time.monotonic() - started
-        return self
+        self._wait_nodes_ready(timeout)
 
     def _component_flags(self, user: str) -> list[str]:
         """Connection and serving flags shared by controller-manager and scheduler."""
@@ -439,7 +477,7 @@ class ControlPlane:
                 for c in n["status"].get("conditions", [])
             )
         ]
-        return len(ready) == len(NODES)
+        return len(ready) == len(self.simulated)
 
     def _wait_nodes_ready(self, timeout: float) -> None:
         self._wait_until(self._nodes_ready, timeout, "kwok did not make the simulated nodes Ready")

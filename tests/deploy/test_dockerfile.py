@@ -2,9 +2,11 @@
 
 Promises checked by parsing: two final stages (operator, worker) that run as a fixed
 non-root UID, the same the chart and the operator's pods use; pinned base images (a version
-in every tag, never latest); final stages on slim bases that only copy a virtualenv from a
-build stage and install nothing with a package manager or compiler; OCI labels; a
-.dockerignore that keeps the repository's bulk out of the build context.
+in every tag, never latest); final stages on slim bases that only copy the dependencies'
+virtualenv and the project's packages from build stages and install nothing with a package
+manager or compiler; OCI labels; a .dockerignore that keeps the repository's bulk out of the
+build context. The build itself runs in the cluster tier (tests/cluster), which builds both
+targets with buildah and runs them.
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ ARGS = dict(
 
 
 def resolve(image: str) -> str:
-    return re.sub(r"\$\{(\w+)\}", lambda m: ARGS[m.group(1)], image)
+    """Substitute build arguments' defaults until none is left (defaults name other args)."""
+    while "${" in image:
+        image = re.sub(r"\$\{(\w+)\}", lambda m: ARGS[m.group(1)], image)
+    return image
 
 
 def test_hadolint_finds_nothing():
@@ -117,11 +122,11 @@ def test_final_stages_are_slim_and_install_no_build_tools(stage):
         if word == "RUN":
             assert not any(tool in rest for tool in BUILD_TOOLS), rest
     copies = [rest for word, rest in STAGES[stage] if word == "COPY"]
-    assert copies == [f"--from=build-{stage} /opt/venv /opt/venv"]
+    assert copies == [f"--from=deps-{stage} /opt/venv /opt/venv", "--from=app /opt/app /opt/app"]
 
 
 def test_build_stages_drop_pip_from_the_shipped_virtualenv():
-    for stage in ("build-operator", "build-worker"):
+    for stage in ("deps-operator", "deps-worker"):
         runs = " ".join(rest for word, rest in STAGES[stage] if word == "RUN")
         assert "pip uninstall --yes pip setuptools" in runs
 
@@ -137,7 +142,9 @@ def test_entrypoints_match_what_the_operator_runs():
     entry = {s: rest for s in ("operator", "worker") for w, rest in STAGES[s] if w == "ENTRYPOINT"}
     assert entry == {"operator": '["kopf"]', "worker": '["gptq-worker"]'}
     worker_env = " ".join(rest for w, rest in STAGES["worker"] if w == "ENV")
-    assert "PATH=/opt/venv/bin" in " ".join(rest for w, rest in STAGES["runtime"] if w == "ENV")
+    runtime_env = " ".join(rest for w, rest in STAGES["runtime"] if w == "ENV")
+    assert "PATH=/opt/app/bin:/opt/venv/bin:" in runtime_env
+    assert "PYTHONPATH=/opt/app" in runtime_env
     assert "HOME=/scratch" in worker_env  # the operator mounts scratch there
 
 

@@ -282,3 +282,27 @@ def test_a_job_without_gpus_runs_its_worker_on_the_cpu():
         return json.loads(config_map(OWNER, spec, attempt=1)["data"]["worker.json"])["device"]
 
     assert (device(0), device(1)) == ("cpu", "cuda")
+
+
+def test_the_gpu_device_setting_reaches_only_workers_that_asked_for_gpus():
+    def device(gpus: int, setting: str) -> str:
+        spec = QuantizationJobSpec.model_validate({**SPEC, "resources": {"gpus": gpus}})
+        cm = config_map(OWNER, spec, attempt=1, gpu_device=setting)
+        return json.loads(cm["data"]["worker.json"])["device"]
+
+    assert (device(1, "auto"), device(0, "auto"), device(2, "cuda")) == ("auto", "cpu", "cuda")
+    from gptq_operator.settings import OperatorSettings
+
+    assert OperatorSettings.from_env({"GPTQ_WORKER_GPU_DEVICE": "auto"}).worker_gpu_device == "auto"
+    with pytest.raises(ValueError):
+        OperatorSettings.from_env({"GPTQ_WORKER_GPU_DEVICE": "tpu"})
+
+
+def test_an_existing_checkpoint_is_replaced_only_when_the_spec_says_so():
+    def overwrite(output: dict) -> bool:
+        spec = QuantizationJobSpec.model_validate({**SPEC, "output": output})
+        return json.loads(config_map(OWNER, spec, attempt=2)["data"]["worker.json"])["overwrite"]
+
+    uri = SPEC["output"]["uri"]
+    assert overwrite({"uri": uri}) is False  # every attempt, the first and the retries
+    assert overwrite({"uri": uri, "overwrite": True}) is True

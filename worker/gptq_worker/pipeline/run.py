@@ -81,7 +81,8 @@ def check_output(output: Path, overwrite: bool) -> Path:
         raise RunError(f"output {output} exists and is not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise RunError(
-            f"output {output} exists and is not empty; choose another path or pass --overwrite"
+            f"output {output} exists and is not empty; choose another path or pass --overwrite "
+            "(in a QuantizationJob: spec.output.overwrite: true)"
         )
     work = work_dir_for(output)
     try:

@@ -1,0 +1,3 @@
+module gptq-operator/pause
+
+go 1.24
