@@ -1,0 +1,185 @@
+"""The fast runtime's pieces on a CPU: the GPTQ kernels' index arithmetic (in torch, and the
+Triton kernels themselves through Triton's interpreter) against ``pack.dequantize_packed``,
+and the static-cache runtime's tokens against plain greedy decoding of the dequantized
+model (the GPU adds only the Triton kernels, checked here, and CUDA graphs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptq_compat.config import CheckpointFormat
+from gptq_worker.kernels import gptq_triton as kernels
+from gptq_worker.pipeline.run import quantize
+from gptq_worker.serve.generate import Engine, Sampling
+from gptq_worker.serve.model import load_quantized_model
+from gptq_worker.serve.static import StaticBatch, length_buckets, unsupported
+
+from .conftest import worker_config
+from .kernel_cases import FORMATS, layer
+from .test_serve import dense_copy, greedy
+from .test_serve_batching import PROMPTS, Collected
+
+
+@pytest.mark.parametrize(("bits", "sym", "act", "fmt"), FORMATS)
+def test_kernel_index_arithmetic_reads_what_pack_wrote(bits, sym, act, fmt):
+    w, expected = layer(bits, sym, act, fmt, seed=bits)
+    assert (w.group == 0) == act  # act-order gathers per k; plain groups read one row
+    torch.testing.assert_close(kernels.reference_weight(w), expected.t(), rtol=0, atol=0)
+    x = torch.randn(3, w.in_features)
+    torch.testing.assert_close(
+        kernels.reference_matmul(x, w), x @ expected.t(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_wrong_bit_width_is_caught():
+    """The comparison above can fail: the same words read at another width differ."""
+    w, expected = layer(4, False, False, CheckpointFormat.GPTQ)
+    w.bits = 2
+    w.in_features = 512
+    w.g_idx = torch.arange(512, dtype=torch.int32) // 128
+    assert not torch.equal(kernels.reference_weight(w)[:256], expected.t())
+
+
+def test_plain_group_recognises_only_k_over_group_size():
+    assert kernels.plain_group(torch.arange(256) // 64, 4) == 64
+    assert kernels.plain_group(torch.zeros(256, dtype=torch.int32), 1) == 256
+    swapped = torch.arange(256) // 64
+    swapped[[0, 255]] = swapped[[255, 0]]
+    assert kernels.plain_group(swapped, 4) == 0
+
+
+TRITON_CHECK = r"""
+import torch
+from gptq_worker.kernels import gptq_triton as kernels
+from kernel_cases import FORMATS, layer
+
+bad = []
+for i, (bits, sym, act, fmt) in enumerate(FORMATS):
+    w, expected = layer(bits, sym, act, fmt, k=288, n=96, group=32, seed=i)
+    ref = expected.t()
+    assert torch.equal(kernels.dequantize(w, torch.float32), ref), ("dequantize", bits, act)
+    for m in (1, 5, 40):
+        x = torch.randn(m, w.in_features)
+        for config in ((32, 0), (64, 4), (128, 8)):  # no K split, split with atomics
+            y = kernels.fused_matmul(x, w, config)
+            err = ((y - x @ ref).norm() / (x @ ref).norm()).item()
+            if not err < 1e-5:
+                bad.append((bits, sym, act, str(fmt), m, config, err))
+    y = kernels.qmatmul(torch.randn(70, w.in_features), w)  # many rows: dequantize + matmul
+    assert y.shape == (70, w.out_features)
+assert not bad, bad
+print("triton kernels equal", len(FORMATS))
+"""
+
+
+def test_triton_kernels_equal_the_dequantized_product():
+    """The kernels the GPU runs, executed by Triton's interpreter on the CPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("triton is not installed (it comes with torch on Linux x86-64)")
+        pytest.skip("triton is not installed")
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=here,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"triton kernels equal {len(FORMATS)}" in done.stdout
+
+
+def test_length_buckets_cover_the_capacity():
+    assert length_buckets(2048) == [256, 512, 768, 1024, 1536, 2048]
+    assert length_buckets(100) == [100]
+    b = length_buckets(8192)
+    assert b[-1] == 8192 and b == sorted(set(b)) and all(x % 256 == 0 for x in b)
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory, model_dir, calibration_file):
+    """3-bit, asymmetric, act-order (real g_idx): what only the built-in runtime serves."""
+    out = tmp_path_factory.mktemp("static") / "w3g32-asym-act"
+    quantize(
+        worker_config(
+            model_dir("llama"), out, calibration_file, bits=3, group_size=32, sym=False,
+            desc_act=True,
+        )
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(served_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(served_checkpoint)
+
+
+def test_static_prefill_logits_equal_the_transformers_forward(served_checkpoint, tok):
+    model = load_quantized_model(served_checkpoint)
+    assert unsupported(model) is None
+    prompts = [tok(t).input_ids for t in PROMPTS[:3]]
+    batch = StaticBatch(model, torch.device("cpu"), 0, rows=4, capacity=128)
+    logits, start = batch.prefill(prompts)
+    assert start == 0
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["w4g32", "w3g32-asym-act"])
+def test_static_runtime_gives_the_greedy_tokens_of_the_dequantized_model(
+    which, served_checkpoint, odd_checkpoint, tok
+):
+    """Staggered arrivals, more requests than rows (rows leave from the middle and the last
+    one moves into the freed slot): each request gets plain greedy decoding's tokens."""
+    checkpoint = served_checkpoint if which == "w4g32" else odd_checkpoint
+    served = load_quantized_model(checkpoint)
+    dense = dense_copy(load_quantized_model(checkpoint))
+    engine = Engine(served, tok, torch.device("cpu"), max_batch=3, runtime="static")
+    assert engine.runtime == "static"
+    jobs = []
+    try:
+        for i, text in enumerate(PROMPTS):
+            sampling = Sampling(max_tokens=14 - 2 * i, temperature=0, ignore_eos=True)
+            job = Collected(tok(text).input_ids, sampling)
+            engine.submit(job.request)
+            jobs.append(job)
+            if i < 2:
+                assert job.first.wait(60)  # the next one joins while this one decodes
+        for job in jobs:
+            assert job.done.wait(120)
+    finally:
+        engine.stop()
+    for job in jobs:
+        expected = greedy(dense, job.request.prompt_ids, job.request.sampling.max_tokens, set())
+        assert job.tokens == expected, tok.decode(job.request.prompt_ids)
+
+
+def test_static_runtime_refuses_what_a_row_cannot_hold(served_checkpoint, tok):
+    from gptq_worker.serve.generate import Request, TooLarge
+
+    served = load_quantized_model(served_checkpoint)
+    engine = Engine(
+        served, tok, torch.device("cpu"), max_batch=4, kv_cache_tokens=200, runtime="static"
+    )
+    try:
+        assert engine.kv_cache_tokens == 200 and engine._batch.max_rows == 1
+        with pytest.raises(TooLarge):
+            engine.submit(Request([5] * 150, Sampling(max_tokens=60), lambda c: None))
+    finally:
+        engine.stop()
