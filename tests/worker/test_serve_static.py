@@ -60,20 +60,27 @@ from gptq_worker.kernels import gptq_triton as kernels
 from kernel_cases import FORMATS, layer
 
 bad = []
+paths = set()
 for i, (bits, sym, act, fmt) in enumerate(FORMATS):
-    w, expected = layer(bits, sym, act, fmt, k=288, n=96, group=32, seed=i)
-    ref = expected.t()
-    assert torch.equal(kernels.dequantize(w, torch.float32), ref), ("dequantize", bits, act)
-    for m in (1, 5, 40):
-        x = torch.randn(m, w.in_features)
-        for config in ((32, 0), (64, 4), (128, 8)):  # no K split, split with atomics
-            y = kernels.fused_matmul(x, w, config)
-            err = ((y - x @ ref).norm() / (x @ ref).norm()).item()
-            if not err < 1e-5:
-                bad.append((bits, sym, act, str(fmt), m, config, err))
-    y = kernels.qmatmul(torch.randn(70, w.in_features), w)  # many rows: dequantize + matmul
-    assert y.shape == (70, w.out_features)
+    # group 32: tiles of 32 rows; group 128 (k not a multiple of the tile): 4/8-bit planes
+    for k, group in ((288, 32), (640, 128)):
+        w, expected = layer(bits, sym, act, fmt, k=k, n=96, group=group, seed=i)
+        ref = expected.t()
+        assert torch.equal(kernels.dequantize(w, torch.float32), ref), ("dequantize", bits, act)
+        for m in (1, 5, 40):
+            x = torch.randn(m, w.in_features)
+            for kind in ("mv", "mm") if m == 1 else ("mm",):
+                for config in ((32, 0), (64, 4), (128, 8)):  # no K split; split, atomics
+                    y = kernels.fused_matmul(x, w, config, kind)
+                    err = ((y - x @ ref).norm() / (x @ ref).norm()).item()
+                    planes = kind == "mm" and bits in (4, 8) and w.block_k * bits // 32 >= 16
+                    paths.add((kind, planes, w.group > 0))
+                    if not err < 1e-5:
+                        bad.append((bits, sym, act, str(fmt), k, m, kind, config, err))
+        y = kernels.qmatmul(torch.randn(70, w.in_features), w)  # many rows: dequantize + matmul
+        assert y.shape == (70, w.out_features)
 assert not bad, bad
+assert len(paths) == 6, paths  # mv and mm (with and without planes), grouped and act-order
 print("triton kernels equal", len(FORMATS))
 """
 

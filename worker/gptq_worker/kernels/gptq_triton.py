@@ -26,6 +26,7 @@ with ``pack.dequantize_packed``; the GPU bench compares the kernel with it), and
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 
@@ -37,6 +38,7 @@ try:
 except ImportError:  # no Triton (macOS, some CPUs): the torch path serves
     triton = None
 
+log = logging.getLogger(__name__)
 FUSED_MAX_M = 64  # rows up to which the fused kernel runs; above, dequantize + matmul
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -79,8 +81,7 @@ class PackedWeight:
         block_k = next((b for b in (128, 64, 32) if group and group % b == 0), 0)
         # a tile in one group reads one row of scales; otherwise gather per k
         self.group = group if block_k else 0
-        self.block_k = block_k or 64
-        self.config: tuple[int, int] | None = None  # (BLOCK_N, target programs); tune()
+        self.block_k = block_k or (64 if bits == 3 else 128)
 
     def key(self) -> tuple:
         return (self.in_features, self.out_features, self.bits, self.group > 0)
@@ -168,8 +169,11 @@ if triton is not None:
     def _qmm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, k_per_split,
                     sxm, sxk, sqk, sqn, ssg, ssn, szg, szn, som, son,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANES: tl.constexpr,
                     ATOMIC: tl.constexpr):  # fmt: skip
+        """Tensor-core tiles (2 rows and more). ``PLANES``: for 4/8 bits, multiply the
+        ``32/bits`` values of each word as separate planes (k = word*pf + j), so that no
+        tile is reshaped; otherwise dequantize ``[BLOCK_K, BLOCK_N]`` in k order."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -181,18 +185,99 @@ if triton is not None:
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, K)
         for k0 in range(k_lo, k_hi, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            xm = mmask[:, None] & (rk < K)[None, :]
-            x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=xm, other=0.0)
-            w = _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn,
-                         nmask, K, BITS, GROUP, BLOCK_K, BLOCK_N)  # fmt: skip
-            acc += tl.dot(x, w.to(x.dtype))
+            if PLANES:
+                rr = tl.arange(0, BLOCK_K * BITS // 32)
+                rw = k0 // (32 // BITS) + rr
+                m = (rw < K * BITS // 32)[:, None] & nmask[None, :]
+                words = tl.load(qw_ptr + rw[:, None] * sqk + rn[None, :] * sqn, mask=m, other=0)
+                words = words.to(tl.uint32, bitcast=True)
+                if GROUP > 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0).to(tl.float32)
+                    z = tl.load(z_ptr + g * szg + rn * szn, mask=nmask, other=0).to(tl.float32)
+                for j in tl.static_range(32 // BITS):
+                    kk = k0 + rr * (32 // BITS) + j
+                    codes = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                    if GROUP > 0:
+                        w = (codes - z[None, :]) * s[None, :]
+                    else:
+                        gk = tl.load(g_ptr + kk, mask=kk < K, other=0)
+                        sk = tl.load(s_ptr + gk[:, None] * ssg + rn[None, :] * ssn, mask=m,
+                                     other=0)  # fmt: skip
+                        zk = tl.load(z_ptr + gk[:, None] * szg + rn[None, :] * szn, mask=m,
+                                     other=0)  # fmt: skip
+                        w = (codes - zk.to(tl.float32)) * sk.to(tl.float32)
+                    xm = mmask[:, None] & (kk < K)[None, :]
+                    x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=xm, other=0.0)
+                    acc += tl.dot(x, w.to(x.dtype))
+            else:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                xm = mmask[:, None] & (rk < K)[None, :]
+                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=xm, other=0.0)
+                w = _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn,
+                             nmask, K, BITS, GROUP, BLOCK_K, BLOCK_N)  # fmt: skip
+                acc += tl.dot(x, w.to(x.dtype))
         ptrs = out_ptr + rm[:, None] * som + rn[None, :] * son
         om = mmask[:, None] & nmask[None, :]
         if ATOMIC:
             tl.atomic_add(ptrs, acc, mask=om)
         else:
             tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def _qmv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, k_per_split,
+                    sqk, sqn, ssg, ssn, szg, szn,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+        """One row (batch-1 decode): products accumulate element-wise in fp32 registers
+        and are summed once at the end; no tensor cores, no tile reshapes."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        if BITS == 3:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                w = _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn,
+                             nmask, K, BITS, GROUP, BLOCK_K, BLOCK_N)  # fmt: skip
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                acc += w * x[:, None]
+            y = tl.sum(acc, axis=0)
+        else:
+            rr = tl.arange(0, BLOCK_K * BITS // 32)
+            jj = tl.arange(0, 32 // BITS)
+            shifts = (jj * BITS).to(tl.uint32)
+            acc = tl.zeros((BLOCK_K * BITS // 32, 32 // BITS, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rw = k0 * BITS // 32 + rr
+                m = (rw < K * BITS // 32)[:, None] & nmask[None, :]
+                words = tl.load(qw_ptr + rw[:, None] * sqk + rn[None, :] * sqn, mask=m, other=0)
+                words = words.to(tl.uint32, bitcast=True)
+                codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+                codes = codes.to(tl.float32)
+                kk = k0 + rr[:, None] * (32 // BITS) + jj[None, :]  # [words, values a word]
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if GROUP > 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0).to(tl.float32)
+                    z = tl.load(z_ptr + g * szg + rn * szn, mask=nmask, other=0).to(tl.float32)
+                    acc += (codes - z[None, None, :]) * (x[:, :, None] * s[None, None, :])
+                else:
+                    gk = tl.load(g_ptr + kk, mask=kk < K, other=0)
+                    m3 = (kk < K)[:, :, None] & nmask[None, None, :]
+                    sk = tl.load(s_ptr + gk[:, :, None] * ssg + rn[None, None, :] * ssn,
+                                 mask=m3, other=0).to(tl.float32)  # fmt: skip
+                    zk = tl.load(z_ptr + gk[:, :, None] * szg + rn[None, None, :] * szn,
+                                 mask=m3, other=0).to(tl.float32)  # fmt: skip
+                    acc += (codes - zk) * sk * x[:, :, None]
+            y = tl.sum(tl.sum(acc, axis=1), axis=0)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + rn, y, mask=nmask)
+        else:
+            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
 
     @triton.jit
     def _dequant_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K,
@@ -230,28 +315,52 @@ def _args(w: PackedWeight) -> tuple:
     )
 
 
-def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple[int, int] | None = None):
-    """``x [M, K] @ W -> [M, N]`` by the fused kernel (any ``M``; meant for small ones)."""
-    block_n, per_sm = config or w.config or _TUNED.get(w.key(), DEFAULT_CONFIG)
-    m, n, k = x.shape[0], w.out_features, w.in_features
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    steps = triton.cdiv(k, w.block_k)
+def _split(x, w: PackedWeight, tiles: int, per_sm: int) -> tuple[int, int]:
+    """(programs along K, K per program) to aim for ``per_sm`` programs a multiprocessor."""
+    steps = triton.cdiv(w.in_features, w.block_k)
     split = max(1, min(steps, math.ceil(per_sm * _processors(x.device) / tiles)))
     k_per_split = triton.cdiv(steps, split) * w.block_k
-    split = triton.cdiv(k, k_per_split)
+    return triton.cdiv(w.in_features, k_per_split), k_per_split
+
+
+def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple[int, int] | None = None,
+                 kind: str | None = None):  # fmt: skip
+    """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row) or "mm"
+    (tensor cores, any ``M``; meant for small ones). ``config``: (BLOCK_N, programs per
+    multiprocessor), else what :func:`tune` chose, else a default."""
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    kind = kind or ("mv" if m == 1 else "mm")
+    block_n, per_sm = config or _TUNED.get((*w.key(), kind), DEFAULT_CONFIG)
+    warps = 8 if block_n >= 128 else 4
+    stages = 2 if (w.bits == 3 or not w.group) else 3  # gathers fill shared memory
+    if kind == "mv":
+        if m != 1:
+            raise ValueError("the mv kernel takes one row")
+        split, k_per_split = _split(x, w, triton.cdiv(n, block_n), per_sm)
+    else:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        split, k_per_split = _split(x, w, triton.cdiv(n, block_n) * triton.cdiv(m, block_m), per_sm)
     atomic = split > 1
     if atomic:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
-    _qmm_kernel[grid](
-        x, w.qweight, w.scales, w.zeros, w.g_idx, out, m, n, k, k_per_split,
-        x.stride(0), x.stride(1), *_args(w), out.stride(0), out.stride(1),
-        BITS=w.bits, GROUP=w.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=w.block_k,
-        ATOMIC=atomic, num_warps=4,
-    )  # fmt: skip
+    if kind == "mv":
+        grid = (triton.cdiv(n, block_n), split)
+        _qmv_kernel[grid](
+            x, w.qweight, w.scales, w.zeros, w.g_idx, out, n, k, k_per_split, *_args(w),
+            BITS=w.bits, GROUP=w.group, BLOCK_N=block_n, BLOCK_K=w.block_k, ATOMIC=atomic,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    else:
+        planes = w.bits in (4, 8) and w.block_k * w.bits // 32 >= 16
+        grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+        _qmm_kernel[grid](
+            x, w.qweight, w.scales, w.zeros, w.g_idx, out, m, n, k, k_per_split,
+            x.stride(0), x.stride(1), *_args(w), out.stride(0), out.stride(1),
+            BITS=w.bits, GROUP=w.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=w.block_k,
+            PLANES=planes, ATOMIC=atomic, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
     return out.to(x.dtype) if atomic else out
 
 
@@ -283,27 +392,34 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     return y.reshape(*shape[:-1], w.out_features)
 
 
-def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16, rows: int = 1) -> dict:
-    """Pick BLOCK_N and the K split for each distinct layer shape by timing a few
-    configurations at ``rows`` rows (decode). Call before capturing CUDA graphs."""
+def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16) -> dict:
+    """Pick BLOCK_N and the K split of each kernel for each distinct layer shape by timing
+    a few configurations (one row for "mv", 16 for "mm"). Call before capturing CUDA
+    graphs. A configuration the GPU cannot run (too much shared memory) is skipped."""
     from triton.testing import do_bench
 
     chosen: dict[tuple, tuple[int, int]] = {}
     for w in weights:
-        key = w.key()
-        if key in _TUNED:
-            w.config = _TUNED[key]
-            continue
-        x = torch.randn((rows, w.in_features), device=w.qweight.device, dtype=dtype)
-        times = {}
-        for block_n in (32, 64, 128):
-            for per_sm in (0, 2, 4, 8):
-                cfg = (block_n, per_sm)
-                times[cfg] = do_bench(
-                    lambda x=x, w=w, cfg=cfg: fused_matmul(x, w, cfg), warmup=5, rep=20,
-                    return_mode="median",
-                )  # fmt: skip
-        best = min(times, key=times.get)
-        _TUNED[key] = w.config = chosen[key] = best
-        chosen[(*key, "us")] = round(times[best] * 1000, 1)
+        for kind, rows, splits in (("mv", 1, (0, 2, 4, 8)), ("mm", 16, (0, 2, 4))):
+            key = (*w.key(), kind)
+            if key in _TUNED:
+                continue
+            x = torch.randn((rows, w.in_features), device=w.qweight.device, dtype=dtype)
+            times = {}
+            for block_n in (32, 64, 128):
+                for per_sm in splits:
+                    cfg = (block_n, per_sm)
+
+                    def call(x=x, w=w, cfg=cfg, kind=kind):
+                        return fused_matmul(x, w, cfg, kind)
+
+                    try:
+                        times[cfg] = do_bench(call, warmup=5, rep=20, return_mode="median")
+                    except Exception as err:  # e.g. OutOfResources: not this one
+                        log.info("kernel config %s %s skipped: %s", key, cfg, err)
+            if not times:
+                raise RuntimeError(f"no kernel configuration runs for {key}")
+            best = min(times, key=times.get)
+            _TUNED[key] = chosen[key] = best
+            chosen[(*key, "us")] = round(times[best] * 1000, 1)
     return chosen

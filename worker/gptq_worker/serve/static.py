@@ -352,6 +352,10 @@ class StaticBatch:
                 if lin.weight is not None
             ]
             chosen = kernels.tune(weights, self.dtype)
+            # compile the prefill kernels too (fused up to 64 rows, dequantize + matmul above)
+            for n in (40, 100):
+                if n <= self.capacity and not self.rows:
+                    self.prefill([[self.pad] * n])
         if self.graphs and capture:
             # the step writes the cache at the padding rows' position 0: only free slots
             self.positions.zero_()
