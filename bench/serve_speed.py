@@ -230,8 +230,10 @@ def check_kernels(model) -> dict:
 
 
 def check_static(engine, prompt: list[int]) -> dict:
-    """The static runtime's prefill logits against transformers' forward of the same
-    quantized model (both run the fused kernel; this checks the forward and the cache)."""
+    """The static runtime against transformers' forward of the same quantized model
+    (prefill logits: our forward and cache against theirs; both run the fused GEMM), and
+    one decode step as served (fused kernels replayed in a CUDA graph) against the torch
+    step; raises if the decode step differs beyond fp16 rounding."""
     if engine.runtime != "static":
         return {}
     batch = engine._batch
@@ -239,10 +241,14 @@ def check_static(engine, prompt: list[int]) -> dict:
         ref = engine.model(torch.tensor([prompt], device=engine.device)).logits[0, -1].float()
         got, _ = batch.prefill([prompt])
     got = got[0].float()
-    return {
+    out = {
         "static_prefill_logits_rel_err": float(f"{((got - ref).norm() / ref.norm()).item():.2e}"),
         "static_prefill_argmax_equal": bool(got.argmax() == ref.argmax()),
     }
+    out.update(batch.self_check(prompt))
+    if not out["decode_step_vs_torch_rel_err"] < 2e-2:
+        raise AssertionError(f"the served decode step differs from the torch step: {out}")
+    return out
 
 
 def _sync() -> None:

@@ -108,6 +108,95 @@ def test_triton_kernels_equal_the_dequantized_product():
     assert f"triton kernels equal {len(FORMATS)}" in done.stdout
 
 
+FUSED_STEP_CHECK = r"""
+import sys
+import torch
+from gptq_worker.kernels import decode_triton as fused
+from gptq_worker.serve.model import load_quantized_model
+from gptq_worker.serve.static import StaticBatch
+
+torch.manual_seed(0)
+model = load_quantized_model(sys.argv[1])
+batch = StaticBatch(model, torch.device("cpu"), 0, rows=2, capacity=64, graphs=False)
+batch.fused = True  # what runs on a GPU, here through Triton's interpreter
+check = batch.self_check([3, 17, 42, 9, 250, 11])
+print(check)
+assert check["decode_step_argmax_equal"] and check["decode_step_vs_torch_rel_err"] < 1e-4, check
+batch.fused = False  # the check compares two different paths: the torch one with itself is 0
+assert batch.self_check([3, 17, 42, 9, 250, 11])["decode_step_vs_torch_rel_err"] == 0
+print("fused step equal")
+"""
+
+
+def test_fused_decode_step_equals_the_torch_step(served_checkpoint):
+    """The GPU's decode step (add+norm, GPTQ matmuls, rope+cache write, attention,
+    silu*up, all Triton) against the torch step, through Triton's interpreter."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-c", FUSED_STEP_CHECK, str(served_checkpoint)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=900,
+        cwd=here,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fused step equal" in done.stdout
+
+
+DECODE_KERNELS_CHECK = r"""
+import torch
+from gptq_worker.kernels import decode_triton as D
+
+torch.manual_seed(0)
+rows, H, KV, hd, S, N, I = 3, 8, 2, 64, 200, 96, 80
+h = torch.randn(rows, N)
+d = torch.randn(rows, N)
+w = torch.randn(N)
+for delta in (d, None):
+    ref_h, ref_x = D.add_rms_reference(h, delta, w, 1e-5)
+    x, h2 = torch.empty_like(h), h.clone()
+    D.add_rms(h2, delta, w, 1e-5, x)
+    assert torch.allclose(h2, ref_h, atol=1e-6) and torch.allclose(x, ref_x, atol=1e-5)
+qkv = torch.randn(rows, (H + 2 * KV) * hd)
+pos = torch.tensor([5, 0, 150])  # rows at different positions, one at the very start
+inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+emb = torch.arange(S)[:, None].float() * inv[None]
+emb = torch.cat([emb, emb], -1)
+cos, sin = emb.cos(), emb.sin()
+keys, values = torch.randn(rows, KV, S, hd), torch.randn(rows, KV, S, hd)
+q = torch.empty(rows, H, hd)
+D.rope_kv(qkv, q, keys, values, cos, sin, pos, H, KV)
+rq, rk, rv = D.rope_kv_reference(qkv, cos, sin, pos, H, KV, hd)
+ar = torch.arange(rows)
+assert torch.allclose(q, rq, atol=1e-5)
+assert torch.allclose(keys[ar, :, pos], rk, atol=1e-5)
+assert torch.equal(values[ar, :, pos], rv)
+out = torch.empty(rows, H * hd)
+D.attention(q, keys, values, pos, out, hd**-0.5)
+assert torch.allclose(out, D.attention_reference(q, keys, values, pos, hd**-0.5), atol=1e-5)
+gu = torch.randn(rows, 2 * I)
+o = torch.empty(rows, I)
+D.silu_mul(gu, o)
+assert torch.allclose(o, D.silu_mul_reference(gu), atol=1e-6)
+print("decode kernels equal")
+"""
+
+
+def test_decode_kernels_equal_their_torch_references():
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", DECODE_KERNELS_CHECK],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decode kernels equal" in done.stdout
+
+
 def test_length_buckets_cover_the_capacity():
     assert length_buckets(2048) == [256, 512, 768, 1024, 1536, 2048]
     assert length_buckets(100) == [100]

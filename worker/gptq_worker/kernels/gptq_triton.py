@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from functools import partial
 
 import torch
 
@@ -324,10 +325,11 @@ def _split(x, w: PackedWeight, tiles: int, per_sm: int) -> tuple[int, int]:
 
 
 def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple[int, int] | None = None,
-                 kind: str | None = None):  # fmt: skip
+                 kind: str | None = None, fp32: bool = False):  # fmt: skip
     """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row) or "mm"
     (tensor cores, any ``M``; meant for small ones). ``config``: (BLOCK_N, programs per
-    multiprocessor), else what :func:`tune` chose, else a default."""
+    multiprocessor), else what :func:`tune` chose, else a default. ``fp32``: return the
+    fp32 sums (no rounding to ``x``'s dtype, no extra cast)."""
     m, n, k = x.shape[0], w.out_features, w.in_features
     kind = kind or ("mv" if m == 1 else "mm")
     block_n, per_sm = config or _TUNED.get((*w.key(), kind), DEFAULT_CONFIG)
@@ -344,7 +346,7 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple[int, int] | Non
     if atomic:
         out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
     else:
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+        out = torch.empty((m, n), device=x.device, dtype=torch.float32 if fp32 else x.dtype)
     if kind == "mv":
         grid = (triton.cdiv(n, block_n), split)
         _qmv_kernel[grid](
@@ -361,7 +363,7 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple[int, int] | Non
             BITS=w.bits, GROUP=w.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=w.block_k,
             PLANES=planes, ATOMIC=atomic, num_warps=warps, num_stages=stages,
         )  # fmt: skip
-    return out.to(x.dtype) if atomic else out
+    return out.to(x.dtype) if atomic and not fp32 else out
 
 
 def dequantize(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -392,34 +394,58 @@ def qmatmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) 
     return y.reshape(*shape[:-1], w.out_features)
 
 
-def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16) -> dict:
-    """Pick BLOCK_N and the K split of each kernel for each distinct layer shape by timing
-    a few configurations (one row for "mv", 16 for "mm"). Call before capturing CUDA
-    graphs. A configuration the GPU cannot run (too much shared memory) is skipped."""
-    from triton.testing import do_bench
+def _graph_time(calls, repeats: int = 5) -> float:
+    """Seconds per call of ``calls`` (a list of closures), run inside one CUDA graph, so
+    that launch overhead (as in the decode graphs) is not what is measured."""
+    for c in calls:  # compile, and let a configuration that cannot run fail here
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for c in calls:
+            c()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / len(calls))
+    del graph
+    return sorted(times)[len(times) // 2]
 
+
+def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16) -> dict:
+    """Pick BLOCK_N and the K split of each kernel for each distinct layer shape (one row
+    for "mv", 16 for "mm"), timing each configuration over up to 8 layers of that shape
+    (distinct memory, as in a forward) inside a CUDA graph. Call before capturing the
+    decode graphs. A configuration the GPU cannot run (too much shared memory) is skipped."""
     chosen: dict[tuple, tuple[int, int]] = {}
+    by_key: dict[tuple, list[PackedWeight]] = {}
     for w in weights:
+        by_key.setdefault(w.key(), []).append(w)
+    for key0, group in by_key.items():
+        group = group[:8]
         for kind, rows, splits in (("mv", 1, (0, 2, 4, 8)), ("mm", 16, (0, 2, 4))):
-            key = (*w.key(), kind)
+            key = (*key0, kind)
             if key in _TUNED:
                 continue
-            x = torch.randn((rows, w.in_features), device=w.qweight.device, dtype=dtype)
+            x = torch.randn((rows, group[0].in_features), device=group[0].qweight.device,
+                            dtype=dtype)  # fmt: skip
             times = {}
             for block_n in (32, 64, 128):
                 for per_sm in splits:
                     cfg = (block_n, per_sm)
-
-                    def call(x=x, w=w, cfg=cfg, kind=kind):
-                        return fused_matmul(x, w, cfg, kind)
-
+                    calls = [partial(fused_matmul, x, w, cfg, kind, fp32=True) for w in group]
                     try:
-                        times[cfg] = do_bench(call, warmup=5, rep=20, return_mode="median")
+                        times[cfg] = _graph_time(calls)
                     except Exception as err:  # e.g. OutOfResources: not this one
                         log.info("kernel config %s %s skipped: %s", key, cfg, err)
             if not times:
                 raise RuntimeError(f"no kernel configuration runs for {key}")
             best = min(times, key=times.get)
             _TUNED[key] = chosen[key] = best
-            chosen[(*key, "us")] = round(times[best] * 1000, 1)
+            chosen[(*key, "us")] = round(times[best] * 1e6, 1)
     return chosen

@@ -36,6 +36,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from gptq_worker.kernels import decode_triton as fused
 from gptq_worker.kernels import gptq_triton as kernels
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,13 @@ class Linear:
             )
         self.weight = kernels.PackedWeight(qweight, zeros, scales, first.g_idx, first.bits)
 
+    def fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused decode step's matmul: fp32 sums, read by the next fused kernel."""
+        if self.weight is None:
+            return self(x).float()
+        y = kernels.fused_matmul(x, self.weight, fp32=True)
+        return y if self.bias is None else y + self.bias.float()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if w is None:
@@ -116,12 +124,17 @@ class _Layer:
         self.gate_up = Linear([mlp.gate_proj, mlp.up_proj])
         self.down = Linear([mlp.down_proj])
         self.act = mlp.act_fn
+        self.silu = isinstance(mlp.act_fn, torch.nn.SiLU)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+
+
+def _eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
 
 
 def _rms(norm, h: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm, step for step."""
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    eps = _eps(norm)
     x = h.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return norm.weight * x.to(h.dtype)
@@ -160,6 +173,11 @@ class StaticBatch:
         self.model, self.device, self.pad = model, device, pad
         self.max_rows, self.capacity = rows, capacity
         self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.fused = (
+            device.type == "cuda"
+            and kernels.triton is not None
+            and model.get_input_embeddings().weight.dtype in (torch.float16, torch.bfloat16)
+        )
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens
@@ -187,7 +205,8 @@ class StaticBatch:
         self.columns = torch.arange(capacity, device=device)
         self.row_index = torch.arange(rows, device=device)
         self.row_buckets = sorted({*(2**i for i in range(rows.bit_length()) if 2**i <= rows), rows})
-        self.length_buckets = length_buckets(capacity)
+        # the fused step's attention reads each row up to its own position: no length buckets
+        self.length_buckets = [capacity] if self.fused else length_buckets(capacity)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.rows: list = []
@@ -287,12 +306,45 @@ class StaticBatch:
             graph.replay()
             logits = out[:n].clone()
         else:
-            logits = self._step(rows, length)[:n]
+            logits = self._run(rows, length)[:n]
         for r in self.rows:
             r.length += 1
         return logits
 
     # -- decode step ---------------------------------------------------------------------
+    def _run(self, rows: int, length: int) -> torch.Tensor:
+        return self._fused_step(rows) if self.fused else self._step(rows, length)
+
+    def _fused_step(self, rows: int) -> torch.Tensor:
+        """The decode forward in fused kernels (``kernels/decode_triton.py``): per layer
+        add+norm, qkv, rope+cache write, attention, o, add+norm, gate/up, silu*up, down."""
+        positions = self.positions[:rows]
+        hd = self.head_dim
+        h = self.embed(self.tokens[:rows])
+        x = torch.empty_like(h)
+        q = torch.empty((rows, self.heads, hd), device=self.device, dtype=self.dtype)
+        a = torch.empty((rows, self.heads * hd), device=self.device, dtype=self.dtype)
+        d = None
+        for i, layer in enumerate(self.layers):
+            fused.add_rms(h, d, layer.norm1.weight, _eps(layer.norm1), x)
+            qkv = layer.qkv.fp32(x)
+            keys, values = self.kv[0, i], self.kv[1, i]
+            fused.rope_kv(qkv, q, keys, values, self.cos, self.sin, positions, self.heads,
+                          self.kv_heads)  # fmt: skip
+            fused.attention(q, keys, values, positions, a, self.scale)
+            fused.add_rms(h, layer.o.fp32(a), layer.norm2.weight, _eps(layer.norm2), x)
+            gate_up = layer.gate_up.fp32(x)
+            if layer.silu:
+                act = torch.empty((rows, gate_up.shape[1] // 2), device=self.device,
+                                  dtype=self.dtype)  # fmt: skip
+                fused.silu_mul(gate_up, act)
+            else:
+                gate, up = gate_up.to(self.dtype).chunk(2, dim=-1)
+                act = layer.act(gate) * up
+            d = layer.down.fp32(act)
+        fused.add_rms(h, d, self.final_norm.weight, _eps(self.final_norm), x)
+        return self.lm_head(x)
+
     def _step(self, rows: int, length: int) -> torch.Tensor:
         """The decode forward for the first ``rows`` slots, attention over ``length``."""
         tokens, positions = self.tokens[:rows], self.positions[:rows]
@@ -331,13 +383,38 @@ class StaticBatch:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up outside the capture (allocator, kernels)
-                self._step(rows, length)
+                self._run(rows, length)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._step(rows, length)
+                out = self._run(rows, length)
             self._graphs[key] = (graph, out)
         return self._graphs[key]
+
+    @torch.inference_mode()
+    def self_check(self, prompt: list[int]) -> dict:
+        """One decode step after ``prompt`` (in slot 0; call only with no rows running) by
+        the path that serves (fused kernels in a CUDA graph on a GPU) and by the torch
+        step: how far apart their logits are."""
+        if self.rows:
+            raise RuntimeError("self_check needs an idle batch")
+        self.prefill([prompt])
+        self.tokens[0] = prompt[-1]
+        self.positions[0] = len(prompt)
+        reference = self._step(1, next(b for b in length_buckets(self.capacity)
+                                       if b > len(prompt))).float()  # fmt: skip
+        rows = self.row_buckets[0]
+        if self.graphs:
+            graph, out = self._graph(rows, self.length_buckets[-1])
+            graph.replay()
+            got = out[:1].float()
+        else:
+            got = self._run(rows, self.length_buckets[-1])[:1].float()
+        rel = ((got - reference).norm() / reference.norm()).item()
+        return {
+            "decode_step_vs_torch_rel_err": float(f"{rel:.2e}"),
+            "decode_step_argmax_equal": bool(got.argmax() == reference.argmax()),
+        }
 
     @torch.inference_mode()
     def warm(self, capture: bool = True) -> dict:
@@ -353,7 +430,7 @@ class StaticBatch:
             ]
             chosen = kernels.tune(weights, self.dtype)
             # compile the prefill kernels too (fused up to 64 rows, dequantize + matmul above)
-            for n in (40, 100):
+            for n in (1, 10, 24, 40, 100):
                 if n <= self.capacity and not self.rows:
                     self.prefill([[self.pad] * n])
         if self.graphs and capture:
