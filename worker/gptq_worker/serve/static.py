@@ -32,6 +32,7 @@ engine then uses the model-agnostic ``RunningBatch``.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -173,8 +174,9 @@ class StaticBatch:
         self.model, self.device, self.pad = model, device, pad
         self.max_rows, self.capacity = rows, capacity
         self.graphs = device.type == "cuda" if graphs is None else graphs
-        self.fused = (
-            device.type == "cuda"
+        self.fused = (  # GPTQ_SERVE_FUSED=0: the torch step (in CUDA graphs) instead
+            os.environ.get("GPTQ_SERVE_FUSED", "1") != "0"
+            and device.type == "cuda"
             and kernels.triton is not None
             and model.get_input_embeddings().weight.dtype in (torch.float16, torch.bfloat16)
         )
