@@ -248,6 +248,10 @@ def test_static_runtime_gives_the_greedy_tokens_of_the_dequantized_model(
     dense = dense_copy(load_quantized_model(checkpoint))
     engine = Engine(served, tok, torch.device("cpu"), max_batch=3, runtime="static")
     assert engine.runtime == "static"
+    moves = []
+    batch = engine._batch
+    original_move = batch._move
+    batch._move = lambda *a: (moves.append(a), original_move(*a))
     jobs = []
     try:
         for i, text in enumerate(PROMPTS):
@@ -261,6 +265,7 @@ def test_static_runtime_gives_the_greedy_tokens_of_the_dequantized_model(
             assert job.done.wait(120)
     finally:
         engine.stop()
+    assert moves  # a row left from the middle and the last one took its slot
     for job in jobs:
         expected = greedy(dense, job.request.prompt_ids, job.request.sampling.max_tokens, set())
         assert job.tokens == expected, tok.decode(job.request.prompt_ids)
