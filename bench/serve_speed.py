@@ -16,6 +16,15 @@ with its KV budget) and drives the engine directly, without HTTP:
   serving dtype (fp16 on a GPU), batch 1 and 8, the same token counts.
 
 Runs on a CPU (``--shape tiny``, the default there) or a GPU (``--shape llama-3-8b``).
+On a GPU the checkpoints of larger shapes are written by a quick round-to-nearest here
+(``quick_rtn``: speed does not depend on the values; the engine's own quantizer takes
+minutes for 8B), one per ``--configs`` entry (``4:sym,4:asym,3:sym``), from one random
+fp16 model; each is loaded the way the server loads it. Before any timing, the fused
+kernel is compared with the torch reference on real layers of the loaded model (the bench
+stops if they differ), and the static runtime's prefill logits with the transformers
+forward of the same quantized model. ``--hf-reference`` then times transformers'
+``generate`` on the unquantized fp16 model (batch 1 and 8).
+
 Prints one JSON line per measurement and a summary; nothing is pass/fail.
 """
 
@@ -39,6 +48,9 @@ from speed import SHAPES, random_model
 
 from gptq_compat.config import CalibrationConfig, QuantizeConfig, WorkerConfig
 from gptq_worker.demo.models import stdlib_text, train_tokenizer
+from gptq_worker.format.checkpoint import write_checkpoint
+from gptq_worker.format.pack import pack_qweight, pack_qzeros
+from gptq_worker.kernels import gptq_triton as kernels
 from gptq_worker.pipeline.run import quantize
 from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling
 from gptq_worker.serve.model import QuantLinear, load
@@ -89,20 +101,61 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def build(args, work: Path):
+def source_model(args):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     text = stdlib_text(2_000_000 if args.shape != "tiny" else 400_000)
     tokenizer = train_tokenizer(text, 8192 if args.shape != "tiny" else 1024)
     shape = TINY if args.shape == "tiny" else SHAPES[args.shape]
     config = LlamaConfig(**{**shape, "vocab_size": len(tokenizer)})
-    model = random_model(AutoModelForCausalLM, config)
+    return random_model(AutoModelForCausalLM, config), tokenizer, text
+
+
+def quick_rtn(model, tokenizer, out: Path, bits: int, group_size: int, sym: bool) -> None:
+    """Round-to-nearest of every decoder Linear on the model's device, packed by the
+    engine's own packers and written by its checkpoint writer (v1 ``gptq`` format)."""
+    from gptq_compat.config import CheckpointFormat
+
+    packed = {}
+    top = 2**bits - 1
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear) or name == "lm_head":
+            continue
+        w = m.weight.detach().float()  # [out, in]
+        n, k = w.shape
+        g = w.view(n, k // group_size, group_size)
+        if sym:
+            scale = (2 * g.abs().amax(-1) / top).clamp(min=1e-8)
+            zero = torch.full_like(scale, 2 ** (bits - 1))
+        else:
+            lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+            scale = ((hi - lo) / top).clamp(min=1e-8)
+            zero = torch.round(-lo / scale).clamp(1, top)  # v1 stores zero - 1
+        codes = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, top)
+        codes = codes.view(n, k).to(torch.int32)
+        packed[f"{name}.qweight"] = pack_qweight(codes, bits).cpu()
+        packed[f"{name}.qzeros"] = pack_qzeros(
+            zero.t().to(torch.int32), bits, CheckpointFormat.GPTQ
+        ).cpu()
+        packed[f"{name}.scales"] = scale.t().half().contiguous().cpu()
+        packed[f"{name}.g_idx"] = (torch.arange(k, dtype=torch.int32) // group_size).cpu()
+    cfg = QuantizeConfig(bits=bits, group_size=group_size, sym=sym, method="rtn")
+    write_checkpoint(out, model, tokenizer, packed, cfg)
+
+
+def build(args, work: Path, bits: int, sym: bool, source=None):
+    if source is not None:  # the GPU path: quick RTN of the random model already built
+        model, tokenizer = source
+        out = work / f"{args.shape}-w{bits}g{args.group_size}-{'sym' if sym else 'asym'}"
+        quick_rtn(model, tokenizer, out, bits, args.group_size, sym)
+        return out, tokenizer
+    model, tokenizer, text = source_model(args)
     source = work / f"{args.shape}-fp16"
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
     del model
     (work / "calib.txt").write_text(text[:200_000])
-    out = work / f"{args.shape}-w{args.bits}g{args.group_size}-{'asym' if args.asym else 'sym'}"
+    out = work / f"{args.shape}-w{bits}g{args.group_size}-{'sym' if sym else 'asym'}"
     quantize(
         WorkerConfig(
             model=str(source),
@@ -110,7 +163,7 @@ def build(args, work: Path):
             device=args.device,
             overwrite=True,
             quantization=QuantizeConfig(
-                bits=args.bits, group_size=args.group_size, sym=not args.asym, method=args.method
+                bits=bits, group_size=args.group_size, sym=sym, method=args.method
             ),
             calibration=CalibrationConfig(dataset=str(work / "calib.txt"), nsamples=8, seqlen=256),
         ),
@@ -119,8 +172,8 @@ def build(args, work: Path):
     return out, tokenizer
 
 
-def hf_reference(served, tokenizer, prompt, tokens: int, dtype) -> dict:
-    """transformers' generate on the dequantized weights (nn.Linear), batch 1 and 8."""
+def dense_copy(served, dtype):
+    """``served`` with every QuantLinear replaced by an nn.Linear of its dequantized weight."""
     from gptq_worker.format.pack import dequantize_packed
 
     for name, m in list(served.named_modules()):
@@ -133,18 +186,68 @@ def hf_reference(served, tokenizer, prompt, tokens: int, dtype) -> dict:
                 lin.bias.data.copy_(m.bias.to(dtype))
             parent, _, child = name.rpartition(".")
             setattr(served.get_submodule(parent), child, lin)
+    return served
+
+
+def hf_reference(model, prompt, tokens: int) -> dict:
+    """transformers' own ``generate`` (greedy, all ``tokens``), batch 1 and 8."""
     out = {}
     for batch in (1, 8):
-        ids = torch.tensor([prompt] * batch, device=served.device)
+        ids = torch.tensor([prompt] * batch, device=model.device)
         kw = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-        served.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
         _sync()
         t0 = time.monotonic()
-        served.generate(ids, **kw)
+        model.generate(ids, **kw)
         _sync()
         out[f"hf_generate_batch{batch}_tokens_per_s"] = round(
             batch * tokens / (time.monotonic() - t0), 2
         )
+    return out
+
+
+def check_kernels(model) -> dict:
+    """The fused kernel against the torch reference on the loaded model's own layers, at
+    decode and prefill row counts; raises if any differs beyond fp16 rounding."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    worst = 0.0
+    for m in (layers[0], layers[len(layers) // 2], layers[-1]):
+        w = m.packed()
+        ref_w = kernels.reference_weight(w, torch.float32)
+        got_w = kernels.dequantize(w, torch.float16).float()
+        err = ((got_w - ref_w.half().float()).abs().max() / ref_w.abs().max()).item()
+        if err > 0:
+            raise AssertionError(f"dequantize kernel differs from the reference: {err}")
+        for rows in (1, 7, 32, 200):
+            x = torch.randn(rows, w.in_features, device=w.qweight.device, dtype=torch.float16)
+            got = kernels.qmatmul(x, w).float()
+            ref = x.float() @ ref_w.half().float()
+            rel = ((got - ref).norm() / ref.norm()).item()
+            worst = max(worst, rel)
+            if not rel < 2e-3:
+                raise AssertionError(f"fused kernel differs ({rows} rows): rel {rel}")
+    return {"kernel_max_rel_err": float(f"{worst:.2e}")}
+
+
+def check_static(engine, prompt: list[int]) -> dict:
+    """The static runtime against transformers' forward of the same quantized model
+    (prefill logits: our forward and cache against theirs; both run the fused GEMM), and
+    one decode step as served (fused kernels replayed in a CUDA graph) against the torch
+    step; raises if the decode step differs beyond fp16 rounding."""
+    if engine.runtime != "static":
+        return {}
+    batch = engine._batch
+    with torch.inference_mode():
+        ref = engine.model(torch.tensor([prompt], device=engine.device)).logits[0, -1].float()
+        got, _ = batch.prefill([prompt])
+    got = got[0].float()
+    out = {
+        "static_prefill_logits_rel_err": float(f"{((got - ref).norm() / ref.norm()).item():.2e}"),
+        "static_prefill_argmax_equal": bool(got.argmax() == ref.argmax()),
+    }
+    out.update(batch.self_check(prompt))
+    if not out["decode_step_vs_torch_rel_err"] < 2e-2:
+        raise AssertionError(f"the served decode step differs from the torch step: {out}")
     return out
 
 
@@ -172,36 +275,16 @@ def machine() -> dict:
     }
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name()
+        try:
+            import triton
+
+            out["triton"] = triton.__version__
+        except ImportError:
+            pass
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", default="/tmp/gptq-serve-speed")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--shape", choices=["tiny", *SHAPES], default=None)
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--asym", action="store_true")
-    p.add_argument("--method", default="rtn", help="rtn (default, fast) or gptq")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=128, help="decode tokens at batch 1 and 8")
-    p.add_argument("--short", type=int, default=16, help="max_tokens of the short requests")
-    p.add_argument("--long", type=int, default=512, help="max_tokens of the long requests")
-    p.add_argument("--hf-reference", action="store_true")
-    args = p.parse_args()
-    args.shape = args.shape or ("tiny" if args.device == "cpu" else "llama-3-8b")
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint, tokenizer = build(args, work)
-    loaded = load(checkpoint, "bench", args.device, max_batch=32, max_queue=256)
-    engine = loaded.engine
-    info = {**loaded.info, **machine(), "shape": args.shape, "vocab": len(tokenizer)}
-    info["kv_cache_tokens"] = engine.kv_cache_tokens
-    print(json.dumps({"setup": info}), flush=True)
-    rng = random.Random(0)
-    vocab = len(tokenizer)
-
+def measure(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
 
@@ -226,7 +309,7 @@ def main() -> None:
     plan = plan[:8] + tail
     lengths = [rng.randint(args.prompt_tokens // 2, args.prompt_tokens * 2) for _ in plan]
     jobs = [Job(prompt(n), m, kind) for (kind, m), n in zip(plan, lengths, strict=True)]
-    gaps = [0.0] * 8 + [0.02] * 24
+    gaps = [0.0] * 8 + [args.gap] * 24
     wall = run(engine, jobs, gaps)
     results["mixed32_tokens_per_s"] = round(sum(j.count for j in jobs) / wall, 2)
     results["mixed32_wall_s"] = round(wall, 2)
@@ -236,27 +319,142 @@ def main() -> None:
     results["mixed32_long_p50_s"] = round(
         pct([j.latency for j in jobs if j.kind == "long"], 0.5), 3
     )
-    alone = []
+    # the same short requests beside one long request, and alone
+    beside, alone = [], []
+    for j in jobs:
+        if j.kind == "short":
+            long_one = Job(prompt(args.prompt_tokens), args.long)
+            engine.submit(long_one.request)
+            time.sleep(args.gap * 5)
+            solo = Job(j.request.prompt_ids, args.short)
+            run(engine, [solo])
+            beside.append(solo.latency)
+            long_one.request.cancelled.set()
+            long_one.done.wait()
     for j in jobs:
         if j.kind == "short":
             solo = Job(j.request.prompt_ids, args.short)
             run(engine, [solo])
             alone.append(solo.latency)
+    results["short_beside_one_long_p50_s"] = round(pct(beside, 0.5), 3)
+    results["short_beside_one_long_p95_s"] = round(pct(beside, 0.95), 3)
     results["short_alone_p50_s"] = round(pct(alone, 0.5), 3)
     results["short_alone_p95_s"] = round(pct(alone, 0.95), 3)
     results["mixed32_over_batch1"] = round(
         results["mixed32_tokens_per_s"] / results["batch1_decode_tokens_per_s"], 2
     )
-    engine.stop()
-    if args.hf_reference:
-        dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-        results.update(
-            hf_reference(engine.model, tokenizer, prompt(args.prompt_tokens), args.tokens, dtype)
-        )
-    print(json.dumps({"results": results}), flush=True)
-    width = max(map(len, results))
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value}")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/gptq-serve-speed")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", choices=["tiny", *SHAPES], default=None)
+    p.add_argument("--configs", default="4:sym", help="bits:sym|asym, comma-separated")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--method", default="rtn", help="rtn (default, fast) or gptq (tiny only)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "static", "dynamic"])
+    p.add_argument(
+        "--dynamic-batch1", type=int, default=0, help="also time the dynamic runtime at batch 1"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=128, help="decode tokens at batch 1 and 8")
+    p.add_argument("--short", type=int, default=16, help="max_tokens of the short requests")
+    p.add_argument("--long", type=int, default=512, help="max_tokens of the long requests")
+    p.add_argument("--gap", type=float, default=0.02, help="seconds between arrivals")
+    p.add_argument("--hf-reference", action="store_true")
+    p.add_argument("--quick-rtn", action="store_true", help="quick_rtn also on a CPU / tiny")
+    p.add_argument("--json", default=None, help="append every result line to this file")
+    args = p.parse_args()
+    args.shape = args.shape or ("tiny" if args.device == "cpu" else "llama-3-8b")
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    configs = [
+        (int(b), kind == "sym") for b, kind in (c.split(":") for c in args.configs.split(","))
+    ]
+    gpu_build = args.quick_rtn or (args.device.startswith("cuda") and args.shape != "tiny")
+    source = None
+    if gpu_build:
+        t0 = time.monotonic()
+        model, tokenizer, _ = source_model(args)
+        source = (model.to(args.device), tokenizer)
+        emit(args, {"built_fp16_s": round(time.monotonic() - t0, 1)})
+    summary = {}
+    for bits, sym in configs:
+        label = f"w{bits}g{args.group_size}-{'sym' if sym else 'asym'}"
+        try:
+            t0 = time.monotonic()
+            checkpoint, tokenizer = build(args, work, bits, sym, source)
+            built = time.monotonic() - t0
+            t0 = time.monotonic()
+            loaded = load(checkpoint, "bench", args.device, max_batch=32, max_queue=256,
+                          runtime=args.runtime)  # fmt: skip
+            engine = loaded.engine
+            info = {**loaded.info, **machine(), "shape": args.shape, "vocab": len(tokenizer)}
+            info.update(label=label, kv_cache_tokens=engine.kv_cache_tokens,
+                        build_s=round(built, 1), load_s=round(time.monotonic() - t0, 1),
+                        tuned={str(k): v for k, v in engine.tuned.items()})  # fmt: skip
+            emit(args, {"setup": info})
+            rng = random.Random(0)
+            checks = {}
+            if args.device.startswith("cuda"):
+                checks.update(check_kernels(engine.model))
+            checks.update(
+                check_static(engine, [rng.randrange(3, len(tokenizer)) for _ in range(40)])
+            )
+            emit(args, {"label": label, "checks": checks})
+            results = measure(args, engine, len(tokenizer), rng)
+            engine.stop()
+            if args.dynamic_batch1:
+                dyn = Engine(engine.model, tokenizer, engine.device, max_batch=1,
+                             kv_cache_tokens=4096, runtime="dynamic")  # fmt: skip
+                run(dyn, [Job([5] * args.prompt_tokens, 4)])
+                one = Job([7] * args.prompt_tokens, args.dynamic_batch1)
+                run(dyn, [one])
+                t = one.request.times
+                results["dynamic_batch1_decode_tokens_per_s"] = round(
+                    (t.tokens - 1) / (t.last_token - t.first_token), 2
+                )
+                dyn.stop()
+            if args.hf_reference and not gpu_build:
+                dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+                dense = dense_copy(engine.model, dtype)
+                results.update(hf_reference(dense, rng_prompt(rng, tokenizer, args), args.tokens))
+            emit(args, {"label": label, "results": results})
+            summary[label] = results
+            del engine, loaded
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        except Exception as err:  # one configuration failing leaves the others to run
+            import traceback
+
+            traceback.print_exc()
+            emit(args, {"label": label, "error": f"{type(err).__name__}: {err}"})
+    if args.hf_reference and gpu_build:
+        model, tokenizer = source
+        ref = hf_reference(model, rng_prompt(random.Random(1), tokenizer, args), args.tokens)
+        emit(args, {"label": "fp16", "results": ref})
+        summary["fp16 (transformers generate)"] = ref
+    for label, results in summary.items():
+        print(f"== {label}")
+        width = max(map(len, results))
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value}")
+
+
+def rng_prompt(rng: random.Random, tokenizer, args) -> list[int]:
+    return [rng.randrange(3, len(tokenizer)) for _ in range(args.prompt_tokens)]
+
+
+def emit(args, record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
 
 
 if __name__ == "__main__":

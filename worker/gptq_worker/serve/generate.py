@@ -35,6 +35,7 @@ from gptq_worker.serve.batch import (
     peak_slots,
 )
 from gptq_worker.serve.metrics import RequestTimes
+from gptq_worker.serve.static import StaticBatch, unsupported
 from gptq_worker.serve.text import TextStream, sample
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Engine:
         max_queue: int = 64,
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+        runtime: str = "auto",
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -134,9 +136,19 @@ class Engine:
                     kv_cache_tokens,
                     self.context,
                 )
-        self.kv_cache_tokens = kv_cache_tokens
         self.metrics = NoMetrics()  # the server attaches its ServeMetrics
-        self._batch = RunningBatch(model, device, self.pad)
+        self.runtime = choose_runtime(runtime, model, device)
+        self.tuned: dict = {}  # the kernel configurations the static runtime chose
+        if self.runtime == "static":
+            # every row owns a slot of a whole context (or of the budget, if smaller)
+            capacity = max(1, min(self.context, kv_cache_tokens))
+            rows = max(1, min(max_batch, kv_cache_tokens // capacity))
+            kv_cache_tokens = rows * capacity
+            self._batch = StaticBatch(model, device, self.pad, rows, capacity)
+            self.tuned = self._batch.warm()
+        else:
+            self._batch = RunningBatch(model, device, self.pad)
+        self.kv_cache_tokens = kv_cache_tokens
         self._waiting: collections.deque[Request] = collections.deque()
         self._running = 0
         self._slots = 0
@@ -149,11 +161,13 @@ class Engine:
     # -- queue ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         need = peak_slots([(len(request.prompt_ids), request.sampling.max_tokens)])
-        if need > self.kv_cache_tokens:
+        limit = self._batch.limit() if self.runtime == "static" else self.kv_cache_tokens
+        if need > limit:
+            per = " for one request" if self.runtime == "static" else ""
             raise TooLarge(
                 f"the prompt's {len(request.prompt_ids)} tokens and max_tokens "
                 f"{request.sampling.max_tokens} need {need} KV-cache slots; this server's KV "
-                f"cache holds {self.kv_cache_tokens} (--kv-cache-tokens)"
+                f"cache holds {limit}{per} (--kv-cache-tokens)"
             )
         with self._cv:
             if self._draining:
@@ -241,12 +255,17 @@ class Engine:
             shape = (len(r.prompt_ids), r.sampling.max_tokens)
             if admitted and prefill + shape[0] > self.max_prefill_tokens:
                 break
-            if peak_slots([*shapes, shape]) > self.kv_cache_tokens:
+            if not self._fits([*shapes, shape]):
                 break  # first come, first served: later ones do not overtake it
             shapes.append(shape)
             prefill += shape[0]
             admitted.append(self._waiting.popleft())
         return admitted
+
+    def _fits(self, shapes: list[tuple[int, int]]) -> bool:
+        if self.runtime == "static":
+            return self._batch.fits(shapes)
+        return peak_slots(shapes) <= self.kv_cache_tokens
 
     def _start(self, batch: RunningBatch, admitted: list[Request]) -> None:
         """Prefill the admitted requests, sample their first tokens, join the batch."""
@@ -375,6 +394,22 @@ def _emit(r: Request, chunk: Chunk) -> None:
     except Exception:
         r.cancelled.set()
         log.debug("could not deliver a chunk", exc_info=True)
+
+
+def choose_runtime(runtime: str, model, device: torch.device) -> str:
+    """``static`` (StaticBatch: static KV cache, fused kernels, CUDA graphs on a GPU) or
+    ``dynamic`` (RunningBatch: any transformers causal LM). ``auto`` takes static on a
+    GPU when the model is supported, dynamic otherwise."""
+    if runtime not in ("auto", "static", "dynamic"):
+        raise ValueError(f"runtime must be auto, static or dynamic, not {runtime!r}")
+    reason = unsupported(model)
+    if runtime == "static" and reason:
+        raise ValueError(f"the static runtime cannot run this model: {reason}")
+    if runtime == "auto":
+        runtime = "static" if device.type == "cuda" and reason is None else "dynamic"
+        if device.type == "cuda" and reason:
+            log.info("dynamic runtime: %s", reason)
+    return runtime
 
 
 def context_length(model) -> int:

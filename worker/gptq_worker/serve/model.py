@@ -16,15 +16,18 @@ from torch import nn
 from gptq_compat.config import CheckpointFormat
 from gptq_worker.format.checkpoint import QUANT_SUFFIXES, load_tensors, read_quantize_config
 from gptq_worker.format.pack import unpack_qzeros, unpack_rows
+from gptq_worker.kernels import gptq_triton as kernels
 from gptq_worker.serve.generate import Engine
 
-KERNEL = "builtin/torch"
+KERNEL = "builtin/torch"  # dequantize in torch, then matmul (CPU, or no Triton)
+TRITON_KERNEL = "builtin/triton"  # fused dequantize-and-multiply (kernels/gptq_triton.py)
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight stays packed in memory and is dequantized in each forward.
 
-    The portable torch path: correct on any device, not fast. ``qweight`` stays packed
+    On a GPU with Triton the forward is the fused kernel of ``kernels/gptq_triton.py``;
+    elsewhere the portable torch path: correct on any device, not fast. ``qweight`` stays packed
     (``bits/16`` of the fp16 weight); zero points are kept unpacked, one small
     ``[groups, out]`` tensor in the scales' dtype, so each forward only unpacks codes.
     """
@@ -67,7 +70,17 @@ class QuantLinear(nn.Module):
         w = (self.codes().to(dtype) - self.zeros.to(dtype)[g]) * self.scales.to(dtype)[g]
         return w.t()
 
+    def packed(self) -> kernels.PackedWeight:
+        """The kernels' view of this layer (rebuilt if its tensors were replaced or moved)."""
+        p = getattr(self, "_packed", None)
+        if p is None or p.qweight is not self.qweight or p.scales is not self.scales:
+            p = kernels.PackedWeight(self.qweight, self.zeros, self.scales, self.g_idx, self.bits)
+            self._packed = p
+        return p
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and kernels.available(x):
+            return kernels.qmatmul(x, self.packed(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         # fp16 * fp16 rounds exactly like the fp32 product cast to fp16; bf16 would not
         exact = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
@@ -167,6 +180,7 @@ def load(
     max_queue: int,
     trust_remote_code: bool = False,
     kv_cache_tokens: int | None = None,
+    runtime: str = "auto",
 ) -> Loaded:
     from transformers import AutoTokenizer
 
@@ -198,7 +212,6 @@ def load(
         "desc_act": str(qcfg.desc_act).lower(),
         "sym": str(qcfg.sym).lower(),
         "format": qcfg.checkpoint_format.value,
-        "kernel": KERNEL,
         "device": str(dev),
         "dtype": str(dtype).removeprefix("torch."),
     }
@@ -209,5 +222,10 @@ def load(
         max_batch=max_batch,
         max_queue=max_queue,
         kv_cache_tokens=kv_cache_tokens,
+        runtime=runtime,
     )
+    fused = dev.type == "cuda" and kernels.triton is not None and dtype != torch.float32
+    info["kernel"] = TRITON_KERNEL if fused else KERNEL
+    info["runtime"] = engine.runtime + (" (CUDA graphs)" if engine.runtime == "static" and
+                                        dev.type == "cuda" else "")  # fmt: skip
     return Loaded(engine, tokenizer, name, info, packed, fp16, int(time.time()))

@@ -1,0 +1,286 @@
+"""The fast runtime's pieces on a CPU: the GPTQ kernels' index arithmetic (in torch, and the
+Triton kernels themselves through Triton's interpreter) against ``pack.dequantize_packed``,
+and the static-cache runtime's tokens against plain greedy decoding of the dequantized
+model (the GPU adds only the Triton kernels, checked here, and CUDA graphs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptq_compat.config import CheckpointFormat
+from gptq_worker.kernels import gptq_triton as kernels
+from gptq_worker.pipeline.run import quantize
+from gptq_worker.serve.generate import Engine, Sampling
+from gptq_worker.serve.model import load_quantized_model
+from gptq_worker.serve.static import StaticBatch, length_buckets, unsupported
+
+from .conftest import worker_config
+from .kernel_cases import FORMATS, layer
+from .test_serve import dense_copy, greedy
+from .test_serve_batching import PROMPTS, Collected
+
+
+@pytest.mark.parametrize(("bits", "sym", "act", "fmt"), FORMATS)
+def test_kernel_index_arithmetic_reads_what_pack_wrote(bits, sym, act, fmt):
+    w, expected = layer(bits, sym, act, fmt, seed=bits)
+    assert (w.group == 0) == act  # act-order gathers per k; plain groups read one row
+    torch.testing.assert_close(kernels.reference_weight(w), expected.t(), rtol=0, atol=0)
+    x = torch.randn(3, w.in_features)
+    torch.testing.assert_close(
+        kernels.reference_matmul(x, w), x @ expected.t(), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_a_wrong_bit_width_is_caught():
+    """The comparison above can fail: the same words read at another width differ."""
+    w, expected = layer(4, False, False, CheckpointFormat.GPTQ)
+    w.bits = 2
+    w.in_features = 512
+    w.g_idx = torch.arange(512, dtype=torch.int32) // 128
+    assert not torch.equal(kernels.reference_weight(w)[:256], expected.t())
+
+
+def test_plain_group_recognises_only_k_over_group_size():
+    assert kernels.plain_group(torch.arange(256) // 64, 4) == 64
+    assert kernels.plain_group(torch.zeros(256, dtype=torch.int32), 1) == 256
+    swapped = torch.arange(256) // 64
+    swapped[[0, 255]] = swapped[[255, 0]]
+    assert kernels.plain_group(swapped, 4) == 0
+
+
+TRITON_CHECK = r"""
+import torch
+from gptq_worker.kernels import gptq_triton as kernels
+from kernel_cases import FORMATS, layer
+
+bad = []
+paths = set()
+for i, (bits, sym, act, fmt) in enumerate(FORMATS):
+    # group 32: tiles of 32 rows; group 128 (k not a multiple of the tile): 4/8-bit planes
+    for k, group in ((288, 32), (640, 128)):
+        w, expected = layer(bits, sym, act, fmt, k=k, n=96, group=group, seed=i)
+        ref = expected.t()
+        assert torch.equal(kernels.dequantize(w, torch.float32), ref), ("dequantize", bits, act)
+        for m in (1, 5, 40):
+            x = torch.randn(m, w.in_features)
+            for kind in ("mv", "mm") if m == 1 else ("mm",):
+                for config in ((32, 0), (64, 4), (128, 8)):  # no K split; split, atomics
+                    y = kernels.fused_matmul(x, w, config, kind)
+                    err = ((y - x @ ref).norm() / (x @ ref).norm()).item()
+                    planes = kind == "mm" and bits in (4, 8) and w.block_k * bits // 32 >= 16
+                    paths.add((kind, planes, w.group > 0))
+                    if not err < 1e-5:
+                        bad.append((bits, sym, act, str(fmt), k, m, kind, config, err))
+        y = kernels.qmatmul(torch.randn(70, w.in_features), w)  # many rows: dequantize + matmul
+        assert y.shape == (70, w.out_features)
+assert not bad, bad
+assert len(paths) == 6, paths  # mv and mm (with and without planes), grouped and act-order
+print("triton kernels equal", len(FORMATS))
+"""
+
+
+def test_triton_kernels_equal_the_dequantized_product():
+    """The kernels the GPU runs, executed by Triton's interpreter on the CPU."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("triton is not installed (it comes with torch on Linux x86-64)")
+        pytest.skip("triton is not installed")
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", TRITON_CHECK],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=here,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"triton kernels equal {len(FORMATS)}" in done.stdout
+
+
+FUSED_STEP_CHECK = r"""
+import sys
+import torch
+from gptq_worker.kernels import decode_triton as fused
+from gptq_worker.serve.model import load_quantized_model
+from gptq_worker.serve.static import StaticBatch
+
+torch.manual_seed(0)
+model = load_quantized_model(sys.argv[1])
+batch = StaticBatch(model, torch.device("cpu"), 0, rows=2, capacity=64, graphs=False)
+batch.fused = True  # what runs on a GPU, here through Triton's interpreter
+check = batch.self_check([3, 17, 42, 9, 250, 11])
+print(check)
+assert check["decode_step_argmax_equal"] and check["decode_step_vs_torch_rel_err"] < 1e-4, check
+batch.fused = False  # the check compares two different paths: the torch one with itself is 0
+assert batch.self_check([3, 17, 42, 9, 250, 11])["decode_step_vs_torch_rel_err"] == 0
+print("fused step equal")
+"""
+
+
+def test_fused_decode_step_equals_the_torch_step(served_checkpoint):
+    """The GPU's decode step (add+norm, GPTQ matmuls, rope+cache write, attention,
+    silu*up, all Triton) against the torch step, through Triton's interpreter."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    done = subprocess.run(
+        [sys.executable, "-c", FUSED_STEP_CHECK, str(served_checkpoint)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=900,
+        cwd=here,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fused step equal" in done.stdout
+
+
+DECODE_KERNELS_CHECK = r"""
+import torch
+from gptq_worker.kernels import decode_triton as D
+
+torch.manual_seed(0)
+rows, H, KV, hd, S, N, I = 3, 8, 2, 64, 200, 96, 80
+h = torch.randn(rows, N)
+d = torch.randn(rows, N)
+w = torch.randn(N)
+for delta in (d, None):
+    ref_h, ref_x = D.add_rms_reference(h, delta, w, 1e-5)
+    x, h2 = torch.empty_like(h), h.clone()
+    D.add_rms(h2, delta, w, 1e-5, x)
+    assert torch.allclose(h2, ref_h, atol=1e-6) and torch.allclose(x, ref_x, atol=1e-5)
+qkv = torch.randn(rows, (H + 2 * KV) * hd)
+pos = torch.tensor([5, 0, 150])  # rows at different positions, one at the very start
+inv = 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd)
+emb = torch.arange(S)[:, None].float() * inv[None]
+emb = torch.cat([emb, emb], -1)
+cos, sin = emb.cos(), emb.sin()
+keys, values = torch.randn(rows, KV, S, hd), torch.randn(rows, KV, S, hd)
+q = torch.empty(rows, H, hd)
+D.rope_kv(qkv, q, keys, values, cos, sin, pos, H, KV)
+rq, rk, rv = D.rope_kv_reference(qkv, cos, sin, pos, H, KV, hd)
+ar = torch.arange(rows)
+assert torch.allclose(q, rq, atol=1e-5)
+assert torch.allclose(keys[ar, :, pos], rk, atol=1e-5)
+assert torch.equal(values[ar, :, pos], rv)
+out = torch.empty(rows, H * hd)
+D.attention(q, keys, values, pos, out, hd**-0.5)
+assert torch.allclose(out, D.attention_reference(q, keys, values, pos, hd**-0.5), atol=1e-5)
+gu = torch.randn(rows, 2 * I)
+o = torch.empty(rows, I)
+D.silu_mul(gu, o)
+assert torch.allclose(o, D.silu_mul_reference(gu), atol=1e-6)
+print("decode kernels equal")
+"""
+
+
+def test_decode_kernels_equal_their_torch_references():
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", DECODE_KERNELS_CHECK],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "decode kernels equal" in done.stdout
+
+
+def test_length_buckets_cover_the_capacity():
+    assert length_buckets(2048) == [256, 512, 768, 1024, 1536, 2048]
+    assert length_buckets(100) == [100]
+    b = length_buckets(8192)
+    assert b[-1] == 8192 and b == sorted(set(b)) and all(x % 256 == 0 for x in b)
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory, model_dir, calibration_file):
+    """3-bit, asymmetric, act-order (real g_idx): what only the built-in runtime serves."""
+    out = tmp_path_factory.mktemp("static") / "w3g32-asym-act"
+    quantize(
+        worker_config(
+            model_dir("llama"), out, calibration_file, bits=3, group_size=32, sym=False,
+            desc_act=True,
+        )
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(served_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(served_checkpoint)
+
+
+def test_static_prefill_logits_equal_the_transformers_forward(served_checkpoint, tok):
+    model = load_quantized_model(served_checkpoint)
+    assert unsupported(model) is None
+    prompts = [tok(t).input_ids for t in PROMPTS[:3]]
+    batch = StaticBatch(model, torch.device("cpu"), 0, rows=4, capacity=128)
+    logits, start = batch.prefill(prompts)
+    assert start == 0
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["w4g32", "w3g32-asym-act"])
+def test_static_runtime_gives_the_greedy_tokens_of_the_dequantized_model(
+    which, served_checkpoint, odd_checkpoint, tok
+):
+    """Staggered arrivals, more requests than rows (rows leave from the middle and the last
+    one moves into the freed slot): each request gets plain greedy decoding's tokens."""
+    checkpoint = served_checkpoint if which == "w4g32" else odd_checkpoint
+    served = load_quantized_model(checkpoint)
+    dense = dense_copy(load_quantized_model(checkpoint))
+    engine = Engine(served, tok, torch.device("cpu"), max_batch=3, runtime="static")
+    assert engine.runtime == "static"
+    moves = []
+    batch = engine._batch
+    original_move = batch._move
+    batch._move = lambda *a: (moves.append(a), original_move(*a))
+    jobs = []
+    try:
+        for i, text in enumerate(PROMPTS):
+            sampling = Sampling(max_tokens=14 - 2 * i, temperature=0, ignore_eos=True)
+            job = Collected(tok(text).input_ids, sampling)
+            engine.submit(job.request)
+            jobs.append(job)
+            if i < 2:
+                assert job.first.wait(60)  # the next one joins while this one decodes
+        for job in jobs:
+            assert job.done.wait(120)
+    finally:
+        engine.stop()
+    assert moves  # a row left from the middle and the last one took its slot
+    for job in jobs:
+        expected = greedy(dense, job.request.prompt_ids, job.request.sampling.max_tokens, set())
+        assert job.tokens == expected, tok.decode(job.request.prompt_ids)
+
+
+def test_static_runtime_refuses_what_a_row_cannot_hold(served_checkpoint, tok):
+    from gptq_worker.serve.generate import Request, TooLarge
+
+    served = load_quantized_model(served_checkpoint)
+    engine = Engine(
+        served, tok, torch.device("cpu"), max_batch=4, kv_cache_tokens=200, runtime="static"
+    )
+    try:
+        assert engine.kv_cache_tokens == 200 and engine._batch.max_rows == 1
+        with pytest.raises(TooLarge):
+            engine.submit(Request([5] * 150, Sampling(max_tokens=60), lambda c: None))
+    finally:
+        engine.stop()

@@ -1,0 +1,1 @@
+"""Compute kernels of the built-in serving runtime (fused GPTQ dequantize-and-multiply)."""

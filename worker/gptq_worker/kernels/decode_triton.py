@@ -1,0 +1,205 @@
+"""Fused kernels for one Llama decode step (``serve/static.py``), so that a step is ~13
+kernels a layer instead of ~50 small torch ops (each a few microseconds even inside a
+CUDA graph):
+
+- :func:`add_rms`: ``h += d`` (the previous matmul's fp32 output) and ``x = RMSNorm(h)``;
+- :func:`rope_kv`: RoPE on q and k of the fused qkv output, k and v written into the
+  static cache at each row's position;
+- :func:`attention`: grouped-query attention of one new token per row over its cache up
+  to its own position (online softmax, tensor cores for the G query heads of a KV head);
+- :func:`silu_mul`: ``silu(gate) * up`` of the fused gate/up output.
+
+Each has a torch reference (``*_reference``) with the same meaning; the CPU tests run the
+Triton kernels through ``TRITON_INTERPRET=1`` against them, and the GPU bench compares a
+whole fused decode step with the torch step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_kernel(h_ptr, d_ptr, w_ptr, x_ptr, N, eps, HAS_D: tl.constexpr,
+                        BLOCK: tl.constexpr):  # fmt: skip
+        r = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        m = c < N
+        h = tl.load(h_ptr + r * N + c, mask=m, other=0.0)
+        if HAS_D:
+            d = tl.load(d_ptr + r * N + c, mask=m, other=0.0)
+            h = (h.to(tl.float32) + d.to(tl.float32)).to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + r * N + c, h, mask=m)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / N
+        xn = (hf * tl.rsqrt(var + eps)).to(h_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + c, mask=m, other=0.0)
+        tl.store(x_ptr + r * N + c, (w * xn).to(x_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rope_kv_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,
+                        sxb, sqb, sqh, skb, skh, skl, scs, H, KVH,
+                        HALF: tl.constexpr):  # fmt: skip
+        b = tl.program_id(0)
+        j = tl.program_id(1)  # q heads, then k heads, then v heads
+        pos = tl.load(pos_ptr + b)
+        d = tl.arange(0, HALF)
+        base = qkv_ptr + b * sxb + j * 2 * HALF
+        x1 = tl.load(base + d).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(tl.float32)
+        if j < H + KVH:
+            c = tl.load(cos_ptr + pos * scs + d).to(tl.float32)
+            s = tl.load(sin_ptr + pos * scs + d).to(tl.float32)
+            o1 = x1 * c - x2 * s
+            o2 = x2 * c + x1 * s
+            if j < H:
+                dst = q_ptr + b * sqb + j * sqh
+                tl.store(dst + d, o1.to(q_ptr.dtype.element_ty))
+                tl.store(dst + HALF + d, o2.to(q_ptr.dtype.element_ty))
+            else:
+                dst = k_ptr + b * skb + (j - H) * skh + pos * skl
+                tl.store(dst + d, o1.to(k_ptr.dtype.element_ty))
+                tl.store(dst + HALF + d, o2.to(k_ptr.dtype.element_ty))
+        else:
+            dst = v_ptr + b * skb + (j - H - KVH) * skh + pos * skl
+            tl.store(dst + d, x1.to(v_ptr.dtype.element_ty))
+            tl.store(dst + HALF + d, x2.to(v_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, scale,
+                          sqb, sqh, skb, skh, skl, sob,
+                          G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
+                          BLOCK_L: tl.constexpr):  # fmt: skip
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        pos = tl.load(pos_ptr + b)
+        g = tl.arange(0, GP)
+        d = tl.arange(0, HD)
+        gm = g < G
+        heads = kvh * G + g
+        q = tl.load(
+            q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0
+        )
+        m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((GP,), dtype=tl.float32)
+        acc = tl.zeros((GP, HD), dtype=tl.float32)
+        base = b * skb + kvh * skh
+        for l0 in range(0, pos + 1, BLOCK_L):
+            cols = l0 + tl.arange(0, BLOCK_L)
+            valid = cols <= pos
+            offs = base + cols[:, None] * skl + d[None, :]
+            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        dst = out_ptr + b * sob + heads[:, None] * HD + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
+        r = tl.program_id(0)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = c < INTER
+        g = tl.load(gu_ptr + r * 2 * INTER + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + r * 2 * INTER + INTER + c, mask=m, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + r * INTER + c, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+# -- launchers --------------------------------------------------------------------------
+
+
+def add_rms(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            out: torch.Tensor) -> None:  # fmt: skip
+    """``h += d`` (in place, if ``d``), ``out = weight * rms_normalise(h)``; rows contiguous."""
+    rows, n = h.shape
+    _add_rms_kernel[(rows,)](
+        h, d if d is not None else h, weight, out, n, eps, HAS_D=d is not None,
+        BLOCK=triton.next_power_of_2(n), num_warps=8,
+    )  # fmt: skip
+
+
+def rope_kv(qkv, q, keys, values, cos, sin, positions, heads: int, kv_heads: int) -> None:
+    """q heads of ``qkv [rows, (H+2KV)*hd]`` roped into ``q [rows, H, hd]``; k (roped) and v
+    written into ``keys``/``values [rows, KV, S, hd]`` at each row's position."""
+    rows = qkv.shape[0]
+    hd = q.shape[-1]
+    _rope_kv_kernel[(rows, heads + 2 * kv_heads)](
+        qkv, q, keys, values, cos, sin, positions, qkv.stride(0), q.stride(0), q.stride(1),
+        keys.stride(0), keys.stride(1), keys.stride(2), cos.stride(0), heads, kv_heads,
+        HALF=hd // 2, num_warps=1,
+    )  # fmt: skip
+
+
+def attention(q, keys, values, positions, out, scale: float) -> None:
+    """``out [rows, H*hd]``: each row's query heads over its cache columns ``0..pos``."""
+    rows, heads, hd = q.shape
+    kv_heads = keys.shape[1]
+    group = heads // kv_heads
+    _attention_kernel[(rows, kv_heads)](
+        q, keys, values, positions, out, scale, q.stride(0), q.stride(1), keys.stride(0),
+        keys.stride(1), keys.stride(2), out.stride(0), G=group,
+        GP=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_L=64, num_warps=4,
+    )  # fmt: skip
+
+
+def silu_mul(gate_up: torch.Tensor, out: torch.Tensor) -> None:
+    rows, two = gate_up.shape
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(two // 2, block))](gate_up, out, two // 2, BLOCK=block)
+
+
+# -- torch references -------------------------------------------------------------------
+
+
+def add_rms_reference(h, d, weight, eps):
+    """Returns (new h, x) without touching ``h``."""
+    if d is not None:
+        h = (h.float() + d.float()).to(h.dtype)
+    hf = h.float()
+    xn = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return h, weight * xn
+
+
+def rope_kv_reference(qkv, cos, sin, positions, heads, kv_heads, hd):
+    """(q [rows, H, hd], k [rows, KV, hd], v [rows, KV, hd]) as the kernel computes them."""
+    rows = qkv.shape[0]
+    x = qkv.float().view(rows, heads + 2 * kv_heads, hd)
+    c = cos[positions].float()[:, None, : hd // 2]
+    s = sin[positions].float()[:, None, : hd // 2]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+    roped = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], -1)
+    return roped[:, :heads], roped[:, heads : heads + kv_heads], x[:, heads + kv_heads :]
+
+
+def attention_reference(q, keys, values, positions, scale):
+    rows, heads, hd = q.shape
+    kv_heads = keys.shape[1]
+    out = torch.empty(rows, heads * hd, dtype=torch.float32, device=q.device)
+    for b in range(rows):
+        n = int(positions[b]) + 1
+        k = keys[b, :, :n].float().repeat_interleave(heads // kv_heads, 0)  # [H, n, hd]
+        v = values[b, :, :n].float().repeat_interleave(heads // kv_heads, 0)
+        p = torch.softmax((q[b].float()[:, None, :] @ k.transpose(-1, -2)) * scale, -1)
+        out[b] = (p @ v).reshape(-1)
+    return out
+
+
+def silu_mul_reference(gate_up):
+    g, u = gate_up.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u

@@ -1,0 +1,451 @@
+"""Fused GPTQ dequantize-and-multiply for the built-in runtime: Triton on CUDA, torch elsewhere.
+
+One kernel covers every format the engine writes: 2/3/4/8 bits, symmetric or not (zero
+points are always read: a symmetric checkpoint stores ``2^(bits-1)``), any group size, and
+act-order ``g_idx``. It reads the packed ``qweight`` words (``format/pack.py``: values laid
+end to end as a little-endian bit stream along the input dimension, cut into int32
+words), so value ``k`` of a column starts at bit ``k*bits``: word ``k*bits // 32``, shift
+``k*bits % 32``; at 3 bits, values at shift 30 and 31 take their high bits from the next
+word. For 2/4/8 bits a word holds ``32/bits`` whole values and the kernel loads each word
+once and shifts it out; for 3 bits it gathers the one or two words of each value.
+
+``y[m, n] = sum_k x[m, k] * scale[g(k), n] * (code[k, n] - zero[g(k), n])``: each program
+dequantizes a ``[BLOCK_K, BLOCK_N]`` tile in fp32, rounds it to the activations' dtype
+(fp16: the same rounding as the torch path's fp16 weight) and multiplies it on the tensor
+cores with fp32 accumulation. Where ``g_idx`` is the plain ``k // group_size`` a tile lies
+in one group and reads one row of scales and zeros; otherwise (act-order) it gathers the
+row of each ``k``. Small ``M`` (decoding) splits ``K`` across programs, which add their
+partial sums with fp32 atomics, so that even a 4096-wide layer fills the GPU. Large ``M``
+(prefill) dequantizes the layer once into an fp16 buffer (:func:`dequantize`) and runs
+``torch.matmul``.
+
+:func:`reference_matmul` is the same index arithmetic in torch (the CPU tests compare it
+with ``pack.dequantize_packed``; the GPU bench compares the kernel with it), and
+``TRITON_INTERPRET=1`` runs the kernels themselves on CPU tensors (tests do).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from functools import partial
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (macOS, some CPUs): the torch path serves
+    triton = None
+
+log = logging.getLogger(__name__)
+FUSED_MAX_M = 64  # rows up to which the fused kernel runs; above, dequantize + matmul
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``x`` (CUDA fp16/bf16; or the interpreter)."""
+    if triton is None:
+        return False
+    if INTERPRET:
+        return True
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def plain_group(g_idx: torch.Tensor, groups: int) -> int:
+    """The group size if ``g_idx`` is ``k // group_size`` (no act-order), else 0."""
+    k = g_idx.shape[0]
+    if groups < 1 or k % groups:
+        return 0
+    size = k // groups
+    expected = torch.arange(k, device=g_idx.device, dtype=torch.int64) // size
+    return size if torch.equal(g_idx.to(torch.int64), expected) else 0
+
+
+class PackedWeight:
+    """A GPTQ layer's tensors as the kernels read them.
+
+    ``qweight`` ``[K*bits/32, N]`` int32 (a column slice of a fused tensor is fine),
+    ``zeros`` ``[groups, N]`` true zero points in the scales' dtype, ``scales``
+    ``[groups, N]``, ``g_idx`` ``[K]`` int32.
+    """
+
+    def __init__(self, qweight, zeros, scales, g_idx, bits: int) -> None:
+        if bits not in (2, 3, 4, 8):
+            raise ValueError(f"no kernel for {bits}-bit weights")
+        self.qweight, self.zeros, self.scales = qweight, zeros, scales
+        self.g_idx = g_idx.to(torch.int32).contiguous()
+        self.bits = bits
+        self.in_features, self.out_features = g_idx.shape[0], scales.shape[1]
+        group = plain_group(g_idx, scales.shape[0])
+        block_k = next((b for b in (128, 64, 32) if group and group % b == 0), 0)
+        # a tile in one group reads one row of scales; otherwise gather per k
+        self.group = group if block_k else 0
+        self.block_k = block_k or (64 if bits == 3 else 128)
+
+    def key(self) -> tuple:
+        return (self.in_features, self.out_features, self.bits, self.group > 0)
+
+
+# -- torch (reference and CPU) ----------------------------------------------------------
+
+
+def reference_weight(w: PackedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[K, N]`` weight by the kernel's own index arithmetic (bit stream, word, shift)."""
+    k = torch.arange(w.in_features, device=w.qweight.device, dtype=torch.int64)
+    bit = k * w.bits
+    word, shift = bit // 32, (bit % 32)[:, None]
+    words = w.qweight.to(torch.int64) & 0xFFFFFFFF  # as unsigned
+    value = words[word] >> shift
+    straddle = (shift + w.bits > 32).expand_as(value)
+    if straddle.any():  # 3-bit values at shift 30/31 continue in the next word
+        nxt = words[(word + 1).clamp(max=words.shape[0] - 1)] << (32 - shift)
+        value = torch.where(straddle, value | nxt, value)
+    codes = (value & (2**w.bits - 1)).to(torch.float32)
+    g = w.g_idx.long()
+    weight = (codes - w.zeros.float()[g]) * w.scales.float()[g]
+    return weight.to(dtype)
+
+
+def reference_matmul(x: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """``x @ W`` in fp32 with the kernel's dequantization (the weight rounded to ``x``'s
+    dtype first, as the kernel does)."""
+    weight = reference_weight(w, torch.float32).to(x.dtype).float()
+    return (x.float() @ weight).to(x.dtype)
+
+
+# -- Triton -------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _codes(qw_ptr, sqk, sqn, k0, rn, nmask, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+        """``[BLOCK_K, BLOCK_N]`` codes (uint32) of rows ``k0 ..``."""
+        if BITS == 3:
+            rk = k0 + tl.arange(0, BLOCK_K)
+            bit = rk * 3
+            word = bit // 32
+            shift = (bit % 32).to(tl.uint32)
+            m = (rk < K)[:, None] & nmask[None, :]
+            ptr = qw_ptr + word[:, None] * sqk + rn[None, :] * sqn
+            w0 = tl.load(ptr, mask=m, other=0).to(tl.uint32, bitcast=True)
+            straddle = (shift > 29)[:, None]
+            w1 = tl.load(ptr + sqk, mask=m & straddle, other=0).to(tl.uint32, bitcast=True)
+            up = ((32 - shift) % 32)[:, None]
+            v = (w0 >> shift[:, None]) | (w1 << up)
+            return v & 7
+        else:
+            rw = k0 // (32 // BITS) + tl.arange(0, BLOCK_K * BITS // 32)
+            m = (rw < K * BITS // 32)[:, None] & nmask[None, :]
+            words = tl.load(qw_ptr + rw[:, None] * sqk + rn[None, :] * sqn, mask=m, other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            shifts = (tl.arange(0, 32 // BITS) * BITS).to(tl.uint32)
+            v = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            return tl.reshape(v, (BLOCK_K, BLOCK_N))
+
+    @triton.jit
+    def _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn, nmask, K,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):  # fmt: skip
+        """``[BLOCK_K, BLOCK_N]`` dequantized weights (fp32)."""
+        codes = _codes(qw_ptr, sqk, sqn, k0, rn, nmask, K, BITS, BLOCK_K, BLOCK_N)
+        codes = codes.to(tl.float32)
+        if GROUP > 0:  # the whole tile lies in group k0 // GROUP
+            g = k0 // GROUP
+            s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0).to(tl.float32)
+            z = tl.load(z_ptr + g * szg + rn * szn, mask=nmask, other=0).to(tl.float32)
+            w = (codes - z[None, :]) * s[None, :]
+        else:  # act-order: each k has its own group
+            rk = k0 + tl.arange(0, BLOCK_K)
+            g = tl.load(g_ptr + rk, mask=rk < K, other=0)
+            m = (rk < K)[:, None] & nmask[None, :]
+            s = tl.load(s_ptr + g[:, None] * ssg + rn[None, :] * ssn, mask=m, other=0)
+            z = tl.load(z_ptr + g[:, None] * szg + rn[None, :] * szn, mask=m, other=0)
+            w = (codes - z.to(tl.float32)) * s.to(tl.float32)
+        return w
+
+    @triton.jit
+    def _qmm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, M, N, K, k_per_split,
+                    sxm, sxk, sqk, sqn, ssg, ssn, szg, szn, som, son,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANES: tl.constexpr,
+                    ATOMIC: tl.constexpr):  # fmt: skip
+        """Tensor-core tiles (2 rows and more). ``PLANES``: for 4/8 bits, multiply the
+        ``32/bits`` values of each word as separate planes (k = word*pf + j), so that no
+        tile is reshaped; otherwise dequantize ``[BLOCK_K, BLOCK_N]`` in k order."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = rm < M
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            if PLANES:
+                rr = tl.arange(0, BLOCK_K * BITS // 32)
+                rw = k0 // (32 // BITS) + rr
+                m = (rw < K * BITS // 32)[:, None] & nmask[None, :]
+                words = tl.load(qw_ptr + rw[:, None] * sqk + rn[None, :] * sqn, mask=m, other=0)
+                words = words.to(tl.uint32, bitcast=True)
+                if GROUP > 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0).to(tl.float32)
+                    z = tl.load(z_ptr + g * szg + rn * szn, mask=nmask, other=0).to(tl.float32)
+                for j in tl.static_range(32 // BITS):
+                    kk = k0 + rr * (32 // BITS) + j
+                    codes = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+                    if GROUP > 0:
+                        w = (codes - z[None, :]) * s[None, :]
+                    else:
+                        gk = tl.load(g_ptr + kk, mask=kk < K, other=0)
+                        sk = tl.load(s_ptr + gk[:, None] * ssg + rn[None, :] * ssn, mask=m,
+                                     other=0)  # fmt: skip
+                        zk = tl.load(z_ptr + gk[:, None] * szg + rn[None, :] * szn, mask=m,
+                                     other=0)  # fmt: skip
+                        w = (codes - zk.to(tl.float32)) * sk.to(tl.float32)
+                    xm = mmask[:, None] & (kk < K)[None, :]
+                    x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=xm, other=0.0)
+                    acc += tl.dot(x, w.to(x.dtype))
+            else:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                xm = mmask[:, None] & (rk < K)[None, :]
+                x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=xm, other=0.0)
+                w = _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn,
+                             nmask, K, BITS, GROUP, BLOCK_K, BLOCK_N)  # fmt: skip
+                acc += tl.dot(x, w.to(x.dtype))
+        ptrs = out_ptr + rm[:, None] * som + rn[None, :] * son
+        om = mmask[:, None] & nmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, acc, mask=om)
+        else:
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=om)
+
+    @triton.jit
+    def _qmv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, k_per_split,
+                    sqk, sqn, ssg, ssn, szg, szn,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr):  # fmt: skip
+        """One row (batch-1 decode): products accumulate element-wise in fp32 registers
+        and are summed once at the end; no tensor cores, no tile reshapes."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        if BITS == 3:
+            acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                w = _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn,
+                             nmask, K, BITS, GROUP, BLOCK_K, BLOCK_N)  # fmt: skip
+                rk = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+                acc += w * x[:, None]
+            y = tl.sum(acc, axis=0)
+        else:
+            rr = tl.arange(0, BLOCK_K * BITS // 32)
+            jj = tl.arange(0, 32 // BITS)
+            shifts = (jj * BITS).to(tl.uint32)
+            acc = tl.zeros((BLOCK_K * BITS // 32, 32 // BITS, BLOCK_N), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                rw = k0 * BITS // 32 + rr
+                m = (rw < K * BITS // 32)[:, None] & nmask[None, :]
+                words = tl.load(qw_ptr + rw[:, None] * sqk + rn[None, :] * sqn, mask=m, other=0)
+                words = words.to(tl.uint32, bitcast=True)
+                codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+                codes = codes.to(tl.float32)
+                kk = k0 + rr[:, None] * (32 // BITS) + jj[None, :]  # [words, values a word]
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                if GROUP > 0:
+                    g = k0 // GROUP
+                    s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0).to(tl.float32)
+                    z = tl.load(z_ptr + g * szg + rn * szn, mask=nmask, other=0).to(tl.float32)
+                    acc += (codes - z[None, None, :]) * (x[:, :, None] * s[None, None, :])
+                else:
+                    gk = tl.load(g_ptr + kk, mask=kk < K, other=0)
+                    m3 = (kk < K)[:, :, None] & nmask[None, None, :]
+                    sk = tl.load(s_ptr + gk[:, :, None] * ssg + rn[None, None, :] * ssn,
+                                 mask=m3, other=0).to(tl.float32)  # fmt: skip
+                    zk = tl.load(z_ptr + gk[:, :, None] * szg + rn[None, None, :] * szn,
+                                 mask=m3, other=0).to(tl.float32)  # fmt: skip
+                    acc += (codes - zk) * sk * x[:, :, None]
+            y = tl.sum(tl.sum(acc, axis=1), axis=0)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + rn, y, mask=nmask)
+        else:
+            tl.store(out_ptr + rn, y.to(out_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.jit
+    def _dequant_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K,
+                        sqk, sqn, ssg, ssn, szg, szn, sok, son,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):  # fmt: skip
+        k0 = tl.program_id(0) * BLOCK_K
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        w = _weights(qw_ptr, s_ptr, z_ptr, g_ptr, sqk, sqn, ssg, ssn, szg, szn, k0, rn,
+                     nmask, K, BITS, GROUP, BLOCK_K, BLOCK_N)  # fmt: skip
+        rk = k0 + tl.arange(0, BLOCK_K)
+        ptrs = out_ptr + rk[:, None] * sok + rn[None, :] * son
+        tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=(rk < K)[:, None] & nmask[None, :])
+
+
+DEFAULT_CONFIG = (64, 4)  # BLOCK_N, programs per multiprocessor to aim for (K split)
+_TUNED: dict[tuple, tuple[int, int]] = {}
+
+
+def _processors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _args(w: PackedWeight) -> tuple:
+    return (
+        w.qweight.stride(0),
+        w.qweight.stride(1),
+        w.scales.stride(0),
+        w.scales.stride(1),
+        w.zeros.stride(0),
+        w.zeros.stride(1),
+    )
+
+
+def _split(x, w: PackedWeight, tiles: int, per_sm: int) -> tuple[int, int]:
+    """(programs along K, K per program) to aim for ``per_sm`` programs a multiprocessor."""
+    steps = triton.cdiv(w.in_features, w.block_k)
+    split = max(1, min(steps, math.ceil(per_sm * _processors(x.device) / tiles)))
+    k_per_split = triton.cdiv(steps, split) * w.block_k
+    return triton.cdiv(w.in_features, k_per_split), k_per_split
+
+
+def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple[int, int] | None = None,
+                 kind: str | None = None, fp32: bool = False):  # fmt: skip
+    """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row) or "mm"
+    (tensor cores, any ``M``; meant for small ones). ``config``: (BLOCK_N, programs per
+    multiprocessor), else what :func:`tune` chose, else a default. ``fp32``: return the
+    fp32 sums (no rounding to ``x``'s dtype, no extra cast)."""
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    kind = kind or ("mv" if m == 1 else "mm")
+    block_n, per_sm = config or _TUNED.get((*w.key(), kind), DEFAULT_CONFIG)
+    warps = 8 if block_n >= 128 else 4
+    stages = 2 if (w.bits == 3 or not w.group) else 3  # gathers fill shared memory
+    if kind == "mv":
+        if m != 1:
+            raise ValueError("the mv kernel takes one row")
+        split, k_per_split = _split(x, w, triton.cdiv(n, block_n), per_sm)
+    else:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        split, k_per_split = _split(x, w, triton.cdiv(n, block_n) * triton.cdiv(m, block_m), per_sm)
+    atomic = split > 1
+    if atomic:
+        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((m, n), device=x.device, dtype=torch.float32 if fp32 else x.dtype)
+    if kind == "mv":
+        grid = (triton.cdiv(n, block_n), split)
+        _qmv_kernel[grid](
+            x, w.qweight, w.scales, w.zeros, w.g_idx, out, n, k, k_per_split, *_args(w),
+            BITS=w.bits, GROUP=w.group, BLOCK_N=block_n, BLOCK_K=w.block_k, ATOMIC=atomic,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    else:
+        planes = w.bits in (4, 8) and w.block_k * w.bits // 32 >= 16
+        grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+        _qmm_kernel[grid](
+            x, w.qweight, w.scales, w.zeros, w.g_idx, out, m, n, k, k_per_split,
+            x.stride(0), x.stride(1), *_args(w), out.stride(0), out.stride(1),
+            BITS=w.bits, GROUP=w.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=w.block_k,
+            PLANES=planes, ATOMIC=atomic, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return out.to(x.dtype) if atomic and not fp32 else out
+
+
+def dequantize(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """The ``[K, N]`` weight in ``dtype``: Triton where it runs, else torch."""
+    if triton is None or not (w.qweight.is_cuda or INTERPRET):
+        return reference_weight(w, dtype)
+    k, n = w.in_features, w.out_features
+    out = torch.empty((k, n), device=w.qweight.device, dtype=dtype)
+    block_n = 64
+    grid = (triton.cdiv(k, w.block_k), triton.cdiv(n, block_n))
+    _dequant_kernel[grid](
+        w.qweight, w.scales, w.zeros, w.g_idx, out, n, k, *_args(w), out.stride(0),
+        out.stride(1), BITS=w.bits, GROUP=w.group, BLOCK_N=block_n, BLOCK_K=w.block_k,
+        num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def qmatmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W (+ bias)``: the fused kernel for few rows, dequantize + matmul for
+    many; callers check :func:`available` first."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    few = x2.shape[0] <= FUSED_MAX_M
+    y = fused_matmul(x2, w) if few else x2 @ dequantize(w, x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], w.out_features)
+
+
+def _graph_time(calls, repeats: int = 5) -> float:
+    """Seconds per call of ``calls`` (a list of closures), run inside one CUDA graph, so
+    that launch overhead (as in the decode graphs) is not what is measured."""
+    for c in calls:  # compile, and let a configuration that cannot run fail here
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        for c in calls:
+            c()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / len(calls))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
+def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16) -> dict:
+    """Pick BLOCK_N and the K split of each kernel for each distinct layer shape (one row
+    for "mv", 16 for "mm"), timing each configuration over up to 8 layers of that shape
+    (distinct memory, as in a forward) inside a CUDA graph. Call before capturing the
+    decode graphs. A configuration the GPU cannot run (too much shared memory) is skipped."""
+    chosen: dict[tuple, tuple[int, int]] = {}
+    by_key: dict[tuple, list[PackedWeight]] = {}
+    for w in weights:
+        by_key.setdefault(w.key(), []).append(w)
+    for key0, group in by_key.items():
+        group = group[:8]
+        for kind, rows, splits in (("mv", 1, (0, 2, 4, 8)), ("mm", 16, (0, 2, 4))):
+            key = (*key0, kind)
+            if key in _TUNED:
+                continue
+            x = torch.randn((rows, group[0].in_features), device=group[0].qweight.device,
+                            dtype=dtype)  # fmt: skip
+            times = {}
+            for block_n in (32, 64, 128):
+                for per_sm in splits:
+                    cfg = (block_n, per_sm)
+                    calls = [partial(fused_matmul, x, w, cfg, kind, fp32=True) for w in group]
+                    try:
+                        times[cfg] = _graph_time(calls)
+                    except Exception as err:  # e.g. OutOfResources: not this one
+                        log.info("kernel config %s %s skipped: %s", key, cfg, err)
+            if not times:
+                raise RuntimeError(f"no kernel configuration runs for {key}")
+            best = min(times, key=times.get)
+            _TUNED[key] = chosen[key] = best
+            chosen[(*key, "us")] = round(times[best] * 1e6, 1)
+    return chosen

@@ -1,0 +1,445 @@
+"""The fast running batch for Llama-family models: a static KV cache, fused GPTQ kernels
+and CUDA graphs for decode steps.
+
+:class:`StaticBatch` has the interface of ``batch.RunningBatch`` (prefill, join, leave,
+decode, reset), so the engine's continuous batching, sampling and streaming are the same;
+what differs is how a step runs:
+
+- **KV cache.** Allocated once: ``[2, layers, rows, kv_heads, capacity, head_dim]``. Row
+  ``i`` of the running batch lives in slot ``i`` (a leaving row's slot is filled by moving
+  the last row into it), its token ``t`` at position ``t``. Nothing is concatenated per
+  step: a decode step writes one column per row in place.
+- **Forward.** Our own forward of the Llama architecture over the model's own modules and
+  weights (embeddings, RMSNorm weights, RoPE frequencies of ``model.model.rotary_emb``,
+  activation): q/k/v and gate/up are fused into one GPTQ matmul each (their packed
+  tensors concatenated; the original modules keep views of them, so no memory is added),
+  each matmul is ``kernels.gptq_triton.qmatmul`` on CUDA (the fused dequantize-and-
+  multiply kernel for decode, dequantize + matmul for prefill) and the same dequantized
+  weight in torch elsewhere. Attention at decode reads each row's cache up to a length
+  bucket, masked per row at its own position (grouped-query attention without copying
+  keys); prefill runs right-padded prompts through causal SDPA and writes their keys and
+  values into their slots.
+- **CUDA graphs.** A decode step for ``B`` rows and attention length ``L`` is captured
+  once per (row bucket, length bucket) and replayed: tokens and positions are copied into
+  static buffers, rows beyond the running ones are padding in free slots. Python then
+  costs one replay per step instead of ~30 launches per layer.
+
+Supported: ``model_type`` ``llama`` (and so Llama 2/3 and Mistral-free Llama shapes) whose
+modules have the standard names; :func:`unsupported` says why a model is not, and the
+engine then uses the model-agnostic ``RunningBatch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from gptq_worker.kernels import decode_triton as fused
+from gptq_worker.kernels import gptq_triton as kernels
+
+log = logging.getLogger(__name__)
+LENGTH_STEP = 256  # attention length buckets: multiples of this, then growing by half
+
+
+def unsupported(model) -> str | None:
+    """Why :class:`StaticBatch` cannot run ``model`` (None if it can)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llama":
+        return f"model type {getattr(config, 'model_type', None)!r} (only 'llama')"
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        return "no rotary embedding with inv_freq"
+    rope = getattr(config, "rope_scaling", None) or {}
+    if rope.get("rope_type", rope.get("type")) in ("dynamic", "longrope"):
+        return "position-dependent RoPE scaling"
+    layer = inner.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not hasattr(layer.self_attn, name):
+            return f"no self_attn.{name}"
+    for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
+        if not hasattr(layer.mlp, name):
+            return f"no mlp.{name}"
+    return None
+
+
+class Linear:
+    """One matmul of the fast forward: a (possibly fused) GPTQ layer, or dense modules."""
+
+    def __init__(self, modules: list) -> None:
+        from gptq_worker.serve.model import QuantLinear
+
+        self.modules, self.weight, self.bias = modules, None, None
+        if not all(isinstance(m, QuantLinear) for m in modules):
+            return
+        first = modules[0]
+        if any(m.bits != first.bits or not torch.equal(m.g_idx, first.g_idx) for m in modules):
+            return  # different formats or act-order permutations: run them one by one
+        if len(modules) == 1:
+            qweight, zeros, scales = first.qweight, first.zeros, first.scales
+        else:
+            qweight = torch.cat([m.qweight for m in modules], 1)
+            zeros = torch.cat([m.zeros for m in modules], 1)
+            scales = torch.cat([m.scales for m in modules], 1)
+            start = 0
+            for m in modules:  # the modules keep views: the fused copy adds no memory
+                end = start + m.out_features
+                m.qweight, m.zeros = qweight[:, start:end], zeros[:, start:end]
+                m.scales = scales[:, start:end]
+                start = end
+        if any(m.bias is not None for m in modules):
+            self.bias = torch.cat(
+                [
+                    m.bias if m.bias is not None else scales.new_zeros(m.out_features)
+                    for m in modules
+                ]
+            )
+        self.weight = kernels.PackedWeight(qweight, zeros, scales, first.g_idx, first.bits)
+
+    def fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused decode step's matmul: fp32 sums, read by the next fused kernel."""
+        if self.weight is None:
+            return self(x).float()
+        y = kernels.fused_matmul(x, self.weight, fp32=True)
+        return y if self.bias is None else y + self.bias.float()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w is None:
+            return torch.cat([m(x) for m in self.modules], -1)
+        if x.is_cuda and kernels.available(x):
+            return kernels.qmatmul(x, w, self.bias)
+        # the torch path: the fp32 weight rounded to x's dtype, as QuantLinear computes it
+        y = F.linear(x, kernels.reference_weight(w, torch.float32).to(x.dtype).t())
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+class _Layer:
+    def __init__(self, layer) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = Linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = Linear([attn.o_proj])
+        self.gate_up = Linear([mlp.gate_proj, mlp.up_proj])
+        self.down = Linear([mlp.down_proj])
+        self.act = mlp.act_fn
+        self.silu = isinstance(mlp.act_fn, torch.nn.SiLU)
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+
+
+def _eps(norm) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _rms(norm, h: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, step for step."""
+    eps = _eps(norm)
+    x = h.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return norm.weight * x.to(h.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def length_buckets(capacity: int) -> list[int]:
+    out, length = [], LENGTH_STEP
+    while length < capacity:
+        out.append(length)
+        grow = LENGTH_STEP if length < 4 * LENGTH_STEP else length // 2
+        length += -(-grow // LENGTH_STEP) * LENGTH_STEP
+    return [*out, capacity]
+
+
+class StaticBatch:
+    """The running batch in a static cache (see the module's doc)."""
+
+    def __init__(
+        self,
+        model,
+        device: torch.device,
+        pad: int,
+        rows: int,
+        capacity: int,
+        graphs: bool | None = None,
+    ) -> None:
+        reason = unsupported(model)
+        if reason:
+            raise ValueError(f"the static runtime cannot run this model: {reason}")
+        self.model, self.device, self.pad = model, device, pad
+        self.max_rows, self.capacity = rows, capacity
+        self.graphs = device.type == "cuda" if graphs is None else graphs
+        self.fused = (  # GPTQ_SERVE_FUSED=0: the torch step (in CUDA graphs) instead
+            os.environ.get("GPTQ_SERVE_FUSED", "1") != "0"
+            and device.type == "cuda"
+            and kernels.triton is not None
+            and model.get_input_embeddings().weight.dtype in (torch.float16, torch.bfloat16)
+        )
+        config = model.config
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.final_norm = inner.norm
+        self.lm_head = model.lm_head
+        self.layers = [_Layer(layer) for layer in inner.layers]
+        attn = inner.layers[0].self_attn
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(attn, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        dtype = self.embed.weight.dtype
+        self.dtype = dtype
+        rotary = inner.rotary_emb
+        positions = torch.arange(capacity, device=device, dtype=torch.float32)
+        freqs = positions[:, None] * rotary.inv_freq.to(device=device, dtype=torch.float32)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = getattr(rotary, "attention_scaling", 1.0)
+        self.cos = (emb.cos() * scaling).to(dtype)
+        self.sin = (emb.sin() * scaling).to(dtype)
+        shape = (2, len(self.layers), rows, self.kv_heads, capacity, self.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.tokens = torch.zeros(rows, device=device, dtype=torch.long)
+        self.positions = torch.zeros(rows, device=device, dtype=torch.long)
+        self.columns = torch.arange(capacity, device=device)
+        self.row_index = torch.arange(rows, device=device)
+        self.row_buckets = sorted({*(2**i for i in range(rows.bit_length()) if 2**i <= rows), rows})
+        # the fused step's attention reads each row up to its own position: no length buckets
+        self.length_buckets = [capacity] if self.fused else length_buckets(capacity)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.rows: list = []
+
+    # -- the engine's interface ------------------------------------------------------------
+    @property
+    def slots(self) -> int:
+        return sum(r.length for r in self.rows)
+
+    def limit(self) -> int:
+        """KV slots one request may use (prompt + max_tokens)."""
+        return self.capacity
+
+    def fits(self, shapes: list[tuple[int, int]]) -> bool:
+        """Whether rows of ``(length, growth)`` all fit: a slot each, each within capacity."""
+        return len(shapes) <= self.max_rows and all(a + b <= self.capacity for a, b in shapes)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]):
+        """Run ``prompts`` into the slots after the running rows; returns their last
+        positions' logits and where they start (for :meth:`join`)."""
+        base = len(self.rows)
+        n = len(prompts)
+        if base + n > self.max_rows:
+            raise RuntimeError(f"{base + n} rows do not fit {self.max_rows} slots")
+        longest = max(len(p) for p in prompts)
+        if longest > self.capacity:
+            raise ValueError(f"a prompt of {longest} tokens exceeds the cache ({self.capacity})")
+        ids = torch.full((n, longest), self.pad, dtype=torch.long)
+        for i, p in enumerate(prompts):  # right-padded: causal attention never sees the pad
+            ids[i, : len(p)] = torch.tensor(p)
+        ids = ids.to(self.device)
+        slots = self.row_index[base : base + n]
+        cos, sin = self.cos[:longest][None, None], self.sin[:longest][None, None]
+        h = self.embed(ids)
+        group = self.heads // self.kv_heads
+        hd = self.head_dim
+        for i, layer in enumerate(self.layers):
+            x = _rms(layer.norm1, h)
+            qkv = layer.qkv(x)
+            q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], -1)
+            q = _rope(q.view(n, longest, self.heads, hd).transpose(1, 2), cos, sin)
+            k = _rope(k.view(n, longest, self.kv_heads, hd).transpose(1, 2), cos, sin)
+            v = v.view(n, longest, self.kv_heads, hd).transpose(1, 2)
+            self.kv[0, i, slots, :, :longest] = k
+            self.kv[1, i, slots, :, :longest] = v
+            if group > 1:
+                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            h = h + layer.o(a.transpose(1, 2).reshape(n, longest, self.heads * hd))
+            x = _rms(layer.norm2, h)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(layer.act(gate) * up)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        h = h[torch.arange(n, device=self.device), last]
+        return self.lm_head(_rms(self.final_norm, h)), base
+
+    def join(self, rows: list, start: int, picked: list[int]) -> None:
+        """Add ``rows`` (prompts ``picked`` of the :meth:`prefill` that began at ``start``)."""
+        for t, p in enumerate(picked):  # p >= t: moving down in order overwrites nothing
+            if p != t:
+                self._move(start + p, start + t, rows[t].length)
+        self.rows.extend(rows)
+
+    def leave(self, gone: list) -> None:
+        """Drop ``gone``; the last row moves into each slot freed."""
+        for row in gone:
+            i = self.rows.index(row)
+            last = len(self.rows) - 1
+            if i != last:
+                self._move(last, i, self.rows[last].length)
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+
+    def reset(self) -> None:
+        self.rows = []
+
+    def _move(self, source: int, target: int, length: int) -> None:
+        self.kv[:, :, target, :, :length] = self.kv[:, :, source, :, :length]
+
+    @torch.inference_mode()
+    def decode(self) -> torch.Tensor:
+        """One step for every row: feeds each row's last token, returns ``[rows, vocab]``."""
+        n = len(self.rows)
+        longest = max(r.length for r in self.rows) + 1
+        length = next(b for b in self.length_buckets if b >= longest)
+        rows = next(b for b in self.row_buckets if b >= n) if self.graphs else n
+        step = torch.tensor(
+            [[r.token for r in self.rows] + [self.pad] * (rows - n),
+             [r.length for r in self.rows] + [0] * (rows - n)],
+        )  # fmt: skip
+        step = step.to(self.device, non_blocking=True)
+        self.tokens[:rows].copy_(step[0])
+        self.positions[:rows].copy_(step[1])
+        if self.graphs:
+            graph, out = self._graph(rows, length)
+            graph.replay()
+            logits = out[:n].clone()
+        else:
+            logits = self._run(rows, length)[:n]
+        for r in self.rows:
+            r.length += 1
+        return logits
+
+    # -- decode step ---------------------------------------------------------------------
+    def _run(self, rows: int, length: int) -> torch.Tensor:
+        return self._fused_step(rows) if self.fused else self._step(rows, length)
+
+    def _fused_step(self, rows: int) -> torch.Tensor:
+        """The decode forward in fused kernels (``kernels/decode_triton.py``): per layer
+        add+norm, qkv, rope+cache write, attention, o, add+norm, gate/up, silu*up, down."""
+        positions = self.positions[:rows]
+        hd = self.head_dim
+        h = self.embed(self.tokens[:rows])
+        x = torch.empty_like(h)
+        q = torch.empty((rows, self.heads, hd), device=self.device, dtype=self.dtype)
+        a = torch.empty((rows, self.heads * hd), device=self.device, dtype=self.dtype)
+        d = None
+        for i, layer in enumerate(self.layers):
+            fused.add_rms(h, d, layer.norm1.weight, _eps(layer.norm1), x)
+            qkv = layer.qkv.fp32(x)
+            keys, values = self.kv[0, i], self.kv[1, i]
+            fused.rope_kv(qkv, q, keys, values, self.cos, self.sin, positions, self.heads,
+                          self.kv_heads)  # fmt: skip
+            fused.attention(q, keys, values, positions, a, self.scale)
+            fused.add_rms(h, layer.o.fp32(a), layer.norm2.weight, _eps(layer.norm2), x)
+            gate_up = layer.gate_up.fp32(x)
+            if layer.silu:
+                act = torch.empty((rows, gate_up.shape[1] // 2), device=self.device,
+                                  dtype=self.dtype)  # fmt: skip
+                fused.silu_mul(gate_up, act)
+            else:
+                gate, up = gate_up.to(self.dtype).chunk(2, dim=-1)
+                act = layer.act(gate) * up
+            d = layer.down.fp32(act)
+        fused.add_rms(h, d, self.final_norm.weight, _eps(self.final_norm), x)
+        return self.lm_head(x)
+
+    def _step(self, rows: int, length: int) -> torch.Tensor:
+        """The decode forward for the first ``rows`` slots, attention over ``length``."""
+        tokens, positions = self.tokens[:rows], self.positions[:rows]
+        hd, group = self.head_dim, self.heads // self.kv_heads
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        index = self.row_index[:rows]
+        hidden = self.columns[:length][None, :] > positions[:, None]
+        bias = torch.zeros((rows, length), device=self.device, dtype=torch.float32)
+        bias = bias.masked_fill(hidden, float("-inf"))[:, None, None, :]
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = _rms(layer.norm1, h)
+            qkv = layer.qkv(x)
+            q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], -1)
+            q = _rope(q.view(rows, self.heads, hd), cos, sin)
+            k = _rope(k.view(rows, self.kv_heads, hd), cos, sin)
+            keys, values = self.kv[0, i], self.kv[1, i]
+            keys[index, :, positions] = k
+            values[index, :, positions] = v.view(rows, self.kv_heads, hd)
+            keys, values = keys[:rows, :, :length], values[:rows, :, :length]
+            q = q.view(rows, self.kv_heads, group, hd)
+            scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale + bias
+            p = torch.softmax(scores, dim=-1).to(self.dtype)
+            a = torch.matmul(p, values).reshape(rows, self.heads * hd)
+            h = h + layer.o(a)
+            x = _rms(layer.norm2, h)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = h + layer.down(layer.act(gate) * up)
+        return self.lm_head(_rms(self.final_norm, h))
+
+    def _graph(self, rows: int, length: int):
+        key = (rows, length)
+        if key not in self._graphs:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture (allocator, kernels)
+                self._run(rows, length)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self._run(rows, length)
+            self._graphs[key] = (graph, out)
+        return self._graphs[key]
+
+    @torch.inference_mode()
+    def self_check(self, prompt: list[int]) -> dict:
+        """One decode step after ``prompt`` (in slot 0; call only with no rows running) by
+        the path that serves (fused kernels in a CUDA graph on a GPU) and by the torch
+        step: how far apart their logits are."""
+        if self.rows:
+            raise RuntimeError("self_check needs an idle batch")
+        self.prefill([prompt])
+        self.tokens[0] = prompt[-1]
+        self.positions[0] = len(prompt)
+        reference = self._step(1, next(b for b in length_buckets(self.capacity)
+                                       if b > len(prompt))).float()  # fmt: skip
+        rows = self.row_buckets[0]
+        if self.graphs:
+            graph, out = self._graph(rows, self.length_buckets[-1])
+            graph.replay()
+            got = out[:1].float()
+        else:
+            got = self._run(rows, self.length_buckets[-1])[:1].float()
+        rel = ((got - reference).norm() / reference.norm()).item()
+        return {
+            "decode_step_vs_torch_rel_err": float(f"{rel:.2e}"),
+            "decode_step_argmax_equal": bool(got.argmax() == reference.argmax()),
+        }
+
+    @torch.inference_mode()
+    def warm(self, capture: bool = True) -> dict:
+        """Tune the kernels for this model's layer shapes and capture every decode graph
+        (so that no request pays for either); returns what was chosen."""
+        chosen: dict = {}
+        if self.device.type == "cuda" and kernels.triton is not None:
+            weights = [
+                lin.weight
+                for layer in self.layers
+                for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                if lin.weight is not None
+            ]
+            chosen = kernels.tune(weights, self.dtype)
+            # compile the prefill kernels too (fused up to 64 rows, dequantize + matmul above)
+            for n in (1, 10, 24, 40, 100):
+                if n <= self.capacity and not self.rows:
+                    self.prefill([[self.pad] * n])
+        if self.graphs and capture:
+            # the step writes the cache at the padding rows' position 0: only free slots
+            self.positions.zero_()
+            for rows in self.row_buckets:
+                for length in self.length_buckets:
+                    self._graph(rows, length)
+            torch.cuda.synchronize(self.device)
+        return chosen
