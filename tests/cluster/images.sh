@@ -3,11 +3,12 @@
 #   1. a Debian base image made by mmdebstrap (python3 + venv), kept as a tarball in the cache;
 #   2. the Dockerfile's operator and worker targets, built by buildah on that base
 #      (BUILD_BASE and BASE build arguments), layers cached between runs;
-#   3. each image exported as a docker-archive (uncompressed layers: no time spent compressing
-#      gigabytes that containerd would only decompress), for the node's containerd to import.
+#   3. each image's ID written to images/<name>.id; the node (node.py) streams an image whose
+#      ID it has not imported yet straight from buildah's storage into containerd, as an
+#      uncompressed docker-archive (no archive on disk, no time spent compressing gigabytes).
 # Cache: $GPTQ_CACHE (default ~/.cache/gptq-operator): images/ (base tarball, archives) and
 # containers/ (buildah's storage). Needs root, mmdebstrap and buildah (Debian packages).
-# Prints one line per step; the last line is the directory holding the archives.
+# Prints one line per step; the last line is the directory holding the IDs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -53,15 +54,15 @@ fi
 
 # The pods' sandbox image (tests/cluster/pause), FROM scratch: a static Go binary.
 pause=localhost/gptq-operator/pause:$TAG
-if [[ ! -s $IMAGES/pause.docker.tar ]] || ! buildah "${STORE[@]}" inspect --type image "$pause" >/dev/null 2>&1; then
+if ! buildah "${STORE[@]}" inspect --type image "$pause" >/dev/null 2>&1; then
   log "pause: go build + buildah bud"
   ctx=$(mktemp -d)
   cp "$ROOT/tests/cluster/pause/Containerfile" "$ctx/"
   (cd "$ROOT/tests/cluster/pause" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$ctx/pause" .)
   buildah "${STORE[@]}" bud --quiet --isolation chroot -t "$pause" "$ctx" >/dev/null
-  rm -rf "$ctx" "$IMAGES/pause.docker.tar"
-  buildah "${STORE[@]}" push --quiet "$pause" "docker-archive:$IMAGES/pause.docker.tar:$pause"
+  rm -rf "$ctx"
 fi
+buildah "${STORE[@]}" inspect --type image --format '{{.FromImageID}}' "$pause" > "$IMAGES/pause.id"
 
 # 2 and 3. The Dockerfile's targets; buildah's layer cache makes an unchanged step free.
 for target in ${TARGETS:-operator worker}; do
@@ -70,19 +71,8 @@ for target in ${TARGETS:-operator worker}; do
   start=$(date +%s)
   buildah "${STORE[@]}" bud --isolation chroot --layers --target "$target" \
     --build-arg BUILD_BASE="$BASE_IMAGE" --build-arg BASE="$BASE_IMAGE" \
-    -t "$image" "$ROOT" 2>&1 | grep --line-buffered -E '^\[|STEP|^-->|Successfully|rror' >&2
+    -t "$image" "$ROOT" 2>&1 | grep --line-buffered -E '^\[[0-9]+/[0-9]+] (STEP|COMMIT)|rror' >&2
   log "$target: built in $(( $(date +%s) - start )) s, $(buildah "${STORE[@]}" images --format '{{.Size}}' "$image")"
-  # unchanged image (same ID as the archive's): nothing to export
-  id=$(buildah "${STORE[@]}" inspect --type image --format '{{.FromImageID}}' "$image")
-  if [[ -s $IMAGES/$target.docker.tar && "$(cat "$IMAGES/$target.id" 2>/dev/null)" == "$id" ]]; then
-    log "$target: archive is current"
-    continue
-  fi
-  rm -f "$IMAGES/$target.docker.tar" "$IMAGES/$target.id"
-  buildah "${STORE[@]}" push --quiet "$image" "docker-archive:$IMAGES/$target.docker.tar:$image"
-  echo "$id" > "$IMAGES/$target.id"
-  log "$target: exported $(du -h "$IMAGES/$target.docker.tar" | cut -f1) to $IMAGES/$target.docker.tar"
+  buildah "${STORE[@]}" inspect --type image --format '{{.FromImageID}}' "$image" > "$IMAGES/$target.id"
 done
-# drop the images the new tags replaced (their layers stay while the new ones share them)
-buildah "${STORE[@]}" rmi --prune >/dev/null 2>&1 || true
 echo "$IMAGES"

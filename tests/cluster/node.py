@@ -123,7 +123,7 @@ class Node:
         self._advertise_gpu()
         self._wait(
             lambda: self.cp.run_kubectl("get", "endpointslices", "-n", "default").returncode == 0,
-            timeout - (time.monotonic() - started),
+            timeout,
             "endpoint slices are not served",
         )
         self.startup_s = time.monotonic() - started
@@ -243,31 +243,39 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         )
 
     def import_images(self) -> None:
-        """Import each archive of images.sh unless this containerd already holds that build
-        (the image ID images.sh wrote beside the archive)."""
+        """Stream each image images.sh built from buildah's storage into containerd, unless
+        containerd already holds that build (the ID images.sh wrote)."""
         stamps = self.containerd_root.parent / "imported"
         stamps.mkdir(parents=True, exist_ok=True)
         present = set(self._ctr("-n", "k8s.io", "images", "ls", "-q").stdout.split())
-        for archive in sorted(self.images.glob("*.docker.tar")):
-            name = archive.name.split(".")[0]
+        for built in sorted(self.images.glob("*.id")):
+            name = built.stem
             image = f"localhost/gptq-operator/{name}:{self.image_tag}"
-            built = self.images / f"{name}.id"
             stamp = stamps / f"{name}.id"
-            if (
-                image in present
-                and built.exists()
-                and stamp.exists()
-                and stamp.read_text() == built.read_text()
-            ):
+            if image in present and stamp.exists() and stamp.read_text() == built.read_text():
                 print(f"[cluster] {image} is already in containerd", flush=True)
                 continue
             t = time.monotonic()
-            done = self._ctr("-n", "k8s.io", "images", "import", str(archive))
-            if done.returncode != 0:
-                raise ControlPlaneUnavailable(f"ctr import {archive}: {done.stderr[-2000:]}")
-            if built.exists():
-                stamp.write_text(built.read_text())
-            print(f"[cluster] imported {archive.name} in {time.monotonic() - t:.0f} s", flush=True)
+            push = subprocess.Popen(
+                [
+                    "buildah",
+                    *("--root", str(self.images.parent / "containers" / "storage")),
+                    *("--runroot", "/run/gptq-operator/containers"),
+                    *("push", "--quiet", image, f"docker-archive:/dev/stdout:{image}"),
+                ],
+                stdout=subprocess.PIPE,
+            )
+            done = subprocess.run(
+                ["ctr", "--address", str(self.socket), "-n", "k8s.io", "images", "import", "-"],
+                stdin=push.stdout,
+                capture_output=True,
+                text=True,
+            )
+            push.stdout.close()
+            if push.wait() != 0 or done.returncode != 0:
+                raise ControlPlaneUnavailable(f"importing {image}: {done.stderr[-2000:]}")
+            stamp.write_text(built.read_text())
+            print(f"[cluster] imported {image} in {time.monotonic() - t:.0f} s", flush=True)
 
     def _start_kubelet(self) -> None:
         pki = self.cp.pki
