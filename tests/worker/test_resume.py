@@ -125,6 +125,9 @@ def test_sigkill_mid_run_then_resume(tmp_path, model_dir, calibration_file):
     starts = [e for e in events if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from_layer"] >= 1
     assert events[-1]["event"] == "done"
+    # the user is told, in words, where the run picked up
+    done_layers = starts[1]["resumed_from_layer"]
+    assert f"resuming {out}: {done_layers}/8 layers were finished by an earlier run" in done.stderr
 
 
 def test_changed_weights_start_over(tmp_path, model_dir, calibration_file):

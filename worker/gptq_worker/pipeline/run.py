@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -302,6 +303,14 @@ def quantize_model(
         ),
     )
     resumed_from = state.open()
+    if resumed_from:  # said where a user reads it: the terminal, or the pod's log
+        print(
+            f"gptq-worker: resuming {cfg.output}: {resumed_from}/{len(layers)} layers were "
+            f"finished by an earlier run (work directory {state.dir}); continuing with layer "
+            f"{resumed_from + 1}",
+            file=sys.stderr,
+            flush=True,
+        )
     progress = Progress(cfg.progress_file, len(layers), show_bar=show_progress)
     progress.emit(
         "start",
