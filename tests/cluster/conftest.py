@@ -109,7 +109,9 @@ def helm_install(cp, transcript) -> None:
         pytest.fail(f"helm install failed: {out.stderr}\n{pods[-4000:]}")
 
 
-@pytest.fixture(scope="session")
+# module scope: the node and its pods (a serving pod among them) stop when the cluster
+# tier's tests end, not at the end of the whole session
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory, pytestconfig):
     from tests.cluster import node as node_mod
     from tests.controlplane.cluster import ControlPlane, ControlPlaneUnavailable, ensure_binaries
