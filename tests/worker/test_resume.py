@@ -82,8 +82,11 @@ def test_changed_settings_start_over(tmp_path, model_dir, calibration_file):
     assert json.loads((out / "quantize_config.json").read_text())["bits"] == 8
 
 
-def test_sigkill_mid_run_then_resume(tmp_path, model_dir, calibration_file):
-    """The real thing: SIGKILL the CLI process once a layer is done, then run it again."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_mid_run_then_resume(tmp_path, model_dir, calibration_file, sig):
+    """The real thing: kill the CLI process once a layer is done, then run it again. SIGTERM
+    (a pod being deleted) stops it at once with exit code 143, also where it would be a
+    container's PID 1 and have no default action for SIGTERM."""
     src = model_dir("llama", layers=8, hidden=256, intermediate=512)
     out = tmp_path / "out"
     progress = tmp_path / "progress.jsonl"
@@ -115,8 +118,11 @@ def test_sigkill_mid_run_then_resume(tmp_path, model_dir, calibration_file):
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    code = proc.wait(timeout=60)
+    if sig == signal.SIGTERM:
+        assert code == 143, proc.stderr.read().decode()
+        assert "terminated (SIGTERM)" in proc.stderr.read().decode()
     assert not out.exists()
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from pydantic import ValidationError
 
@@ -38,8 +40,41 @@ def _format_validation(err: ValidationError) -> str:
     return "invalid settings: " + "; ".join(" ".join(line.split()) for line in lines)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a pod being deleted or evicted): stop now, keep finished layers."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+# what a run stopped by SIGTERM exits with (128 + 15, as a shell reports it): not the exit
+# code of bad input (2), which fails a QuantizationJob's Job at once instead of retrying
+EXIT_TERMINATED = 143
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # As a container's PID 1 the process would ignore SIGTERM (no default action there) and
+    # run on until SIGKILL; with a handler it stops at once, like anywhere else.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    except Terminated:
+        print(
+            "error: terminated (SIGTERM); finished layers are kept beside the output, and "
+            "running the same command again resumes after the last one",
+            file=sys.stderr,
+        )
+        return EXIT_TERMINATED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
