@@ -32,7 +32,7 @@ GROUP, VERSION = "gptq.dev", "v1alpha1"
 # a layer of this model takes long enough on the CPU for a test to delete the worker pod
 # between two layers (the resume test)
 MODEL = {"hidden": 256, "layers": 8, "steps": 20}
-CALIBRATION = {"nsamples": 32, "seqlen": 256}
+CALIBRATION = {"nsamples": 128, "seqlen": 256}
 
 pytestmark = pytest.mark.cluster
 
