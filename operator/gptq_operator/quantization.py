@@ -1,5 +1,8 @@
 """Reconciling a QuantizationJob: its worker Job, and its status from what the worker did.
 
+It is longer than 400 lines because the reconcile is one decision from the job's
+state to its status, read top to bottom.
+
 Division of labour (documented in the README):
 - the operator creates the worker's ServiceAccount, Role, ConfigMap and Job, owns
   ``status.phase``, ``conditions``, ``attempts``, ``result`` and ``lastFailure``;
@@ -32,8 +35,8 @@ from gptq_operator.manifests import (
     worker_job,
     worker_rbac,
 )
-from gptq_operator.observe import crash_summary, failure as _failure
-from gptq_operator.observe import pod_cause
+from gptq_operator.observe import crash_summary, pod_cause
+from gptq_operator.observe import failure as _failure
 from gptq_operator.policy import refuse_images, refuse_secrets
 from gptq_operator.quality_gate import REMEDIATIONS, gate_verdict, spec_for_attempt
 from gptq_operator.scheduling import (

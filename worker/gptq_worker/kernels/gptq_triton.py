@@ -1,5 +1,8 @@
 """Fused GPTQ dequantize-and-multiply for the built-in runtime: Triton on CUDA, torch elsewhere.
 
+It is longer than 400 lines because the kernels, their torch reference and the tuner
+must agree on one index arithmetic and are read together.
+
 One kernel covers every format the engine writes: 2/3/4/8 bits, symmetric or not (zero
 points are always read: a symmetric checkpoint stores ``2^(bits-1)``), any group size, and
 act-order ``g_idx``. It reads the packed ``qweight`` words (``format/pack.py``: values laid

@@ -1,5 +1,8 @@
 """One quantization run, start to finish: what ``gptq-worker quantize`` does.
 
+It is longer than 400 lines because a run's steps, from checking the output to publishing
+the checkpoint, are one sequence and read together.
+
 Crash safety: all work happens in ``.<output-name>.gptq-work/`` beside the output. The
 finished checkpoint is written there, validated, and only then renamed to the output
 path, so a checkpoint at the output path is always complete. The work directory keeps

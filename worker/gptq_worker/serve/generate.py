@@ -1,5 +1,8 @@
 """Token generation for ``gptq-worker serve``: one engine thread, continuous batching.
 
+It is longer than 400 lines because admission, the engine thread's step and request
+lifetimes (cancel, stream, finish) share one lock and are read together.
+
 Requests wait in a bounded queue (a full queue is refused at once with :class:`QueueFull`,
 never left to hang). At every step the engine thread admits waiting requests, in arrival
 order, while the running batch has fewer than ``max_batch`` rows and the KV cache budget

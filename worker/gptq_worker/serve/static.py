@@ -1,6 +1,9 @@
 """The fast running batch for Llama-family models: a static KV cache, fused GPTQ kernels
 and CUDA graphs for decode steps.
 
+It is longer than 400 lines because the static cache, the CUDA-graph buckets and the
+fused decode step share one state and are read together.
+
 :class:`StaticBatch` has the interface of ``batch.RunningBatch`` (prefill, join, leave,
 decode, reset), so the engine's continuous batching, sampling and streaming are the same;
 what differs is how a step runs:
