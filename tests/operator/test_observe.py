@@ -18,7 +18,7 @@ def test_a_traceback_becomes_its_exception_line_and_where_to_read_the_rest():
         "the worker crashed: FileNotFoundError: [Errno 2] No usable temporary directory "
         "found in ['/tmp', '/var/tmp'] (traceback: kubectl logs tiny-worker-1-abcde)"
     )
-    assert "File \"" not in said and "^^^" not in said
+    assert 'File "' not in said and "^^^" not in said
 
 
 def test_other_output_keeps_its_last_lines():
