@@ -57,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # As a container's PID 1 the process would ignore SIGTERM (no default action there) and
     # run on until SIGKILL; with a handler it stops at once, like anywhere else.
+    # (`serve` drains on SIGTERM with its own handler; the other commands are short)
     previous = None
-    if threading.current_thread() is threading.main_thread():
+    if (
+        getattr(args, "run", None) is quantize.run
+        and threading.current_thread() is threading.main_thread()
+    ):
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return _main(args)
