@@ -98,6 +98,20 @@ def qjob(name: str, output: str, **extra) -> dict:
     }
 
 
+def qmodel(name: str, source: dict) -> dict:
+    """A QuantizedModel on the built-in runtime (the one backend this node can run)."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "QuantizedModel",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {
+            "source": source,
+            "backend": "builtin",
+            "resources": {"gpus": 1, "memory": "3Gi"},
+        },
+    }
+
+
 class ProgressWatch:
     """Every status.progress.message a QuantizationJob shows, in order, from a watch."""
 
@@ -232,19 +246,7 @@ def test_a_real_worker_quantizes_and_a_restricted_pod_serves_it(cluster, workspa
     assert modes == {"0o644"}, modes  # readable by a serving pod running as another user
 
     # 2. the built-in runtime serves it from a pod that meets "restricted"
-    apply(
-        cluster,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizedModel",
-            "metadata": {"name": "tiny", "namespace": NS},
-            "spec": {
-                "source": {"job": "tiny"},
-                "backend": "builtin",
-                "resources": {"gpus": 1, "memory": "3Gi"},
-            },
-        },
-    )
+    apply(cluster, qmodel("tiny", {"job": "tiny"}))
     waited = wait_condition(cluster, "qmodel", "tiny", "Ready", 600)
     cluster.say(f"kubectl wait --for=condition=Ready qmodel/tiny -n {NS}", waited)
     cluster.say(
@@ -368,19 +370,7 @@ def test_a_worker_pod_deleted_mid_run_resumes_to_the_same_bytes(cluster, workspa
 def test_the_operator_killed_during_a_reconcile_makes_no_duplicates(cluster, workspace):
     """Step 3b: the operator pod is killed right after a QuantizedModel appears; its
     successor finishes the reconcile with one Deployment and one Service."""
-    apply(
-        cluster,
-        {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": "QuantizedModel",
-            "metadata": {"name": "twice", "namespace": NS},
-            "spec": {
-                "source": {"uri": "pvc://models/out/tiny-w4"},
-                "backend": "builtin",
-                "resources": {"gpus": 1, "memory": "3Gi"},
-            },
-        },
-    )
+    apply(cluster, qmodel("twice", {"uri": "pvc://models/out/tiny-w4"}))
     killed = cluster.kubectl(
         "delete",
         "pod",
