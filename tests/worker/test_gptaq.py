@@ -14,6 +14,8 @@ import torch
 from gptq_worker.quant.gptq import (
     dequantize,
     find_params,
+    gptaq_correction,
+    gptaq_correction_rows,
     gptq_quantize,
     inverse_hessian_cholesky,
     quantize,
@@ -121,3 +123,19 @@ def test_blocked_solve_equals_the_column_by_column_update():
     same = (got.double() - want).abs() < 1e-4
     assert same.float().mean() > 0.995
     assert abs(output_error(got, W, X, Xq) / output_error(want.float(), W, X, Xq) - 1) < 1e-2
+
+
+def test_correction_rows_are_the_rows_of_the_whole_correction():
+    """Block by block, only the trailing blocks of ``U`` enter: the same ``P``, row for row,
+    and zero before the block's first column."""
+    X, Xq, _ = streams(3, n=200)
+    H, D = terms(X.double(), Xq.double())
+    U, _ = inverse_hessian_cholesky(H, 0.01, 0.0025)
+    P = gptaq_correction(D, U, 0.25)
+    assert torch.count_nonzero(P.tril()) == 0
+    for i1 in range(0, 200, 64):
+        i2 = min(i1 + 64, 200)
+        rows = gptaq_correction_rows(D, U, 0.25, i1, i2)
+        assert rows.shape == (i2 - i1, 200 - i1)
+        torch.testing.assert_close(rows, P[i1:i2, i1:], rtol=1e-9, atol=1e-12)
+        assert torch.count_nonzero(P[i1:i2, :i1]) == 0

@@ -97,20 +97,30 @@ def inverse_hessian_cholesky(
 
     When Cholesky fails, damping grows by ``damp_increment`` until it succeeds; returns the
     factor and the damping that was used.
+
+    One factorisation and one triangular inverse, not the reference's Cholesky, explicit
+    inverse and second Cholesky: with ``J`` the order-reversing permutation and
+    ``J Hd J = L L^T`` (lower), ``Hd^-1 = J L^-T L^-1 J = U^T U`` with ``U = J L^-1 J``,
+    which is upper triangular with a positive diagonal, so it is *the* Cholesky factor of
+    ``Hd^-1`` (unique), computed in about half the arithmetic (cuSOLVER's ``potrf`` and
+    one ``trsm`` against ``potrf``, two ``trsm`` for the inverse and a second ``potrf``)
+    and without forming ``Hd^-1``, whose second factorisation loses accuracy.
     """
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
+    n = H.shape[0]
     while damp < 1:
-        Hd = H.clone()
+        Hd = H.flip(0, 1)  # a copy: J Hd J, damped below
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
         del Hd  # [in, in] buffers are 0.8 GB each for down_proj of an 8B model
         if info == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(U).all():
+            eye = torch.eye(n, dtype=L.dtype, device=L.device)
+            Linv = torch.linalg.solve_triangular(L, eye, upper=False)
+            del L, eye
+            U = Linv.flip(0, 1)
+            del Linv
+            if torch.isfinite(U).all():
                 return U, damp
         damp += damp_increment
     raise HessianNotPositiveDefinite(
@@ -234,8 +244,8 @@ def gptq_quantize(
 
     Hinv, damp = inverse_hessian_cholesky(H, damp_percent, damp_increment)  # [in, in] upper
     del H
-    P = None if dXXT is None else gptaq_correction(dXXT, Hinv, gptaq_alpha)  # [in, in]
-    del dXXT
+    # GPTAQ's correction is formed one block of rows at a time (gptaq_correction_rows):
+    # a third of the arithmetic of the whole [in, in] product, and no [in, in] buffer for it
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     losses = torch.zeros(out_features, device=dev)
@@ -271,14 +281,16 @@ def gptq_quantize(
         W1 = W[:, i1:i2].clone()  # [out, b]
         Hinv1 = Hinv[i1:i2, i1:i2]
         S, Z = S.contiguous(), Z.contiguous()
-        if P is None:
+        if dXXT is None:
             Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses)
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
         else:
-            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P[i1:i2, i1:i2])
+            P1 = gptaq_correction_rows(dXXT, Hinv, gptaq_alpha, i1, i2)  # P[i1:i2, i1:]
+            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P1[:, : i2 - i1])
             # each column as it was just before it was quantized: w = q + err * d
             Wpre1 = Q1 + Err1 * torch.diagonal(Hinv1)[None, :]  # [out, b]
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:] - Wpre1 @ P[i1:i2, i2:]
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:] - Wpre1 @ P1[:, i2 - i1 :]
+            del P1
         Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
 
     if group_size == -1:
@@ -314,6 +326,24 @@ def gptaq_correction(dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float) -> to
     """
     P = (dXXT @ Hinv.t()).triu_(diagonal=1) @ Hinv  # in place: one [in, in] buffer fewer
     return P.mul_(alpha)
+
+
+def gptaq_correction_rows(
+    dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float, i1: int, i2: int
+) -> torch.Tensor:
+    """Rows ``i1:i2`` of :func:`gptaq_correction`'s ``P``, from column ``i1`` on
+    (``[i2 - i1, in - i1]``; the columns before ``i1`` are zero).
+
+    With ``A = triu(dXXT U^T, 1)``, ``A[i, j]`` for ``j > i >= i1`` sums ``dXXT[i, k] U[j, k]``
+    over ``k >= j`` only (``U`` is upper triangular), and ``P[i, k] = sum_j A[i, j] U[j, k]``
+    over ``i1 <= j <= k``: both products need only the trailing ``[i1:, i1:]`` block of
+    ``U``. Summed over the blocks that is ``4/3 in^3`` operations against ``4 in^3`` for the
+    whole product (fp32 on CUDA cores: 0.2 s of the 8B ``down_proj``'s solve), and the
+    ``[in, in]`` ``P`` is never held.
+    """
+    Ut = Hinv[i1:, i1:]
+    A = (dXXT[i1:i2, i1:] @ Ut.t()).triu_(diagonal=1)  # [b, in - i1]: j > i
+    return (A @ Ut).mul_(alpha)
 
 
 def solve_block_torch(
