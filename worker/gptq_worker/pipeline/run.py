@@ -36,6 +36,11 @@ from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
 
 log = logging.getLogger(__name__)
+_IMPORTED = time.monotonic()  # for the steps' times in the log (``-v``)
+
+
+def _since() -> str:
+    return f"{time.monotonic() - _IMPORTED:.2f}s after import"
 
 
 class RunError(RuntimeError):
@@ -203,6 +208,7 @@ def _quantize(
     cfg: WorkerConfig, output: Path, show_progress: bool, on_layer: Callable[[int], None] | None
 ) -> tuple[Path, Report]:
     started = time.monotonic()
+    log.info("run starts, %s", _since())
     for what, source in (("model", cfg.model), ("calibration data", cfg.calibration.dataset)):
         path = Path(source).expanduser().resolve() if source else None
         if (
@@ -225,11 +231,13 @@ def _quantize(
         )
     warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
     model, tokenizer, layers = open_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
+    log.info("model and tokenizer opened, %s", _since())
     progress = None
     try:
         packed, progress, perplexity = quantize_model(
             model, tokenizer, cfg, device, work, show_progress, on_layer, layers
         )
+        log.info("layers done, %s", _since())
         staging = work / "checkpoint"
         if staging.exists():
             shutil.rmtree(staging)
@@ -242,7 +250,9 @@ def _quantize(
             cfg.max_shard_size,
             meta={"perplexity": perplexity} if perplexity else None,
         )
+        log.info("checkpoint written, %s", _since())
         report = validate_checkpoint(staging)
+        log.info("checkpoint validated, %s", _since())
         if report.errors:
             raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
         _publish(staging, output, work)
@@ -265,6 +275,7 @@ def _quantize(
         if progress is not None:
             progress.close()
     shutil.rmtree(work, ignore_errors=True)
+    log.info("published, work directory removed, %s", _since())
     return output, report
 
 
@@ -293,6 +304,7 @@ def quantize_model(
     samples = calibration_samples(
         cfg.calibration.dataset, tokenizer, nsamples, seqlen, cfg.calibration.seed
     )
+    log.info("calibration samples read, %s", _since())
     layers = model.get_submodule(arch.layers)
     state = WorkState(
         work / "state",
@@ -327,8 +339,10 @@ def quantize_model(
                 device,
             )
         acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
+        log.info("calibration inputs captured, %s", _since())
         if warming is not None:
             warming.join()
+        log.info("solver kernel ready, %s", _since())
         packed = quantize_layers(
             model,
             arch,
