@@ -322,10 +322,7 @@ def _quantize_layers(
             if fp_stream is not None:
                 fp_stream.end()  # the full-precision stream moves on, if no pass moved it
             if q_at_mid:
-                for b, h in enumerate(acts.hidden):  # the MLP half, from h_mid
-                    acts.hidden[b] = layer_output(
-                        forward_from(layer, h, acts.args[i][b], acts.kwargs[i][b], split, True)
-                    )
+                _forward_mlp_half_in_place(layer, acts, i, split)
             else:
                 forward_layer_in_place(layer, acts.hidden, acts, i)
         if evaluation is not None:
@@ -363,6 +360,16 @@ def _quantize_layers(
     if evaluation is not None:
         evaluation.ppl_after = evaluation.perplexity(model, arch, device, evaluation.after)
     return packed
+
+
+@torch.no_grad()
+def _forward_mlp_half_in_place(
+    layer: nn.Module, acts: Activations, index: int, split: LayerSplit
+) -> None:
+    """:func:`forward_layer_in_place` for a stream that holds the layer's ``h_mid``."""
+    for b, h in enumerate(acts.hidden):
+        out = forward_from(layer, h, acts.args[index][b], acts.kwargs[index][b], split, True)
+        acts.hidden[b] = layer_output(out)
 
 
 def _saved_losses(state: WorkState, names: dict[str, str]) -> dict[str, dict[str, float]]:

@@ -108,6 +108,7 @@ class FullPrecisionStream:
                 self.at_mid = True
         return got
 
+    @torch.no_grad()
     def advance(self) -> None:
         """Move every batch on through the layer (unless the last pass already did)."""
         if not self.advanced:

@@ -21,7 +21,7 @@ one, bit for bit); a layer that does not pass is run whole, as before.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,13 @@ class _StopAtMid(StopForward):
     pass
 
 
+def _zeros(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
+    """An attention module's answer in the MLP half: zeros (and no attention weights)."""
+    if hidden_states is None:
+        hidden_states = args[0]
+    return torch.zeros_like(hidden_states), None
+
+
 @dataclass(frozen=True)
 class LayerSplit:
     attention: str
@@ -57,37 +64,39 @@ class LayerSplit:
         """Whether ``module`` (a name inside the layer) belongs to the attention half."""
         return module.startswith(self.attention + ".")
 
-    @contextlib.contextmanager
-    def mlp_only(self, layer: nn.Module) -> Iterator[None]:
-        """The layer's forward, fed ``h_mid``, computes its MLP half: attention answers zeros."""
+    # No generator context managers on these paths: a StopForward raised inside one would
+    # leave a reference cycle (exception, traceback, the manager's frame) that keeps the
+    # forward's activations (GiBs on a GPU) alive until the cyclic collector runs.
+
+    def run_mlp_half(self, layer: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+        """The layer's forward on ``h_mid``: its MLP half (attention answers zeros)."""
         attention = layer.get_submodule(self.attention)
-
-        def zeros(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> Any:
-            if hidden_states is None:
-                hidden_states = args[0]
-            return torch.zeros_like(hidden_states), None
-
-        attention.forward = zeros  # the instance's, in front of the class's
+        attention.forward = _zeros  # the instance's, in front of the class's
         try:
-            yield
+            return layer(h, *args, **kwargs)
         finally:
             del attention.forward
 
-    @contextlib.contextmanager
-    def capture_mid(
-        self, layer: nn.Module, store: Callable[[torch.Tensor], None], stop: bool
-    ) -> Iterator[None]:
-        """While inside, each forward hands ``h_mid`` to ``store`` (and stops there if
-        ``stop``: raises a :class:`StopForward`)."""
+    def run_to_mid(
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        args: tuple,
+        kwargs: dict,
+        store: Callable[[torch.Tensor], None],
+        stop: bool,
+    ) -> Any:
+        """The layer's forward from its input, handing ``h_mid`` to ``store`` on the way (and
+        stopping there with a :class:`StopForward` if ``stop``)."""
 
-        def hook(_m: nn.Module, args: tuple) -> None:
-            store(args[0].detach())
+        def hook(_m: nn.Module, hook_args: tuple) -> None:
+            store(hook_args[0].detach())
             if stop:
                 raise _StopAtMid
 
         handle = layer.get_submodule(self.mid).register_forward_pre_hook(hook)
         try:
-            yield
+            return layer(h, *args, **kwargs)
         finally:
             handle.remove()
 
@@ -101,12 +110,11 @@ class LayerSplit:
         try:
             whole = layer_output(layer(h, *args, **kwargs))
             got: list[torch.Tensor] = []
-            with contextlib.suppress(StopForward), self.capture_mid(layer, got.append, True):
-                layer(h, *args, **kwargs)
+            with contextlib.suppress(StopForward):
+                self.run_to_mid(layer, h, args, kwargs, got.append, True)
             if len(got) != 1:
                 return False
-            with self.mlp_only(layer):
-                split = layer_output(layer(got[0], *args, **kwargs))
+            split = layer_output(self.run_mlp_half(layer, got[0], args, kwargs))
         except Exception:  # another layout: run the layer whole
             return False
         return split.shape == whole.shape and torch.equal(split, whole)
@@ -129,9 +137,7 @@ def forward_from(
     if split is None:
         return layer(h, *args, **kwargs)
     if at_mid:
-        with split.mlp_only(layer):
-            return layer(h, *args, **kwargs)
+        return split.run_mlp_half(layer, h, args, kwargs)
     if on_mid is None:
         return layer(h, *args, **kwargs)
-    with split.capture_mid(layer, on_mid, stop_at_mid):
-        return layer(h, *args, **kwargs)
+    return split.run_to_mid(layer, h, args, kwargs, on_mid, stop_at_mid)
