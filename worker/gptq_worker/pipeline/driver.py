@@ -193,8 +193,12 @@ def quantize_layers(
     evaluation: EvalStreams | None = None,
     options: EngineOptions | None = None,
     source: StreamedLayers | None = None,
+    on_released: Callable[[int], None] | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
+
+    ``on_released(i)`` is called (from the mover's thread on a GPU) once layer ``i`` is
+    saved and off the device, without waiting for it as ``on_layer`` does.
 
     ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
     With ``source`` the layers are read from disk as they are needed, and the packed tensors
@@ -205,7 +209,7 @@ def quantize_layers(
     try:
         packed = _quantize_layers(
             model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
-            options, mover,
+            options, mover, on_released,
         )  # fmt: skip
         return packed if source is None else state.packed()
     finally:
@@ -216,8 +220,9 @@ def quantize_layers(
 
 
 def _quantize_layers(
-    model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover
-) -> dict[str, torch.Tensor]:
+    model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover,
+    on_released=None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     phases = Phases(device, options.profile)
     fmt = cfg.checkpoint_format
     layers = model.get_submodule(arch.layers)
@@ -340,6 +345,8 @@ def _quantize_layers(
                 state.save_layer(i, on_cpu, losses)
             if mover.source is None:  # streaming: read back from the work directory
                 packed.update(on_cpu)
+            if on_released is not None:
+                on_released(i)
 
         mover.retire(finish)  # copied out and saved while the next layer is computed
         if on_layer is not None or not mover.cuda:

@@ -25,10 +25,11 @@ import torch
 from gptq_compat.config import WorkerConfig
 from gptq_worker.arch import architecture_for
 from gptq_worker.device import resolve_device, resolve_dtype
-from gptq_worker.format.checkpoint import write_checkpoint
+from gptq_worker.format.checkpoint import write_checkpoint, write_configs
 from gptq_worker.format.validate import Report, validate_checkpoint
 from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.pipeline.capture import capture_inputs
+from gptq_worker.pipeline.checkpoint_stream import CheckpointStream
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver
 from gptq_worker.pipeline.plan import plan
 from gptq_worker.pipeline.source import StreamedLayers, open_streamed
@@ -233,23 +234,24 @@ def _quantize(
     model, tokenizer, layers = open_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
     log.info("model and tokenizer opened, %s", _since())
     progress = None
+    staging = work / "checkpoint"
+    if staging.exists():
+        shutil.rmtree(staging)
+    # streamed: the shards are written while the layers are quantized
+    shards = CheckpointStream(staging, cfg.max_shard_size) if layers is not None else None
     try:
         packed, progress, perplexity = quantize_model(
-            model, tokenizer, cfg, device, work, show_progress, on_layer, layers
+            model, tokenizer, cfg, device, work, show_progress, on_layer, layers, shards
         )
         log.info("layers done, %s", _since())
-        staging = work / "checkpoint"
-        if staging.exists():
-            shutil.rmtree(staging)
-        write_checkpoint(
-            staging,
-            model,
-            tokenizer,
-            packed,
-            cfg.quantization,
-            cfg.max_shard_size,
-            meta={"perplexity": perplexity} if perplexity else None,
-        )
+        meta = {"perplexity": perplexity} if perplexity else None
+        if shards is not None and shards.started:
+            shards.finish(model, packed)
+            write_configs(staging, model, tokenizer, cfg.quantization, meta)
+        else:
+            write_checkpoint(
+                staging, model, tokenizer, packed, cfg.quantization, cfg.max_shard_size, meta
+            )
         log.info("checkpoint written, %s", _since())
         report = validate_checkpoint(staging)
         log.info("checkpoint validated, %s", _since())
@@ -268,6 +270,8 @@ def _quantize(
             **gpu,
         )
     except BaseException as err:
+        if shards is not None:
+            shards.abort()
         if progress is not None:
             progress.emit("failed", error=str(err) or type(err).__name__)
         raise
@@ -288,6 +292,7 @@ def quantize_model(
     show_progress: bool = True,
     on_layer: Callable[[int], None] | None = None,
     streamed: StreamedLayers | None = None,
+    shards: CheckpointStream | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place (its weights become the dequantized ones; with ``streamed``,
     the model's decoder layers are read from disk and dropped when done).
@@ -295,6 +300,8 @@ def quantize_model(
     Returns the packed tensors of every quantized module, the open progress reporter, and
     the perplexities before and after when ``cfg.evaluation`` asks for them.
     Finished layers are kept under ``work`` and reused when the same run starts again.
+    ``shards`` (streamed runs) starts writing the checkpoint once the inputs are captured;
+    the caller finishes it.
     """
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
     warming = warm_up_solver(device, options)  # compiles while the inputs are prepared
@@ -343,6 +350,8 @@ def quantize_model(
         if warming is not None:
             warming.join()
         log.info("solver kernel ready, %s", _since())
+        if shards is not None:
+            shards.start(model, arch.layers, state.layer_file)
         packed = quantize_layers(
             model,
             arch,
@@ -356,6 +365,7 @@ def quantize_model(
             evaluation,
             options,
             streamed,
+            shards.layer_released if shards is not None and shards.started else None,
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)
