@@ -22,7 +22,13 @@ from speed import SHAPES, random_model
 
 from gptq_worker.arch import architecture_for
 from gptq_worker.pipeline.capture import capture_inputs
-from gptq_worker.quant.gptq import gptaq_correction, gptq_quantize, inverse_hessian_cholesky
+from gptq_worker.quant.gptq import (
+    gptaq_correction,
+    gptaq_correction_rows,
+    gptq_quantize,
+    inverse_hessian_cholesky,
+    tf32_parts,
+)
 from gptq_worker.quant.hessian import AsymmetricHessian
 
 
@@ -144,11 +150,36 @@ def main() -> None:
             timed(lambda U=U: gptaq_correction(D, U, 0.25), 3), 4
         )
         del U
+        # GPTAQ's correction rows of the first block (the widest), 3xTF32 and fp32 products,
+        # against fp64
+        U, _ = inverse_hessian_cholesky(H, 0.01, 0.0025)
+        ref = gptaq_correction_rows(D.double(), U.double(), 0.25, 0, 128)
+        for name, factor in (("fp32", U), ("3xtf32", tf32_parts(U))):
+            got = gptaq_correction_rows(D, factor, 0.25, 0, 128)
+            out[f"gptaq_rows_{name}_rel_err"] = float((got.double() - ref).norm() / ref.norm())
+            out[f"gptaq_rows_{name}_s"] = round(
+                timed(lambda f=factor: gptaq_correction_rows(D, f, 0.25, 0, 128), 3), 5
+            )
+        del U, ref
         kwq = dict(bits=4, group_size=128, sym=True, desc_act=True, static_groups=True)
-        out["solve_down_plain_s"] = round(timed(lambda: gptq_quantize(W, H, **kwq), 3), 4)
-        out["solve_down_gptaq_s"] = round(
-            timed(lambda: gptq_quantize(W, H, dXXT=D, gptaq_alpha=0.25, **kwq), 3), 4
+        results = {}
+        for split in (False, True):
+            name = "3xtf32" if split else "fp32"
+            for how, extra in (("plain", {}), ("gptaq", {"dXXT": D, "gptaq_alpha": 0.25})):
+                out[f"solve_down_{how}_{name}_s"] = round(
+                    timed(
+                        lambda e=extra, sp=split: gptq_quantize(
+                            W, H, split_products=sp, **e, **kwq
+                        ),
+                        3,
+                    ),
+                    4,
+                )
+            results[name] = gptq_quantize(W, H, dXXT=D, split_products=split, **kwq)
+        out["solve_down_gptaq_codes_same"] = float(
+            (results["fp32"].codes == results["3xtf32"].codes).float().mean()
         )
+        out["solve_down_gptaq_loss_ratio"] = results["3xtf32"].loss / results["fp32"].loss
         if dev.type == "cuda":
             out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(out), flush=True)

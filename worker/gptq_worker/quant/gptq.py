@@ -9,6 +9,8 @@ Notation: ``W`` is ``[out, in]``; ``H = 2/n * X^T X`` is ``[in, in]``; ``maxq = 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +181,7 @@ def gptq_quantize(
     solver: str = "auto",
     dXXT: torch.Tensor | None = None,
     gptaq_alpha: float = 0.25,
+    split_products: bool | None = None,
 ) -> QuantizedWeight:
     """Quantize ``W`` (``[out, in]``) column by column, compensating with ``H`` (``[in, in]``).
 
@@ -193,6 +196,10 @@ def gptq_quantize(
     calibration: ``H`` is then built from the quantized model's inputs ``X~`` and the
     solve minimises ``||Q X~ - W X||`` instead of ``||Q X~ - W X~||``, with the correction
     :func:`gptaq_correction` scaled by ``gptaq_alpha``. ``dXXT = 0`` gives plain GPTQ.
+
+    ``split_products`` (default: on CUDA) computes the products with ``H^-1``'s factor as
+    three TF32 tensor-core products each (:func:`matmul`), to fp32's accuracy; off, plain
+    fp32 products (what a CPU does either way).
     """
     out_features, in_features = W.shape
     if group_size != -1 and in_features % group_size:
@@ -247,6 +254,10 @@ def gptq_quantize(
 
     Hinv, damp = inverse_hessian_cholesky(H, damp_percent, damp_increment)  # [in, in] upper
     del H
+    if split_products is None:
+        split_products = dev.type == "cuda"
+    if split_products:  # the lazy-batch and GPTAQ products on the tensor cores (matmul)
+        Hinv = tf32_parts(Hinv)
     # GPTAQ's correction is formed one block of rows at a time (gptaq_correction_rows):
     # a third of the arithmetic of the whole [in, in] product, and no [in, in] buffer for it
     Q = torch.zeros_like(W)
@@ -282,18 +293,22 @@ def gptq_quantize(
             g = column_group[i1:i2]
             S, Z = scales[g].t(), zeros[g].t()  # [out, b]
         W1 = W[:, i1:i2].clone()  # [out, b]
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        blk, after = slice(i1, i2), slice(i2, None)
+        Hinv1 = _whole(Hinv, blk, blk)
         S, Z = S.contiguous(), Z.contiguous()
         if dXXT is None:
             Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses)
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:] -= matmul(Err1, _block(Hinv, blk, after))
         else:
             P1 = gptaq_correction_rows(dXXT, Hinv, gptaq_alpha, i1, i2)  # P[i1:i2, i1:]
             Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P1[:, : i2 - i1])
             # each column as it was just before it was quantized: w = q + err * d
             Wpre1 = Q1 + Err1 * torch.diagonal(Hinv1)[None, :]  # [out, b]
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:] - Wpre1 @ P1[:, i2 - i1 :]
-            del P1
+            P_after = P1[:, i2 - i1 :]
+            if not isinstance(Hinv, torch.Tensor):
+                P_after = tf32_parts(P_after)
+            W[:, i2:] -= matmul(Err1, _block(Hinv, blk, after)) - matmul(Wpre1, P_after)
+            del P1, P_after
         Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
 
     if group_size == -1:
@@ -331,6 +346,51 @@ def gptaq_correction(dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float) -> to
     return P.mul_(alpha)
 
 
+Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # U, or its two TF32 parts
+
+
+def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (fp32) as ``hi + lo``, exactly: ``hi`` keeps the top 10 of the 23 mantissa bits
+    (a TF32 value), ``lo = x - hi`` (exact in fp32) the rest, to about 2^-21 relative once
+    TF32 rounds it."""
+    hi = (x.view(torch.int32) & -8192).view(torch.float32)  # the low 13 bits cleared
+    return hi, x - hi
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def matmul(a: torch.Tensor, b: Factor | torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32, or, when ``b`` comes as TF32 parts, as three TF32 tensor-core
+    products ``a_hi b_hi + (a_hi b_lo + a_lo b_hi)`` (the 3xTF32 split; ``a_lo b_lo`` is below
+    fp32's rounding): fp32's accuracy (measured: bench/layer_anatomy.py) at several times
+    the speed of fp32 products on CUDA cores."""
+    if isinstance(b, torch.Tensor):
+        return a @ b
+    b_hi, b_lo = b
+    a_hi, a_lo = tf32_parts(a)
+    with _tf32():
+        return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
+
+
+def _block(U: Factor, rows: slice, cols: slice, transpose: bool = False) -> Factor:
+    if isinstance(U, torch.Tensor):
+        return U[rows, cols].t() if transpose else U[rows, cols]
+    return tuple(u[rows, cols].t() if transpose else u[rows, cols] for u in U)
+
+
+def _whole(U: Factor, rows: slice, cols: slice) -> torch.Tensor:
+    """The block of ``U`` itself (``hi + lo`` is exact)."""
+    return U[rows, cols] if isinstance(U, torch.Tensor) else U[0][rows, cols] + U[1][rows, cols]
+
+
 def gptaq_correction_rows(
     dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float, i1: int, i2: int
 ) -> torch.Tensor:
@@ -342,11 +402,13 @@ def gptaq_correction_rows(
     over ``i1 <= j <= k``: both products need only the trailing ``[i1:, i1:]`` block of
     ``U``. Summed over the blocks that is ``4/3 in^3`` operations against ``4 in^3`` for the
     whole product (fp32 on CUDA cores: 0.2 s of the 8B ``down_proj``'s solve), and the
-    ``[in, in]`` ``P`` is never held.
+    ``[in, in]`` ``P`` is never held. ``Hinv`` may come as :func:`tf32_parts` (see
+    :func:`matmul`).
     """
-    Ut = Hinv[i1:, i1:]
-    A = (dXXT[i1:i2, i1:] @ Ut.t()).triu_(diagonal=1)  # [b, in - i1]: j > i
-    return (A @ Ut).mul_(alpha)
+    rest = slice(i1, None)
+    A = matmul(dXXT[i1:i2, i1:], _block(Hinv, rest, rest, transpose=True))
+    A.triu_(diagonal=1)  # [b, in - i1]: j > i
+    return matmul(A, _block(Hinv, rest, rest)).mul_(alpha)
 
 
 def solve_block_torch(
