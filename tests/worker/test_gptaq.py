@@ -152,9 +152,9 @@ def test_tf32_parts_are_exact_and_tf32_representable():
 
 @pytest.mark.parametrize("gptaq", [False, True])
 def test_split_products_give_the_fp32_solve(gptaq):
-    """The 3xTF32 form of the solve's products (the CUDA default) is the fp32 computation
-    up to rounding: on a CPU, where every product is fp32, nearly every code is the same
-    and the objective is unchanged."""
+    """The 3xTF32 form of the solve's products (an option, off by default) is the fp32
+    computation up to rounding: on a CPU, where every product is fp32, nearly every code is
+    the same and the objective is unchanged."""
     X, Xq, W = streams(4, n=256)
     H, D = terms(X, Xq)
     kw = dict(bits=4, group_size=64, sym=True, desc_act=True, static_groups=True)

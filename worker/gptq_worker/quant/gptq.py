@@ -181,7 +181,7 @@ def gptq_quantize(
     solver: str = "auto",
     dXXT: torch.Tensor | None = None,
     gptaq_alpha: float = 0.25,
-    split_products: bool | None = None,
+    split_products: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``W`` (``[out, in]``) column by column, compensating with ``H`` (``[in, in]``).
 
@@ -197,9 +197,11 @@ def gptq_quantize(
     solve minimises ``||Q X~ - W X||`` instead of ``||Q X~ - W X~||``, with the correction
     :func:`gptaq_correction` scaled by ``gptaq_alpha``. ``dXXT = 0`` gives plain GPTQ.
 
-    ``split_products`` (default: on CUDA) computes the products with ``H^-1``'s factor as
-    three TF32 tensor-core products each (:func:`matmul`), to fp32's accuracy; off, plain
-    fp32 products (what a CPU does either way).
+    ``split_products`` computes the products with ``H^-1``'s factor as three TF32
+    tensor-core products each (:func:`matmul`) instead of fp32 ones. Off by default: on an
+    H200 it made the 8B ``down_proj`` solve slower (0.320 s against 0.300 s) and GPTAQ's
+    correction 57x less accurate against fp64 (4.4e-5 against 7.8e-7;
+    bench/results/speed-layer-anatomy-llama-3-8b-h200-2026-12-01.txt).
     """
     out_features, in_features = W.shape
     if group_size != -1 and in_features % group_size:
@@ -254,9 +256,7 @@ def gptq_quantize(
 
     Hinv, damp = inverse_hessian_cholesky(H, damp_percent, damp_increment)  # [in, in] upper
     del H
-    if split_products is None:
-        split_products = dev.type == "cuda"
-    if split_products:  # the lazy-batch and GPTAQ products on the tensor cores (matmul)
+    if split_products:  # the lazy-batch and GPTAQ products as 3xTF32 (matmul); off: fp32
         Hinv = tf32_parts(Hinv)
     # GPTAQ's correction is formed one block of rows at a time (gptaq_correction_rows):
     # a third of the arithmetic of the whole [in, in] product, and no [in, in] buffer for it
@@ -370,8 +370,9 @@ def _tf32() -> Iterator[None]:
 def matmul(a: torch.Tensor, b: Factor | torch.Tensor) -> torch.Tensor:
     """``a @ b`` in fp32, or, when ``b`` comes as TF32 parts, as three TF32 tensor-core
     products ``a_hi b_hi + (a_hi b_lo + a_lo b_hi)`` (the 3xTF32 split; ``a_lo b_lo`` is below
-    fp32's rounding): fp32's accuracy (measured: bench/layer_anatomy.py) at several times
-    the speed of fp32 products on CUDA cores."""
+    fp32's rounding on paper). Measured on an H200 (bench/layer_anatomy.py) it was neither
+    as accurate as fp32 products nor faster for the solve's shapes, so the engine does not
+    use it by default (``gptq_quantize(split_products=...)``)."""
     if isinstance(b, torch.Tensor):
         return a @ b
     b_hi, b_lo = b
