@@ -147,6 +147,7 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="the paper's GPTQ, not the default")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache first")
     p.add_argument("--keep", action="store_true", help="keep the model and output")
+    p.add_argument("--verbose", action="store_true", help="the command logs its steps' times")
     p.add_argument("extra", nargs="*", help="more flags for quantize, after --")
     args = p.parse_args()
 
@@ -172,7 +173,7 @@ def main() -> None:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     progress_file = root / "progress.jsonl"
     cmd = [
-        sys.executable, "-m", "gptq_worker.cli", "quantize",
+        sys.executable, "-m", "gptq_worker.cli", *(["-v"] if args.verbose else []), "quantize",
         "--model", str(model_dir), "--output", str(out_dir),
         "--calibration", str(calib), "--nsamples", str(args.nsamples),
         "--seqlen", str(args.seqlen), "--progress-file", str(progress_file),

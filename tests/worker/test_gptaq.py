@@ -14,9 +14,12 @@ import torch
 from gptq_worker.quant.gptq import (
     dequantize,
     find_params,
+    gptaq_correction,
+    gptaq_correction_rows,
     gptq_quantize,
     inverse_hessian_cholesky,
     quantize,
+    tf32_parts,
 )
 from gptq_worker.quant.hessian import AsymmetricHessian
 
@@ -121,3 +124,48 @@ def test_blocked_solve_equals_the_column_by_column_update():
     same = (got.double() - want).abs() < 1e-4
     assert same.float().mean() > 0.995
     assert abs(output_error(got, W, X, Xq) / output_error(want.float(), W, X, Xq) - 1) < 1e-2
+
+
+def test_correction_rows_are_the_rows_of_the_whole_correction():
+    """Block by block, only the trailing blocks of ``U`` enter: the same ``P``, row for row,
+    and zero before the block's first column."""
+    X, Xq, _ = streams(3, n=200)
+    H, D = terms(X.double(), Xq.double())
+    U, _ = inverse_hessian_cholesky(H, 0.01, 0.0025)
+    P = gptaq_correction(D, U, 0.25)
+    assert torch.count_nonzero(P.tril()) == 0
+    for i1 in range(0, 200, 64):
+        i2 = min(i1 + 64, 200)
+        rows = gptaq_correction_rows(D, U, 0.25, i1, i2)
+        assert rows.shape == (i2 - i1, 200 - i1)
+        torch.testing.assert_close(rows, P[i1:i2, i1:], rtol=1e-9, atol=1e-12)
+        assert torch.count_nonzero(P[i1:i2, :i1]) == 0
+
+
+def test_tf32_parts_are_exact_and_tf32_representable():
+    x = torch.randn(257, 129, generator=torch.Generator().manual_seed(5)) * 1e3
+    hi, lo = tf32_parts(x)
+    assert torch.equal(hi + lo, x)
+    assert torch.count_nonzero(hi.view(torch.int32) & 8191) == 0  # 10 mantissa bits left
+    assert float(lo.abs().max() / x.abs().max()) < 2**-10
+
+
+@pytest.mark.parametrize("gptaq", [False, True])
+def test_split_products_give_the_fp32_solve(gptaq):
+    """The 3xTF32 form of the solve's products (an option, off by default) is the fp32
+    computation up to rounding: on a CPU, where every product is fp32, nearly every code is
+    the same and the objective is unchanged."""
+    X, Xq, W = streams(4, n=256)
+    H, D = terms(X, Xq)
+    kw = dict(bits=4, group_size=64, sym=True, desc_act=True, static_groups=True)
+    kw |= dict(solver="torch", dXXT=D if gptaq else None, block_size=64)
+    fp32 = gptq_quantize(W, H, split_products=False, **kw)
+    split = gptq_quantize(W, H, split_products=True, **kw)
+    assert (fp32.codes == split.codes).float().mean() > 0.999
+    ratio = output_error(split.weight, W, X, Xq) / output_error(fp32.weight, W, X, Xq)
+    assert abs(ratio - 1) < 1e-3
+    U, _ = inverse_hessian_cholesky(H, 0.01, 0.0025)
+    rows = gptaq_correction_rows(D, U, 0.25, 64, 128)
+    torch.testing.assert_close(
+        gptaq_correction_rows(D, tf32_parts(U), 0.25, 64, 128), rows, rtol=1e-5, atol=1e-6
+    )

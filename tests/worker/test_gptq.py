@@ -153,6 +153,22 @@ def test_damping_increases_until_cholesky_succeeds():
         inverse_hessian_cholesky(torch.diag(torch.tensor([1.0, -10.0])), 0.01, 0.1)
 
 
+def test_inverse_factor_is_the_cholesky_factor_of_the_damped_inverse():
+    """One factorisation of the reversed matrix and a triangular inverse give the upper
+    Cholesky factor of ``(H + damp)^-1`` that the paper's inverse-then-factorise gives."""
+    H = _hessian(_calibration(96, tokens=512, seed=4)).double()  # accumulated in fp32
+    U, damp = inverse_hessian_cholesky(H, 0.01, 0.0025)
+    assert damp == 0.01
+    Hd = H + 0.01 * torch.mean(torch.diag(H)) * torch.eye(96, dtype=H.dtype)
+    want = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    assert torch.equal(U, U.triu())
+    assert bool((torch.diagonal(U) > 0).all())
+    torch.testing.assert_close(U, want, rtol=1e-9, atol=1e-12)
+    # in fp32 too, as the engine runs it, against the fp64 factor
+    U32, _ = inverse_hessian_cholesky(H.float(), 0.01, 0.0025)
+    assert float((U32.double() - want).norm() / want.norm()) < 1e-4
+
+
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match="in_features 100 is not a multiple of group_size 32"):
         gptq_quantize(torch.randn(4, 100), torch.eye(100), bits=4, group_size=32, sym=True)

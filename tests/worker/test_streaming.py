@@ -6,6 +6,8 @@ against cross terms from inputs kept for the whole layer (the path before stream
 
 from __future__ import annotations
 
+import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,13 @@ from safetensors.torch import save_file
 
 from gptq_worker.arch import architecture_for
 from gptq_worker.demo.models import tiny_model
-from gptq_worker.format.tensorfiles import DTYPES, TensorFiles, pending, write_safetensors
+from gptq_worker.format.tensorfiles import (
+    DTYPES,
+    TensorFiles,
+    pending,
+    read_header,
+    write_safetensors,
+)
 from gptq_worker.pipeline import run
 from gptq_worker.pipeline.capture import capture_inputs, forward_layer
 from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
@@ -115,3 +123,41 @@ def test_batch_by_batch_cross_terms_equal_kept_inputs(tokenizer):
     assert torch.equal(H, ref.result()) and torch.equal(D, ref.cross_result())
     for a, b in zip(stream.hidden, fp_out, strict=True):  # the stream moved on exactly
         assert torch.equal(a, b)
+
+
+def _holds(path: Path, prefix: str) -> bool:
+    """Whether the (possibly still growing) shard ``path`` has a tensor named ``prefix...``."""
+    try:
+        header, _ = read_header(path)
+    except (OSError, ValueError, struct.error):
+        return False
+    return any(k.startswith(prefix) for k in header)
+
+
+def test_shards_are_written_while_layers_are_quantized(
+    tmp_path, model_dir, calibration_file, monkeypatch
+):
+    """A streamed run writes each finished layer's shards before the next layer is computed
+    (one tensor per shard here), and the checkpoint is the one written at the end."""
+    src = model_dir("llama")
+    staging = run.work_dir_for((tmp_path / "out").resolve()) / "checkpoint"
+    on_disk: dict[int, list[str]] = {}
+
+    def on_layer(i: int) -> None:  # layer i is saved; layer i + 1 is not computed yet
+        deadline = time.monotonic() + 30
+        held: list[str] = []
+        while not held and time.monotonic() < deadline:  # the writer thread catches up
+            held = [
+                p.name for p in staging.glob(".shard-*.partial") if _holds(p, f"model.layers.{i}.")
+            ]
+            time.sleep(0.02)
+        on_disk[i] = held
+
+    cfg = worker_config(src, tmp_path / "out", calibration_file)
+    cfg = cfg.model_copy(update={"max_shard_size": "1KB"})
+    run.quantize(cfg, show_progress=False, on_layer=on_layer)
+    assert on_disk and all(on_disk.values()), on_disk
+    monkeypatch.setattr(run, "open_streamed", lambda *a, **k: None)
+    whole = worker_config(src, tmp_path / "whole", calibration_file)
+    run.quantize(whole.model_copy(update={"max_shard_size": "1KB"}), show_progress=False)
+    assert _files(tmp_path / "out") == _files(tmp_path / "whole")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,10 +182,35 @@ def checkpoint_tensors(
 def checkpoint_items(model: nn.Module, packed: Mapping[str, torch.Tensor]) -> dict[str, Pending]:
     """:func:`checkpoint_tensors` as tensors still to be made: packed tensors are read (from
     the work directory when ``packed`` is a :class:`TensorFiles`) only when written."""
-    quantized = {k.rsplit(".", 1)[0] for k in packed if k.endswith(".qweight")}
+    quantized = quantized_prefixes(packed)
+    out = state_items(model.state_dict().items(), packed, set())
+    check_all_written(quantized, out)
+    return out
+
+
+def quantized_prefixes(packed: Mapping[str, torch.Tensor]) -> set[str]:
+    return {k.rsplit(".", 1)[0] for k in packed if k.endswith(".qweight")}
+
+
+def check_all_written(quantized: set[str], written: Mapping[str, Any]) -> None:
+    missing = quantized - {k.rsplit(".", 1)[0] for k in written if k.endswith(".qweight")}
+    if missing:
+        raise ValueError(f"packed modules not found in the model: {sorted(missing)}")
+
+
+def state_items(
+    state: Iterable[tuple[str, torch.Tensor]],
+    packed: Mapping[str, torch.Tensor],
+    seen: set[tuple[int, int]],
+) -> dict[str, Pending]:
+    """The checkpoint's tensors for ``state`` (state_dict entries, in order): packed modules
+    in place of their weights, the rest in fp16, storages in ``seen`` (tied weights: stored
+    once) skipped and the new ones added to it. A whole state_dict gives
+    :func:`checkpoint_items`; consecutive pieces of it, with one ``seen``, give the same
+    items piece by piece."""
+    quantized = quantized_prefixes(packed)
     out: dict[str, Pending] = {}
-    seen: set[tuple[int, int]] = set()
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state:
         prefix, _, leaf = key.rpartition(".")
         if prefix in quantized and leaf == "weight":
             for suffix in QUANT_SUFFIXES:
@@ -206,9 +231,6 @@ def checkpoint_items(model: nn.Module, packed: Mapping[str, torch.Tensor]) -> di
             tuple(tensor.shape),
             lambda t=tensor, dtype=dtype: t.detach().to("cpu", dtype).contiguous(),
         )
-    missing = quantized - {k.rsplit(".", 1)[0] for k in out if k.endswith(".qweight")}
-    if missing:
-        raise ValueError(f"packed modules not found in the model: {sorted(missing)}")
     return out
 
 
@@ -228,7 +250,17 @@ def write_checkpoint(
     perplexities)."""
     directory.mkdir(parents=True, exist_ok=True)
     _save_shards(directory, checkpoint_items(model, packed), parse_size(max_shard_size))
+    write_configs(directory, model, tokenizer, cfg, meta)
 
+
+def write_configs(
+    directory: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: QuantizeConfig,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Everything of a checkpoint but its tensors: the configs and the tokenizer."""
     qc = quantization_config(cfg, meta)
     (directory / "quantize_config.json").write_text(json.dumps(qc, indent=2) + "\n")
     config = copy.deepcopy(model.config)
@@ -244,27 +276,61 @@ def write_checkpoint(
 
 
 def _save_shards(directory: Path, tensors: dict[str, Pending], max_bytes: int) -> None:
-    shards: list[dict[str, Pending]] = [{}]
-    size = 0
+    writer = ShardWriter(directory, max_bytes)
     for key, t in tensors.items():
-        nbytes = t.nbytes
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        _save_shard(directory / "model.safetensors", shards[0], metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_shard(directory / name, shard, metadata)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.nbytes for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        writer.add(key, t)
+    writer.finish()
+
+
+class ShardWriter:
+    """A checkpoint's shards, written as the tensors are added (in checkpoint order).
+
+    A shard is written as soon as the next tensor would not fit in it (or at
+    :meth:`finish`), under a temporary name: how many shards there are, and so their
+    names, is known only at the end. :meth:`finish` names them
+    (``model.safetensors``, or ``model-00001-of-0000N.safetensors`` and the index), as
+    ``save_pretrained`` does: the same files whether the tensors come all at once or
+    while the layers are still being quantized.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._shard: dict[str, Pending] = {}
+        self._size = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self._total = 0
+
+    def add(self, key: str, item: Pending) -> None:
+        nbytes = item.nbytes
+        if self._shard and self._size + nbytes > self.max_bytes:
+            self._flush()
+        self._shard[key] = item
+        self._size += nbytes
+        self._total += nbytes
+
+    def _flush(self) -> None:
+        path = self.directory / f".shard-{len(self._written) + 1:05d}.partial"
+        _save_shard(path, self._shard, {"format": "pt"})
+        self._written.append((path, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def finish(self) -> None:
+        if self._shard or not self._written:
+            self._flush()
+        if len(self._written) == 1:
+            self._written[0][0].rename(self.directory / "model.safetensors")
+            return
+        weight_map = {}
+        n = len(self._written)
+        for i, (path, keys) in enumerate(self._written, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            path.rename(self.directory / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self._total}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n"
+        )
 
 
 def _save_shard(path: Path, shard: dict[str, Pending], metadata: dict[str, str]) -> None:

@@ -33,9 +33,10 @@ from gptq_worker.format.pack import (
     pack_qweight,
     pack_qzeros,
 )
-from gptq_worker.pipeline.capture import Activations, forward_layer_in_place
+from gptq_worker.pipeline.capture import Activations, forward_layer_in_place, layer_output
 from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
 from gptq_worker.pipeline.mover import LayerMover, Phases
+from gptq_worker.pipeline.split import LayerSplit, forward_from
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
 from gptq_worker.quant.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
@@ -192,8 +193,12 @@ def quantize_layers(
     evaluation: EvalStreams | None = None,
     options: EngineOptions | None = None,
     source: StreamedLayers | None = None,
+    on_released: Callable[[int], None] | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
+
+    ``on_released(i)`` is called (from the mover's thread on a GPU) once layer ``i`` is
+    saved and off the device, without waiting for it as ``on_layer`` does.
 
     ``settings`` comes from :func:`plan`. Layers already in ``state`` are restored and replayed.
     With ``source`` the layers are read from disk as they are needed, and the packed tensors
@@ -204,7 +209,7 @@ def quantize_layers(
     try:
         packed = _quantize_layers(
             model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
-            options, mover,
+            options, mover, on_released,
         )  # fmt: skip
         return packed if source is None else state.packed()
     finally:
@@ -215,8 +220,9 @@ def quantize_layers(
 
 
 def _quantize_layers(
-    model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover
-) -> dict[str, torch.Tensor]:
+    model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover,
+    on_released=None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
     phases = Phases(device, options.profile)
     fmt = cfg.checkpoint_format
     layers = model.get_submodule(arch.layers)
@@ -224,6 +230,10 @@ def _quantize_layers(
     # GPTAQ: the full-precision stream, layer 0's inputs being the same for both streams
     gptaq = cfg.gptaq and cfg.method != Method.RTN
     fp_stream = FullPrecisionStream(acts.hidden, acts) if gptaq else None
+    # the layer cut between attention and MLP (split.py), once checked on the first layer
+    # this run computes; None: layers run whole
+    split: LayerSplit | None = LayerSplit.for_model(model) if cfg.true_sequential else None
+    split_checked = split is None
     fetched = mover.fetch(layers[0], 0)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
@@ -239,6 +249,25 @@ def _quantize_layers(
         passes = [[[n for n in g if names[n] in settings] for g in groups] for groups in passes]
         passes = [[g for g in groups if g] for groups in passes]
         passes = [] if resumed else [groups for groups in passes if groups]
+        if passes and not split_checked:
+            split_checked = True
+            with phases("forward"):
+                if not split.reproduces(layer, acts, i):
+                    split = None
+            if fp_stream is not None:
+                fp_stream.split = split
+        q_at_mid = False  # acts.hidden holds this layer's h_mid (split.py)
+        fp_to_mid_pass = -1
+        if split is not None and passes:
+            # the full-precision stream moves to h_mid in the pass of the last attention group
+            fp_to_mid_pass = max(
+                (
+                    p
+                    for p, groups in enumerate(passes)
+                    if any(split.in_attention(n) for g in groups for n in g)
+                ),
+                default=0,
+            )
         if fp_stream is not None:  # the layer still has its original weights
             fp_stream.begin(layer, i, copy_weights=bool(passes))
             if resumed:
@@ -255,6 +284,13 @@ def _quantize_layers(
                     )
         else:
             for p, groups in enumerate(passes):
+                # the partly quantized stream moves to h_mid in the first pass with no
+                # attention group: every attention group before it is quantized by now
+                q_to_mid = (
+                    split is not None
+                    and not q_at_mid
+                    and not any(split.in_attention(n) for g in groups for n in g)
+                )
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
@@ -268,8 +304,13 @@ def _quantize_layers(
                         phases,
                         fp_stream,
                         complete=p == len(passes) - 1,
+                        split=split,
+                        at_mid=q_at_mid,
+                        to_mid=q_to_mid,
+                        fp_to_mid=p == fp_to_mid_pass,
                     )
                 )
+                q_at_mid = q_at_mid or (q_to_mid and cfg.method != Method.RTN)
                 for group in groups:
                     H, dXXT = hessians.get(group[0], (None, None))
                     with phases("solve"):
@@ -285,7 +326,10 @@ def _quantize_layers(
         with phases("forward"):
             if fp_stream is not None:
                 fp_stream.end()  # the full-precision stream moves on, if no pass moved it
-            forward_layer_in_place(layer, acts.hidden, acts, i)
+            if q_at_mid:
+                _forward_mlp_half_in_place(layer, acts, i, split)
+            else:
+                forward_layer_in_place(layer, acts.hidden, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
 
@@ -301,6 +345,8 @@ def _quantize_layers(
                 state.save_layer(i, on_cpu, losses)
             if mover.source is None:  # streaming: read back from the work directory
                 packed.update(on_cpu)
+            if on_released is not None:
+                on_released(i)
 
         mover.retire(finish)  # copied out and saved while the next layer is computed
         if on_layer is not None or not mover.cuda:
@@ -321,6 +367,16 @@ def _quantize_layers(
     if evaluation is not None:
         evaluation.ppl_after = evaluation.perplexity(model, arch, device, evaluation.after)
     return packed
+
+
+@torch.no_grad()
+def _forward_mlp_half_in_place(
+    layer: nn.Module, acts: Activations, index: int, split: LayerSplit
+) -> None:
+    """:func:`forward_layer_in_place` for a stream that holds the layer's ``h_mid``."""
+    for b, h in enumerate(acts.hidden):
+        out = forward_from(layer, h, acts.args[index][b], acts.kwargs[index][b], split, True)
+        acts.hidden[b] = layer_output(out)
 
 
 def _saved_losses(state: WorkState, names: dict[str, str]) -> dict[str, dict[str, float]]:

@@ -29,6 +29,7 @@ from gptq_worker.pipeline.capture import (
     layer_output,
 )
 from gptq_worker.pipeline.mover import Phases
+from gptq_worker.pipeline.split import LayerSplit, forward_from
 from gptq_worker.quant.hessian import AsymmetricHessian, Hessian
 
 
@@ -39,27 +40,43 @@ class FullPrecisionStream:
     :meth:`head_inputs` once per batch and pass (the last pass with ``complete=True``, which
     also moves that batch's hidden states on through the layer), or :meth:`advance` alone
     (a resumed layer, or one with nothing to quantize); then :meth:`end`.
+
+    With ``split`` (``split.py``) a pass with ``to_mid`` also leaves the stream at the
+    residual between attention and MLP, and later passes of the layer run its MLP half only.
     """
 
-    def __init__(self, hidden: list[torch.Tensor], acts: Activations) -> None:
+    def __init__(
+        self, hidden: list[torch.Tensor], acts: Activations, split: LayerSplit | None = None
+    ) -> None:
         self.hidden = list(hidden)  # per batch; replaced in place as batches move on
         self.acts = acts  # the arguments (masks, rotary tables) do not depend on weights
+        self.split = split
         self.original: nn.Module | None = None
         self.index = -1
         self.advanced = False
+        self.at_mid = False  # the stream holds the layer's h_mid, not its input
 
     def begin(self, layer: nn.Module, index: int, copy_weights: bool) -> None:
         """``copy_weights``: the layer is about to be quantized, so keep an unmodified copy."""
         self.original = copy.deepcopy(layer) if copy_weights else layer
         self.index = index
         self.advanced = False
+        self.at_mid = False
 
     @torch.no_grad()
-    def head_inputs(self, b: int, heads: list[str], complete: bool) -> dict[str, torch.Tensor]:
+    def head_inputs(
+        self, b: int, heads: list[str], complete: bool, to_mid: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The inputs of each head module for batch ``b``; with ``complete`` the forward runs
-        to the end and batch ``b`` of the stream becomes the layer's output."""
+        to the end and batch ``b`` of the stream becomes the layer's output. ``to_mid``
+        (with a split, from the layer's input): batch ``b`` becomes ``h_mid`` instead, and
+        once the last batch has, the stream is at the middle of the layer."""
         got: dict[str, torch.Tensor] = {}
+        to_mid = to_mid and self.split is not None and not self.at_mid
         stop = heads[-1] if heads and not complete else None
+        stop_at_mid = False
+        if to_mid and stop is not None and self.split.in_attention(stop):
+            stop, stop_at_mid = None, True  # on past the last head, up to h_mid
         handles = []
         for head in heads:
 
@@ -70,21 +87,41 @@ class FullPrecisionStream:
 
             handles.append(self.original.get_submodule(head).register_forward_pre_hook(hook))
         i = self.index
+
+        def on_mid(t: torch.Tensor) -> None:
+            self.hidden[b] = t
+
         try:
             with contextlib.suppress(StopForward):
-                out = self.original(self.hidden[b], *self.acts.args[i][b], **self.acts.kwargs[i][b])
+                out = forward_from(
+                    self.original, self.hidden[b], self.acts.args[i][b], self.acts.kwargs[i][b],
+                    self.split, self.at_mid, on_mid if to_mid else None, stop_at_mid,
+                )  # fmt: skip
                 self.hidden[b] = layer_output(out)
         finally:
             for handle in handles:
                 handle.remove()
-        if complete and b == len(self.hidden) - 1:
-            self.advanced = True
+        if b == len(self.hidden) - 1:
+            if complete:
+                self.advanced = True
+            elif to_mid:
+                self.at_mid = True
         return got
 
+    @torch.no_grad()
     def advance(self) -> None:
         """Move every batch on through the layer (unless the last pass already did)."""
         if not self.advanced:
-            forward_layer_in_place(self.original, self.hidden, self.acts, self.index)
+            if self.at_mid:
+                i = self.index
+                for b, h in enumerate(self.hidden):
+                    out = forward_from(
+                        self.original, h, self.acts.args[i][b], self.acts.kwargs[i][b],
+                        self.split, True,
+                    )  # fmt: skip
+                    self.hidden[b] = layer_output(out)
+            else:
+                forward_layer_in_place(self.original, self.hidden, self.acts, self.index)
             self.advanced = True
 
     def end(self) -> None:
@@ -103,6 +140,10 @@ def collect_hessians(
     phases: Phases,
     fp_stream: FullPrecisionStream | None = None,
     complete: bool = False,
+    split: LayerSplit | None = None,
+    at_mid: bool = False,
+    to_mid: bool = False,
+    fp_to_mid: bool = False,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
 
@@ -111,6 +152,11 @@ def collect_hessians(
     full-precision inputs of each batch computed just before it; ``complete`` (the layer's
     last pass) lets that stream's forward run through the whole layer. Otherwise the
     cross term's slot is None.
+
+    With ``split`` (``split.py``): ``at_mid``, ``acts.hidden`` holds the layer's ``h_mid``
+    and only the MLP half runs; ``to_mid``, each batch of ``acts.hidden`` is replaced by its
+    ``h_mid`` on the way (the pass's groups must all be in the MLP half, so the attention
+    half is final). ``fp_to_mid`` is :meth:`FullPrecisionStream.head_inputs`'s ``to_mid``.
     """
     hessians: dict[str, Hessian] = {}
     handles = []
@@ -137,9 +183,16 @@ def collect_hessians(
         with phases("forward+hessian"):
             for b, h in enumerate(acts.hidden):
                 if fp_stream is not None:
-                    fp_inputs.update(fp_stream.head_inputs(b, heads, complete))
+                    fp_inputs.update(fp_stream.head_inputs(b, heads, complete, fp_to_mid))
+
+                def on_mid(t: torch.Tensor, b: int = b) -> None:
+                    acts.hidden[b] = t
+
                 with contextlib.suppress(StopForward):
-                    layer(h, *acts.args[index][b], **acts.kwargs[index][b])
+                    forward_from(
+                        layer, h, acts.args[index][b], acts.kwargs[index][b], split, at_mid,
+                        on_mid if to_mid and not at_mid else None,
+                    )  # fmt: skip
     finally:
         for handle in handles:
             handle.remove()

@@ -29,10 +29,11 @@ import torch
 from gptq_compat.config import WorkerConfig
 from gptq_worker.arch import architecture_for
 from gptq_worker.device import resolve_device, resolve_dtype
-from gptq_worker.format.checkpoint import write_checkpoint
+from gptq_worker.format.checkpoint import write_checkpoint, write_configs
 from gptq_worker.format.validate import Report, validate_checkpoint
 from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.pipeline.capture import capture_inputs
+from gptq_worker.pipeline.checkpoint_stream import CheckpointStream
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver
 from gptq_worker.pipeline.plan import plan
 from gptq_worker.pipeline.source import StreamedLayers, open_streamed
@@ -40,6 +41,11 @@ from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
 
 log = logging.getLogger(__name__)
+_IMPORTED = time.monotonic()  # for the steps' times in the log (``-v``)
+
+
+def _since() -> str:
+    return f"{time.monotonic() - _IMPORTED:.2f}s after import"
 
 
 class RunError(RuntimeError):
@@ -208,6 +214,7 @@ def _quantize(
     cfg: WorkerConfig, output: Path, show_progress: bool, on_layer: Callable[[int], None] | None
 ) -> tuple[Path, Report]:
     started = time.monotonic()
+    log.info("run starts, %s", _since())
     for what, source in (("model", cfg.model), ("calibration data", cfg.calibration.dataset)):
         path = Path(source).expanduser().resolve() if source else None
         if (
@@ -230,24 +237,29 @@ def _quantize(
         )
     warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
     model, tokenizer, layers = open_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
+    log.info("model and tokenizer opened, %s", _since())
     progress = None
+    staging = work / "checkpoint"
+    if staging.exists():
+        shutil.rmtree(staging)
+    # streamed: the shards are written while the layers are quantized
+    shards = CheckpointStream(staging, cfg.max_shard_size) if layers is not None else None
     try:
         packed, progress, perplexity = quantize_model(
-            model, tokenizer, cfg, device, work, show_progress, on_layer, layers
+            model, tokenizer, cfg, device, work, show_progress, on_layer, layers, shards
         )
-        staging = work / "checkpoint"
-        if staging.exists():
-            shutil.rmtree(staging)
-        write_checkpoint(
-            staging,
-            model,
-            tokenizer,
-            packed,
-            cfg.quantization,
-            cfg.max_shard_size,
-            meta={"perplexity": perplexity} if perplexity else None,
-        )
+        log.info("layers done, %s", _since())
+        meta = {"perplexity": perplexity} if perplexity else None
+        if shards is not None and shards.started:
+            shards.finish(model, packed)
+            write_configs(staging, model, tokenizer, cfg.quantization, meta)
+        else:
+            write_checkpoint(
+                staging, model, tokenizer, packed, cfg.quantization, cfg.max_shard_size, meta
+            )
+        log.info("checkpoint written, %s", _since())
         report = validate_checkpoint(staging)
+        log.info("checkpoint validated, %s", _since())
         if report.errors:
             raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
         _publish(staging, output, work)
@@ -263,6 +275,8 @@ def _quantize(
             **gpu,
         )
     except BaseException as err:
+        if shards is not None:
+            shards.abort()
         if progress is not None:
             progress.emit("failed", error=str(err) or type(err).__name__)
         raise
@@ -270,6 +284,7 @@ def _quantize(
         if progress is not None:
             progress.close()
     shutil.rmtree(work, ignore_errors=True)
+    log.info("published, work directory removed, %s", _since())
     return output, report
 
 
@@ -282,6 +297,7 @@ def quantize_model(
     show_progress: bool = True,
     on_layer: Callable[[int], None] | None = None,
     streamed: StreamedLayers | None = None,
+    shards: CheckpointStream | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` in place (its weights become the dequantized ones; with ``streamed``,
     the model's decoder layers are read from disk and dropped when done).
@@ -289,6 +305,8 @@ def quantize_model(
     Returns the packed tensors of every quantized module, the open progress reporter, and
     the perplexities before and after when ``cfg.evaluation`` asks for them.
     Finished layers are kept under ``work`` and reused when the same run starts again.
+    ``shards`` (streamed runs) starts writing the checkpoint once the inputs are captured;
+    the caller finishes it.
     """
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
     warming = warm_up_solver(device, options)  # compiles while the inputs are prepared
@@ -298,6 +316,7 @@ def quantize_model(
     samples = calibration_samples(
         cfg.calibration.dataset, tokenizer, nsamples, seqlen, cfg.calibration.seed
     )
+    log.info("calibration samples read, %s", _since())
     layers = model.get_submodule(arch.layers)
     state = WorkState(
         work / "state",
@@ -340,8 +359,12 @@ def quantize_model(
                 device,
             )
         acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
+        log.info("calibration inputs captured, %s", _since())
         if warming is not None:
             warming.join()
+        log.info("solver kernel ready, %s", _since())
+        if shards is not None:
+            shards.start(model, arch.layers, state.layer_file)
         packed = quantize_layers(
             model,
             arch,
@@ -355,6 +378,7 @@ def quantize_model(
             evaluation,
             options,
             streamed,
+            shards.layer_released if shards is not None and shards.started else None,
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)

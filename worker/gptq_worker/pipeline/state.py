@@ -66,6 +66,9 @@ class WorkState:
         """Every saved layer's tensors, each read from disk when asked for."""
         return TensorFiles(sorted(self.dir.glob("layer-*.safetensors")))
 
+    def layer_file(self, index: int) -> Path:
+        return self._layer_file(index)
+
     def _layer_file(self, index: int) -> Path:
         return self.dir / f"layer-{index:05d}.safetensors"
 

@@ -9,6 +9,8 @@ Notation: ``W`` is ``[out, in]``; ``H = 2/n * X^T X`` is ``[in, in]``; ``maxq = 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,21 +99,34 @@ def inverse_hessian_cholesky(
 
     When Cholesky fails, damping grows by ``damp_increment`` until it succeeds; returns the
     factor and the damping that was used.
+
+    One factorisation and one triangular inverse, not the reference's Cholesky, explicit
+    inverse and second Cholesky: with ``J`` the order-reversing permutation and
+    ``J Hd J = L L^T`` (lower), ``Hd^-1 = J L^-T L^-1 J = U^T U`` with ``U = J L^-1 J``,
+    which is upper triangular with a positive diagonal, so it is *the* Cholesky factor of
+    ``Hd^-1`` (unique), computed in about half the arithmetic (cuSOLVER's ``potrf`` and
+    one ``trsm`` against ``potrf``, two ``trsm`` for the inverse and a second ``potrf``)
+    and without forming ``Hd^-1``, whose second factorisation loses accuracy.
     """
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
+    n = H.shape[0]
     while damp < 1:
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd  # [in, in] buffers are 0.8 GB each for down_proj of an 8B model
+        # in place where torch allows: [in, in] buffers are 0.8 GB each for down_proj of an
+        # 8B model, 3.3 GB for 70B
+        L = H.flip(0, 1)  # a copy: J Hd J, damped, then its lower factor
+        L.diagonal().add_(damp * mean_diag)
+        info = torch.empty((), dtype=torch.int32, device=L.device)
+        L, info = torch.linalg.cholesky_ex(L, out=(L, info))
         if info == 0:
-            inverse = torch.cholesky_inverse(L)
+            Linv = torch.eye(n, dtype=L.dtype, device=L.device)
+            Linv = torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)
             del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(U).all():
+            U = Linv.flip(0, 1)
+            del Linv
+            if torch.isfinite(U).all():
                 return U, damp
+        del L
         damp += damp_increment
     raise HessianNotPositiveDefinite(
         f"Hessian is not positive definite even with damp_percent {damp:.4f}; the calibration "
@@ -166,6 +181,7 @@ def gptq_quantize(
     solver: str = "auto",
     dXXT: torch.Tensor | None = None,
     gptaq_alpha: float = 0.25,
+    split_products: bool = False,
 ) -> QuantizedWeight:
     """Quantize ``W`` (``[out, in]``) column by column, compensating with ``H`` (``[in, in]``).
 
@@ -180,6 +196,12 @@ def gptq_quantize(
     calibration: ``H`` is then built from the quantized model's inputs ``X~`` and the
     solve minimises ``||Q X~ - W X||`` instead of ``||Q X~ - W X~||``, with the correction
     :func:`gptaq_correction` scaled by ``gptaq_alpha``. ``dXXT = 0`` gives plain GPTQ.
+
+    ``split_products`` computes the products with ``H^-1``'s factor as three TF32
+    tensor-core products each (:func:`matmul`) instead of fp32 ones. Off by default: on an
+    H200 it made the 8B ``down_proj`` solve slower (0.320 s against 0.300 s) and GPTAQ's
+    correction 57x less accurate against fp64 (4.4e-5 against 7.8e-7;
+    bench/results/speed-layer-anatomy-llama-3-8b-h200-2026-12-01.txt).
     """
     out_features, in_features = W.shape
     if group_size != -1 and in_features % group_size:
@@ -234,8 +256,10 @@ def gptq_quantize(
 
     Hinv, damp = inverse_hessian_cholesky(H, damp_percent, damp_increment)  # [in, in] upper
     del H
-    P = None if dXXT is None else gptaq_correction(dXXT, Hinv, gptaq_alpha)  # [in, in]
-    del dXXT
+    if split_products:  # the lazy-batch and GPTAQ products as 3xTF32 (matmul); off: fp32
+        Hinv = tf32_parts(Hinv)
+    # GPTAQ's correction is formed one block of rows at a time (gptaq_correction_rows):
+    # a third of the arithmetic of the whole [in, in] product, and no [in, in] buffer for it
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
     losses = torch.zeros(out_features, device=dev)
@@ -269,16 +293,22 @@ def gptq_quantize(
             g = column_group[i1:i2]
             S, Z = scales[g].t(), zeros[g].t()  # [out, b]
         W1 = W[:, i1:i2].clone()  # [out, b]
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        blk, after = slice(i1, i2), slice(i2, None)
+        Hinv1 = _whole(Hinv, blk, blk)
         S, Z = S.contiguous(), Z.contiguous()
-        if P is None:
+        if dXXT is None:
             Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses)
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W[:, i2:] -= matmul(Err1, _block(Hinv, blk, after))
         else:
-            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P[i1:i2, i1:i2])
+            P1 = gptaq_correction_rows(dXXT, Hinv, gptaq_alpha, i1, i2)  # P[i1:i2, i1:]
+            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P1[:, : i2 - i1])
             # each column as it was just before it was quantized: w = q + err * d
             Wpre1 = Q1 + Err1 * torch.diagonal(Hinv1)[None, :]  # [out, b]
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:] - Wpre1 @ P[i1:i2, i2:]
+            P_after = P1[:, i2 - i1 :]
+            if not isinstance(Hinv, torch.Tensor):
+                P_after = tf32_parts(P_after)
+            W[:, i2:] -= matmul(Err1, _block(Hinv, blk, after)) - matmul(Wpre1, P_after)
+            del P1, P_after
         Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
 
     if group_size == -1:
@@ -314,6 +344,72 @@ def gptaq_correction(dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float) -> to
     """
     P = (dXXT @ Hinv.t()).triu_(diagonal=1) @ Hinv  # in place: one [in, in] buffer fewer
     return P.mul_(alpha)
+
+
+Factor = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # U, or its two TF32 parts
+
+
+def tf32_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (fp32) as ``hi + lo``, exactly: ``hi`` keeps the top 10 of the 23 mantissa bits
+    (a TF32 value), ``lo = x - hi`` (exact in fp32) the rest, to about 2^-21 relative once
+    TF32 rounds it."""
+    hi = (x.view(torch.int32) & -8192).view(torch.float32)  # the low 13 bits cleared
+    return hi, x - hi
+
+
+@contextlib.contextmanager
+def _tf32() -> Iterator[None]:
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def matmul(a: torch.Tensor, b: Factor | torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32, or, when ``b`` comes as TF32 parts, as three TF32 tensor-core
+    products ``a_hi b_hi + (a_hi b_lo + a_lo b_hi)`` (the 3xTF32 split; ``a_lo b_lo`` is below
+    fp32's rounding on paper). Measured on an H200 (bench/layer_anatomy.py) it was neither
+    as accurate as fp32 products nor faster for the solve's shapes, so the engine does not
+    use it by default (``gptq_quantize(split_products=...)``)."""
+    if isinstance(b, torch.Tensor):
+        return a @ b
+    b_hi, b_lo = b
+    a_hi, a_lo = tf32_parts(a)
+    with _tf32():
+        return a_hi @ b_hi + (a_hi @ b_lo + a_lo @ b_hi)
+
+
+def _block(U: Factor, rows: slice, cols: slice, transpose: bool = False) -> Factor:
+    if isinstance(U, torch.Tensor):
+        return U[rows, cols].t() if transpose else U[rows, cols]
+    return tuple(u[rows, cols].t() if transpose else u[rows, cols] for u in U)
+
+
+def _whole(U: Factor, rows: slice, cols: slice) -> torch.Tensor:
+    """The block of ``U`` itself (``hi + lo`` is exact)."""
+    return U[rows, cols] if isinstance(U, torch.Tensor) else U[0][rows, cols] + U[1][rows, cols]
+
+
+def gptaq_correction_rows(
+    dXXT: torch.Tensor, Hinv: torch.Tensor, alpha: float, i1: int, i2: int
+) -> torch.Tensor:
+    """Rows ``i1:i2`` of :func:`gptaq_correction`'s ``P``, from column ``i1`` on
+    (``[i2 - i1, in - i1]``; the columns before ``i1`` are zero).
+
+    With ``A = triu(dXXT U^T, 1)``, ``A[i, j]`` for ``j > i >= i1`` sums ``dXXT[i, k] U[j, k]``
+    over ``k >= j`` only (``U`` is upper triangular), and ``P[i, k] = sum_j A[i, j] U[j, k]``
+    over ``i1 <= j <= k``: both products need only the trailing ``[i1:, i1:]`` block of
+    ``U``. Summed over the blocks that is ``4/3 in^3`` operations against ``4 in^3`` for the
+    whole product (fp32 on CUDA cores: 0.2 s of the 8B ``down_proj``'s solve), and the
+    ``[in, in]`` ``P`` is never held. ``Hinv`` may come as :func:`tf32_parts` (see
+    :func:`matmul`).
+    """
+    rest = slice(i1, None)
+    A = matmul(dXXT[i1:i2, i1:], _block(Hinv, rest, rest, transpose=True))
+    A.triu_(diagonal=1)  # [b, in - i1]: j > i
+    return matmul(A, _block(Hinv, rest, rest)).mul_(alpha)
 
 
 def solve_block_torch(
