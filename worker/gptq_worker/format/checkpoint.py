@@ -3,6 +3,9 @@
 Layout per quantized module ``name`` (docs/checkpoint-format.md): ``name.qweight`` int32
 ``[in*bits/32, out]``, ``name.qzeros`` int32 ``[groups, out*bits/32]``, ``name.scales`` fp16
 ``[groups, out]``, ``name.g_idx`` int32 ``[in]``, ``name.bias`` fp16 when present.
+
+It is longer than 400 lines because writing and reading back share the one layout:
+splitting them would put the layout's two halves in different files.
 """
 
 from __future__ import annotations

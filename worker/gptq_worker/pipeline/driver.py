@@ -7,6 +7,10 @@
    with quantized weights so the next layer sees quantized inputs.
 Only the current layer is on the accelerator; the rest of the model stays on the CPU, or
 on disk when it is streamed (``source.py``).
+
+It is longer than 400 lines because the per-layer order of passes, Hessians and solves is
+one sequence whose steps share the layer's state; the steps themselves live in
+``split.py``, ``hessians.py`` and ``checkpoint_stream.py``.
 """
 
 from __future__ import annotations

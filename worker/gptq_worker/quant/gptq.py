@@ -5,6 +5,9 @@ Pure functions on tensors: no I/O, no model knowledge. The driver
 :func:`gptq_quantize` once per Linear weight (or stack of weights sharing a Hessian).
 
 Notation: ``W`` is ``[out, in]``; ``H = 2/n * X^T X`` is ``[in, in]``; ``maxq = 2^bits - 1``.
+
+It is longer than 400 lines because the solve, its inverse factor and GPTAQ's correction
+rows are one algorithm whose pieces share block sizes and numerics.
 """
 
 from __future__ import annotations
