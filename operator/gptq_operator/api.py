@@ -142,7 +142,10 @@ class Resources(_Model):
     memory: (
         _matching(QUANTITY, "memory must be a quantity of bytes such as 64Gi, 512Mi or 1.5G") | None
     ) = Field(
-        None, description="memory in bytes with a unit, e.g. 16Gi or 512Mi; default: none requested"
+        None,
+        description="memory in bytes with a unit, e.g. 16Gi or 512Mi, as request and limit; "
+        "default: a GPU worker requests what the sizing formula gives for the model (no "
+        "limit), a serving pod none",
     )
 
 
@@ -347,6 +350,14 @@ class Progress(_Model):
         None, description="estimated seconds until the worker is done"
     )
     message: str | None = Field(None, description="e.g. 'layer 12/32'")
+    model_bytes: int | None = Field(
+        None, description="bytes of the model's safetensors weights, as the worker found them"
+    )
+    worker_memory: str | None = Field(
+        None,
+        description="host memory the worker needs for this model by the sizing formula, "
+        "e.g. 10Gi; attempts after the first request it when resources.memory is unset",
+    )
 
 
 class LastFailure(_Model):

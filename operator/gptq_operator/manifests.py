@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 
 from gptq_compat.config import EvaluationConfig, WorkerConfig
+from gptq_compat.sizing import worker_memory
 from gptq_operator.api import GROUP, VERSION, QuantizationJobSpec
 from gptq_operator.scheduling import (
     SM,
@@ -247,9 +248,19 @@ def _env(spec: QuantizationJobSpec, owner: Owner) -> list[dict]:
 
 
 def worker_job(
-    owner: Owner, spec: QuantizationJobSpec, settings: OperatorSettings, attempt: int = 1
+    owner: Owner,
+    spec: QuantizationJobSpec,
+    settings: OperatorSettings,
+    attempt: int = 1,
+    model_bytes: int | None = None,
 ) -> dict:
-    """The batch/v1 Job that runs ``gptq-worker quantize`` for ``attempt``."""
+    """The batch/v1 Job that runs ``gptq-worker quantize`` for ``attempt``.
+
+    Without ``resources.memory`` a GPU worker requests the memory that the sizing formula
+    (``gptq_compat.sizing``) gives for ``model_bytes``, the size an earlier attempt's
+    worker reported, or for the formula's fixed part where no size is known yet; it sets
+    no limit, so an estimate that is short slows nothing and kills nothing.
+    """
     worker_config(spec)  # raises UnsupportedSource for URIs the worker cannot use
     min_sm, max_sm = sm_range(spec)
     mounts = _volumes(spec, settings)
@@ -264,6 +275,8 @@ def worker_job(
             resources["requests"][key] = value
             if key == "memory":
                 resources["limits"][key] = value
+    if not spec.resources.memory and spec.resources.gpus:
+        resources["requests"]["memory"] = worker_memory(model_bytes or 0)
     tolerations = list(settings.gpu_tolerations) if spec.resources.gpus else []
     tolerations += [
         t.model_dump(by_alias=True, exclude_none=True) for t in spec.scheduling.tolerations or []

@@ -117,7 +117,8 @@ def sync(
     except ValidationError as err:  # admitted by the schema, refused by the models
         spec, decided = None, Plan("invalid", "InvalidSpec", spec_errors(err))
     else:
-        decided = _plan(api, owner, spec, attempt, settings, nodes)
+        model_bytes = (status.get("progress") or {}).get("modelBytes")
+        decided = _plan(api, owner, spec, attempt, settings, nodes, model_bytes)
 
     def compute(latest: dict) -> dict[str, Any] | None:
         now_status = latest.get("status") or {}
@@ -140,6 +141,7 @@ def _plan(
     attempt: int,
     settings: OperatorSettings,
     nodes: list[dict] | None = None,
+    model_bytes: int | None = None,
 ) -> Plan:
     """Create the current attempt's worker Job (and its settings and role) if no node
     rules it out; say why not otherwise."""
@@ -158,7 +160,7 @@ def _plan(
         reason = "ImageNotAllowed" if refused.startswith("spec.image") else "SecretNotAllowed"
         return Plan("invalid", reason, refused)
     try:
-        job = worker_job(owner, spec, settings, attempt)
+        job = worker_job(owner, spec, settings, attempt, model_bytes)
         cm = config_map(owner, spec, attempt, settings.worker_gpu_device)
         min_sm, max_sm = sm_range(spec)
     except (UnsupportedSource, UnknownKernel) as err:

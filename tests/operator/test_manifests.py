@@ -306,3 +306,33 @@ def test_an_existing_checkpoint_is_replaced_only_when_the_spec_says_so():
     uri = SPEC["output"]["uri"]
     assert overwrite({"uri": uri}) is False  # every attempt, the first and the retries
     assert overwrite({"uri": uri, "overwrite": True}) is True
+
+
+def test_worker_memory_request_follows_the_model_size_when_the_spec_sets_none():
+    """Sizing formula (docs/operations.md): a request, never a limit, for a GPU worker."""
+    spec = QuantizationJobSpec.model_validate({**SPEC, "resources": {"gpus": 1}})
+
+    def resources(**kw):
+        job = worker_job(OWNER, spec, OperatorSettings(), **kw)
+        return job["spec"]["template"]["spec"]["containers"][0]["resources"]
+
+    first = resources()  # no size known yet: the formula's fixed part
+    assert first["requests"] == {"memory": "9Gi"} and "memory" not in first["limits"]
+    later = resources(attempt=2, model_bytes=141_100_000_000)  # a 70B model, as reported
+    assert later["requests"] == {"memory": "16Gi"} and "memory" not in later["limits"]
+    # what the user sets wins, as request and limit
+    pinned = worker_job(
+        OWNER,
+        QuantizationJobSpec.model_validate({**SPEC, "resources": {"gpus": 1, "memory": "4Gi"}}),
+        OperatorSettings(),
+        model_bytes=141_100_000_000,
+    )["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert pinned["requests"]["memory"] == pinned["limits"]["memory"] == "4Gi"
+    # a CPU worker (gpus 0: small models, tests) is not sized by a formula measured on GPUs
+    cpu = worker_job(
+        OWNER,
+        QuantizationJobSpec.model_validate({**SPEC, "resources": {"gpus": 0}}),
+        OperatorSettings(),
+        model_bytes=16_060_000_000,
+    )["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "memory" not in cpu["requests"]

@@ -1,10 +1,10 @@
-"""The worker's memory request from the model's size (operator/gptq_operator/sizing.py)."""
+"""The worker's memory request from the model's size (compat/gptq_compat/sizing.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gptq_operator.sizing import GIB, worker_memory, worker_memory_bytes
+from gptq_compat.sizing import GIB, worker_memory, worker_memory_bytes
 
 MEASURED = {  # model bytes -> peak RSS, bench/results/speed-e2e-*-h200-2026-12-01.txt
     16_060_000_000: 7.40 * GIB,  # Llama-3-8B shape

@@ -31,6 +31,7 @@ from gptq_worker.arch import architecture_for
 from gptq_worker.device import resolve_device, resolve_dtype
 from gptq_worker.format.checkpoint import write_checkpoint, write_configs
 from gptq_worker.format.validate import Report, validate_checkpoint
+from gptq_worker.memory import check_fits, memory_limit, weights_bytes
 from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.pipeline.capture import capture_inputs
 from gptq_worker.pipeline.checkpoint_stream import CheckpointStream
@@ -39,6 +40,7 @@ from gptq_worker.pipeline.plan import plan
 from gptq_worker.pipeline.source import StreamedLayers, open_streamed
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
+from gptq_worker.progress.kube import report_model_size
 
 log = logging.getLogger(__name__)
 _IMPORTED = time.monotonic()  # for the steps' times in the log (``-v``)
@@ -113,13 +115,48 @@ def open_model(
     A local directory of safetensors is streamed (``source.py``): only the parts outside
     the decoder layers are loaded now. Anything else is :func:`load_model`'s, whole.
     """
-    if revision is None:
-        _check_model_path(source)
-        streamed = open_streamed(source, dtype, trust_remote_code)
-        if streamed is not None:
-            model, layers = streamed
-            return model, _load_tokenizer(source, trust_remote_code, revision), layers
+    _check_model_path(source)
+    streamed = open_streamed(source, dtype, trust_remote_code)
+    if streamed is not None:
+        model, layers = streamed
+        return model, _load_tokenizer(source, trust_remote_code, None), layers
     return (*load_model(source, dtype, trust_remote_code, revision), None)
+
+
+# what a model's directory needs for quantizing: weights, configs, tokenizer files
+HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.py"]
+HUB_BIN_FILES = [*HUB_FILES, "*.bin", "*.bin.index.json"]
+
+
+def fetch_model(source: str, revision: str | None) -> str:
+    """``source`` itself when it is a local path, else the local directory of a Hugging Face
+    model id at ``revision``, downloaded into the Hub cache first (``HF_HOME``) when it is
+    not there yet. A downloaded model is then streamed from disk like a local one, so host
+    memory follows the sizing formula whatever the model's size."""
+    if Path(source).expanduser().exists() or source.startswith((".", "/", "~")):
+        if revision is not None:
+            raise RunError(
+                f"revision {revision!r} applies to Hugging Face model ids, not to the local "
+                f"directory {source}: leave it out, or check the revision out there"
+            )
+        return source
+    if source.count("/") != 1:
+        _check_model_path(source)  # raises: neither a path nor org/name
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        local = snapshot_download(source, revision=revision, allow_patterns=HUB_FILES)
+        if not any(Path(local).glob("*.safetensors")):  # an older model: PyTorch pickles
+            local = snapshot_download(source, revision=revision, allow_patterns=HUB_BIN_FILES)
+        return local
+    except LocalEntryNotFoundError as err:
+        raise RunError(
+            f"model {source} is not in the Hugging Face cache and cannot be downloaded "
+            f"(offline, or the Hub cannot be reached): {err}"
+        ) from err
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise RunError(f"could not download model {source}: {err}") from err
 
 
 def _check_model_path(source: str) -> None:
@@ -235,8 +272,14 @@ def _quantize(
             "no calibration data: pass --calibration PATH (a .txt/.jsonl/.parquet "
             "file or a directory of them) or a Hugging Face dataset name"
         )
+    model_dir = fetch_model(cfg.model, cfg.revision)
+    model_bytes = weights_bytes(model_dir)
+    if model_bytes is not None:
+        if device.type == "cuda":  # the formula was measured on GPU runs
+            check_fits(model_bytes, memory_limit())
+        report_model_size(model_bytes)
     warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
-    model, tokenizer, layers = open_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
+    model, tokenizer, layers = open_model(model_dir, dtype, cfg.trust_remote_code)
     log.info("model and tokenizer opened, %s", _since())
     progress = None
     staging = work / "checkpoint"

@@ -49,6 +49,28 @@ class StatusReporter:
         except Exception as err:  # the API client raises several types; reporting is optional
             log.warning("could not report progress to %s/%s: %s", self.namespace, self.name, err)
 
+    def model_size(self, model_bytes: int, memory: str) -> None:
+        """The model's size and the memory the sizing formula gives for it, once, before
+        the first layer: the operator requests that memory for later attempts."""
+        patch = {"status": {"progress": {"modelBytes": model_bytes, "workerMemory": memory}}}
+        try:
+            self._objects.patch_namespaced_custom_object_status(
+                "gptq.dev", "v1alpha1", self.namespace, "quantizationjobs", self.name, patch
+            )
+        except Exception as err:  # as in layer(): reporting is optional
+            log.warning(
+                "could not report the model size to %s/%s: %s", self.namespace, self.name, err
+            )
+
+
+def report_model_size(model_bytes: int) -> None:
+    """:meth:`StatusReporter.model_size` where the worker runs in a pod; nothing elsewhere."""
+    from gptq_compat.sizing import worker_memory
+
+    reporter = from_environment()
+    if reporter is not None:
+        reporter.model_size(model_bytes, worker_memory(model_bytes))
+
 
 def from_environment() -> StatusReporter | None:
     target = os.environ.get("GPTQ_STATUS_TARGET")

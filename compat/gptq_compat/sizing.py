@@ -1,0 +1,47 @@
+"""The worker's host memory from the model's size (docs/operations.md, "Sizing the worker").
+
+One formula for both sides: the operator requests :func:`worker_memory` for a worker pod
+whose QuantizationJob sets no ``resources.memory``, and the worker refuses to start on a
+GPU when its container's memory limit is below :func:`expected_peak_bytes`. The worker
+streams a model from local safetensors one decoder layer at a time, so its peak RSS grows
+slowly with the model: a fixed part (Python, torch, CUDA libraries, calibration tokens)
+plus the embeddings, ``lm_head`` and two decoder layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+GIB = 2**30
+FIXED_BYTES = 6.75 * GIB  # the runtime and calibration: the line's intercept
+BYTES_PER_MODEL_BYTE = 1 / 22  # layers and embeddings held at once, per byte of model
+HEADROOM = 1.25
+
+
+def expected_peak_bytes(model_bytes: int) -> int:
+    """Peak host RSS of ``gptq-worker quantize`` on a GPU, streaming a model whose
+    safetensors weights take ``model_bytes``: ``6.75 GiB + model_bytes / 22`` (the line
+    through the two measurements below, without headroom)."""
+    if model_bytes < 0:
+        raise ValueError(f"model size must not be negative, got {model_bytes}")
+    return math.ceil(FIXED_BYTES + model_bytes * BYTES_PER_MODEL_BYTE)
+
+
+def worker_memory_bytes(model_bytes: int) -> int:
+    """Memory to request for ``gptq-worker quantize`` on a model whose
+    safetensors weights take ``model_bytes``: ``1.25 * (6.75 GiB + model_bytes / 22)``,
+    rounded up to whole GiB.
+
+    The line goes through the peak RSS measured end to end on one H200
+    (bench/results/speed-e2e-*-h200-2026-12-01.txt): 7.4 GiB for an 8B Llama (16.1 GB of
+    fp16 weights), 12.6 GiB for a 70B one (141 GB; the peak does not grow with the layer
+    count), and 25% is added for allocator and page-cache slack: 10 GiB for 8B, 16 GiB
+    for 70B. Models given as ``hf://`` ids that are not on local disk are loaded whole
+    and need about their own size more; this formula does not cover them.
+    """
+    return math.ceil(HEADROOM * expected_peak_bytes(model_bytes) / GIB) * GIB
+
+
+def worker_memory(model_bytes: int) -> str:
+    """:func:`worker_memory_bytes` as a Kubernetes quantity (``"10Gi"``)."""
+    return f"{worker_memory_bytes(model_bytes) // GIB}Gi"
