@@ -59,9 +59,7 @@ def test_a_hub_id_quantizes_to_the_same_bytes_as_its_local_directory(
 ):
     code, text = _quantize("acme/tiny-llama", tmp_path / "from-hub", calibration_file, capsys)
     assert code == 0, text
-    code, text = _quantize(
-        str(model_dir("llama")), tmp_path / "from-dir", calibration_file, capsys
-    )
+    code, text = _quantize(str(model_dir("llama")), tmp_path / "from-dir", calibration_file, capsys)
     assert code == 0, text
     hub_files = sorted(p.name for p in (tmp_path / "from-hub").glob("*.safetensors"))
     assert hub_files and hub_files == sorted(
