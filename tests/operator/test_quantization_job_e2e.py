@@ -217,7 +217,9 @@ def test_no_capable_node_gives_a_condition_not_a_pending_pod(
     assert condition(get(api, namespace, "future"), "Reconciling")["status"] == "False"
 
 
-def test_failed_quality_gate_climbs_the_remediation_ladder(operator, api, namespace, volumes):
+def test_failed_quality_gate_climbs_the_remediation_ladder(
+    operator, control_plane, api, namespace, volumes
+):
     objects = client.CustomObjectsApi(api)
     objects.create_namespaced_custom_object(
         GROUP,
@@ -227,8 +229,17 @@ def test_failed_quality_gate_climbs_the_remediation_ladder(operator, api, namesp
         qjob("gated", qualityGate={"maxPerplexityIncrease": 0.1, "remediation": ["descAct"]}),
     )
     pod = wait_for(lambda: running_pod(api, namespace, "gated-worker-1"), what="attempt 1")
+    # no resources.memory: the first worker requests the sizing formula's fixed part, then
+    # reports the model's size (a 70B model here) with its own token before the first layer
+    assert pod.spec.containers[0].resources.requests["memory"] == "9Gi"
+    assert "memory" not in (pod.spec.containers[0].resources.limits or {})
+    worker_api = worker_client(control_plane, api, namespace, "gated-worker")
+    StatusReporter(f"{namespace}/gated", worker_api).model_size(141_100_000_000, "16Gi")
+    progress = get(api, namespace, "gated")["status"]["progress"]
+    assert progress["modelBytes"] == 141_100_000_000 and progress["workerMemory"] == "16Gi"
     finish(api, namespace, pod, 0, {**RESULT, "perplexityBefore": 6.0, "perplexityAfter": 6.5})
     pod = wait_for(lambda: running_pod(api, namespace, "gated-worker-2"), what="attempt 2")
+    assert pod.spec.containers[0].resources.requests["memory"] == "16Gi"  # the formula's
     config = client.CoreV1Api(api).read_namespaced_config_map("gated-worker-2", namespace)
     assert json.loads(config.data["worker.json"])["quantization"]["desc_act"] is True
     finish(api, namespace, pod, 0, {**RESULT, "perplexityBefore": 6.0, "perplexityAfter": 6.05})

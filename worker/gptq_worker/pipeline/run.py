@@ -376,7 +376,9 @@ def quantize_model(
             file=sys.stderr,
             flush=True,
         )
-    progress = Progress(cfg.progress_file, len(layers), show_bar=show_progress)
+    progress = Progress(
+        cfg.progress_file, len(layers), show_bar=show_progress, resumed_from=resumed_from
+    )
     progress.emit(
         "start",
         model=cfg.model,

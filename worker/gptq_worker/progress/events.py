@@ -17,7 +17,9 @@ class Progress:
     ``sink`` is a file path, ``-`` for stdout, or None for no events.
     """
 
-    def __init__(self, sink: str | None, total_layers: int, show_bar: bool = True) -> None:
+    def __init__(
+        self, sink: str | None, total_layers: int, show_bar: bool = True, resumed_from: int = 0
+    ) -> None:
         self._fh: IO[str] | None = None
         if sink == "-":
             self._fh = sys.stdout
@@ -34,6 +36,10 @@ class Progress:
         self._bar = tqdm(
             total=total_layers, unit="layer", desc="quantize", disable=not show_bar, file=sys.stderr
         )
+        if self._reporter is not None and resumed_from:
+            # a resumed run says at once how far the earlier one got; the layers it replays
+            # to rebuild their outputs are not reported again (status would go back to 1/N)
+            self._reporter.layer(resumed_from, total_layers, None, force=True)
 
     def emit(self, event: str, **fields: Any) -> None:
         if self._fh is None:
@@ -71,7 +77,7 @@ class Progress:
             **({"phases_s": phases} if phases else {}),
         )
         self._bar.update(1)
-        if self._reporter is not None:
+        if self._reporter is not None and not resumed:
             self._reporter.layer(done, self.total, per_layer * (self.total - done))
 
     def close(self) -> None:
