@@ -358,6 +358,7 @@ if triton is not None:
 DEFAULT_CONFIG = (64, 4)  # BLOCK_N, programs per multiprocessor to aim for (K split)
 # what :func:`tune` chose: (layer key, row bucket) -> (kind, BLOCK_N, per SM, stages, warps)
 _TUNED: dict[tuple, tuple] = {}
+TIMINGS: dict[tuple, dict] = {}  # every configuration :func:`tune` timed (microseconds)
 ROW_BUCKETS = (1, 16, 32, 64)  # the row counts tuned; more rows use the 64-row choice
 
 
@@ -537,6 +538,7 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
                     log.info("kernel config %s %s skipped: %s", key, cand, err)
             if not times:
                 raise RuntimeError(f"no kernel configuration runs for {key}")
+            TIMINGS[key] = {c: round(t * 1e6, 1) for c, t in times.items()}
             best = min(times, key=times.get)
             _TUNED[key] = chosen[key] = (best[0], *(c for c in best[1:] if c is not None))
             chosen[(*key, "us")] = round(times[best] * 1e6, 1)
