@@ -319,7 +319,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         group = group[:8]
         nbytes = sum(t.numel() * t.element_size() for t in
                      (group[0].qweight, group[0].scales, group[0].zeros))  # fmt: skip
-        for rows in (1, 16, 32, 64):
+        for rows in (1, 32):
             x = torch.randn(rows, group[0].in_features, device=engine.device, dtype=torch.float16)
             for flag in (True, False):
                 saved = [w.half for w in group]
@@ -354,6 +354,8 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         jobs = [Job([rng.randrange(3, vocab) for _ in range(32)], 64) for _ in range(n)]
         t = run(engine, jobs)
         wall[n] = round(t / 64 * 1000, 3)
+        while engine.running:  # the last rows leave just after their last chunk
+            time.sleep(0.01)
     out["engine_wall_ms_per_step_by_rows"] = wall
     # prefill alone: one prompt (fused step, graph) and eight
     pre = {}

@@ -211,7 +211,8 @@ for i, (bits, sym, act, fmt) in enumerate(FORMATS[::2]):
         rows = torch.tensor([0, 1, 7, 31, 100, k - 1])
         x = torch.zeros(len(rows), k, dtype=torch.float16)
         x[torch.arange(len(rows)), rows] = 1  # one-hot rows: y is those rows of W, exactly
-        for config in ((32, 0), (64, 4)):
+        # no K split; split; 16-row tiles with x in the planes' order (4/8 bits, k=640)
+        for config in ((32, 0), (64, 4), (64, 2, 2, 4, 16, 1)):
             y = kernels.fused_matmul(x, w, config, "mm")
             assert torch.equal(y, expected.t()[rows].half()), (bits, sym, act, k, config)
 print("fp16 dequantization exact")

@@ -210,11 +210,13 @@ if triton is not None:
                     sxm, sxk, sqk, sqn, ssg, ssn, szg, szn, som, son,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PLANES: tl.constexpr,
-                    ATOMIC: tl.constexpr, F16: tl.constexpr):  # fmt: skip
+                    ATOMIC: tl.constexpr, F16: tl.constexpr, XP: tl.constexpr):  # fmt: skip
         """Tensor-core tiles. ``PLANES``: for 4/8 bits, multiply the ``32/bits`` values of
         each word as separate planes (k = word*pf + j), so that no tile is reshaped;
         otherwise dequantize ``[BLOCK_K, BLOCK_N]`` in k order. ``F16``: dequantize in fp16
-        by :func:`_half` (fp16 activations and scales, integer zeros), else in fp32."""
+        by :func:`_half` (fp16 activations and scales, integer zeros), else in fp32.
+        ``XP``: ``x`` comes in plane order (:func:`plane_order`), so that each plane's
+        activations are one contiguous run of columns instead of every ``32/bits``-th."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -265,7 +267,11 @@ if triton is not None:
                                      other=0)  # fmt: skip
                         w = (codes - zk.to(tl.float32)) * sk.to(tl.float32)
                     xm = mmask[:, None] & (kk < K)[None, :]
-                    x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=xm, other=0.0)
+                    if XP:  # plane j of this block: columns k0 + j * words .. (contiguous)
+                        kx = k0 + j * (BLOCK_K * BITS // 32) + rr
+                    else:
+                        kx = kk
+                    x = tl.load(x_ptr + rm[:, None] * sxm + kx[None, :] * sxk, mask=xm, other=0.0)
                     acc += tl.dot(x, w.to(x.dtype))
             else:
                 rk = k0 + tl.arange(0, BLOCK_K)
@@ -396,12 +402,23 @@ def row_bucket(m: int) -> int:
     return next((b for b in ROW_BUCKETS if m <= b), ROW_BUCKETS[-1])
 
 
+def plane_order(x: torch.Tensor, w: PackedWeight) -> torch.Tensor | None:
+    """``x [M, K]`` with each ``block_k`` block's columns in the planes' order (value ``j``
+    of word ``r`` at ``j * words + r``), or None where the planes do not apply."""
+    pf = 32 // w.bits
+    if not (w.bits in (4, 8) and w.block_k * w.bits // 32 >= 16 and w.in_features % w.block_k == 0):
+        return None
+    m, k = x.shape
+    blocks = k // w.block_k
+    return x.reshape(m, blocks, w.block_k // pf, pf).transpose(2, 3).reshape(m, k)
+
+
 def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
                  kind: str | None = None, fp32: bool = False):  # fmt: skip
     """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row) or "mm"
-    (tensor cores, any ``M``; tiles of 16, 32 or 64 rows). ``config``: (BLOCK_N, programs
-    per multiprocessor[, num_stages[, num_warps]]), else what :func:`tune` chose for this
-    row count, else a default. ``fp32``: return the fp32 sums (no rounding to ``x``'s
+    (tensor cores, any ``M``). ``config``: (BLOCK_N, programs per multiprocessor[,
+    num_stages[, num_warps[, BLOCK_M[, plane-ordered x]]]]) (BLOCK_M 0: 16, 32 or 64 by
+    ``M``), else what :func:`tune` chose for this row count, else a default. ``fp32``: return the fp32 sums (no rounding to ``x``'s
     dtype, no extra cast)."""
     m, n, k = x.shape[0], w.out_features, w.in_features
     if config is None:
@@ -413,12 +430,14 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
     block_n, per_sm = config[0], config[1]
     stages = config[2] if len(config) > 2 else (2 if (w.bits == 3 or not w.group) else 3)
     warps = config[3] if len(config) > 3 else (8 if block_n >= 128 else 4)
+    tile_m = config[4] if len(config) > 4 else 0
+    xp = plane_order(x, w) if len(config) > 5 and config[5] and kind == "mm" else None
     if kind == "mv":
         if m != 1:
             raise ValueError("the mv kernel takes one row")
         split, k_per_split = _split(x, w, triton.cdiv(n, block_n), per_sm)
     else:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        block_m = tile_m or (16 if m <= 16 else 32 if m <= 32 else 64)
         split, k_per_split = _split(x, w, triton.cdiv(n, block_n) * triton.cdiv(m, block_m), per_sm)
     atomic = split > 1
     if atomic:
@@ -436,11 +455,13 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
         planes = w.bits in (4, 8) and w.block_k * w.bits // 32 >= 16
         half = w.half and x.dtype == torch.float16
         grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+        xin = x if xp is None else xp
         _qmm_kernel[grid](
-            x, w.qweight, w.scales, w.zeros, w.g_idx, out, m, n, k, k_per_split,
-            x.stride(0), x.stride(1), *_args(w), out.stride(0), out.stride(1),
+            xin, w.qweight, w.scales, w.zeros, w.g_idx, out, m, n, k, k_per_split,
+            xin.stride(0), xin.stride(1), *_args(w), out.stride(0), out.stride(1),
             BITS=w.bits, GROUP=w.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=w.block_k,
-            PLANES=planes, ATOMIC=atomic, F16=half, num_warps=warps, num_stages=stages,
+            PLANES=planes, ATOMIC=atomic, F16=half, XP=xp is not None, num_warps=warps,
+            num_stages=stages,
         )  # fmt: skip
     return out.to(x.dtype) if atomic and not fp32 else out
 
@@ -497,14 +518,15 @@ def _graph_time(calls, repeats: int = 5) -> float:
 
 
 # the configurations :func:`tune` times: (kind, BLOCK_N, per SM, stages, warps)
-MV_CANDIDATES = tuple(
-    ("mv", bn, per_sm, None, None) for bn in (32, 64, 128) for per_sm in (0, 2, 4, 8)
-)
+# (the H200 bench of 2026-12-01 chose BLOCK_N 128, 8 warps, 3 stages for every 4-bit shape
+# and row count among BLOCK_N 64/128 and 3/4 stages; tiles of 32 and 64 rows were 2.3-3.5x
+# slower than 16 rows, hence 16-row tiles over larger M as a candidate)
+MV_CANDIDATES = tuple(("mv", 64, per_sm) for per_sm in (0, 2, 4, 8))
 MM_CANDIDATES = tuple(
-    ("mm", bn, per_sm, stages, warps)
-    for bn, warps in ((64, 4), (128, 8))
+    ("mm", 128, per_sm, 3, 8, tile_m, xp)
     for per_sm in (1, 2, 4)
-    for stages in (3, 4)
+    for tile_m in (16, 0)
+    for xp in (0, 1)
 )
 
 
@@ -530,7 +552,11 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
                             dtype=dtype)  # fmt: skip
             times = {}
             for cand in (*MV_CANDIDATES, *MM_CANDIDATES) if rows == 1 else MM_CANDIDATES:
-                kind, cfg = cand[0], tuple(c for c in cand[1:] if c is not None)
+                if rows <= 16 and len(cand) > 5 and cand[5] == 0:
+                    continue  # BLOCK_M 0 picks 16 here: the same as 16
+                if cand[-1] and len(cand) > 6 and plane_order(x, group[0]) is None:
+                    continue  # no planes (3 bits, small blocks): plane order does not apply
+                kind, cfg = cand[0], tuple(cand[1:])
                 calls = [partial(fused_matmul, x, w, cfg, kind, fp32=True) for w in group]
                 try:
                     times[cand] = _graph_time(calls)
@@ -540,6 +566,6 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
                 raise RuntimeError(f"no kernel configuration runs for {key}")
             TIMINGS[key] = {c: round(t * 1e6, 1) for c, t in times.items()}
             best = min(times, key=times.get)
-            _TUNED[key] = chosen[key] = (best[0], *(c for c in best[1:] if c is not None))
+            _TUNED[key] = chosen[key] = best
             chosen[(*key, "us")] = round(times[best] * 1e6, 1)
     return chosen
