@@ -354,7 +354,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         jobs = [Job([rng.randrange(3, vocab) for _ in range(32)], 64) for _ in range(n)]
         t = run(engine, jobs)
         wall[n] = round(t / 64 * 1000, 3)
-        while engine.running:  # the last rows leave just after their last chunk
+        while batch.rows:  # the last rows leave just after their last chunk
             time.sleep(0.01)
     out["engine_wall_ms_per_step_by_rows"] = wall
     # prefill alone: one prompt (fused step, graph) and eight

@@ -528,6 +528,14 @@ MM_CANDIDATES = tuple(
     for tile_m in (16, 0)
     for xp in (0, 1)
 )
+# without planes (3 bits, act-order gathers) a tile gathers its words: narrower tiles and
+# 2 stages fit shared memory (the 2026-12-01 bench chose BLOCK_N 32, 2 stages for 3 bits)
+GATHER_CANDIDATES = tuple(
+    ("mm", bn, per_sm, 2, 4, tile_m, 0)
+    for bn in (32, 64)
+    for per_sm in (2, 4)
+    for tile_m in (16, 0)
+)
 
 
 def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
@@ -551,11 +559,11 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
             x = torch.randn((rows, group[0].in_features), device=group[0].qweight.device,
                             dtype=dtype)  # fmt: skip
             times = {}
-            for cand in (*MV_CANDIDATES, *MM_CANDIDATES) if rows == 1 else MM_CANDIDATES:
+            planes = plane_order(x, group[0]) is not None
+            mm = MM_CANDIDATES if planes else GATHER_CANDIDATES
+            for cand in (*MV_CANDIDATES, *mm) if rows == 1 else mm:
                 if rows <= 16 and len(cand) > 5 and cand[5] == 0:
                     continue  # BLOCK_M 0 picks 16 here: the same as 16
-                if cand[-1] and len(cand) > 6 and plane_order(x, group[0]) is None:
-                    continue  # no planes (3 bits, small blocks): plane order does not apply
                 kind, cfg = cand[0], tuple(cand[1:])
                 calls = [partial(fused_matmul, x, w, cfg, kind, fp32=True) for w in group]
                 try:
