@@ -519,8 +519,8 @@ def _graph_time(calls, repeats: int = 5) -> float:
 
 # the configurations :func:`tune` times: (kind, BLOCK_N, per SM, stages, warps)
 # (the H200 bench of 2026-12-01 chose BLOCK_N 128, 8 warps, 3 stages for every 4-bit shape
-# and row count among BLOCK_N 64/128 and 3/4 stages; tiles of 32 and 64 rows were 2.3-3.5x
-# slower than 16 rows, hence 16-row tiles over larger M as a candidate)
+# and row count among BLOCK_N 64/128 and 3/4 stages; tiles of 32 rows were 2.2-3.0x slower
+# than 16-row tiles, 64-row tiles 5.2-6.9x, hence 16-row tiles over larger M as a candidate)
 MV_CANDIDATES = tuple(("mv", 64, per_sm) for per_sm in (0, 2, 4, 8))
 MM_CANDIDATES = tuple(
     ("mm", 128, per_sm, 3, 8, tile_m, xp)
