@@ -22,10 +22,15 @@ what differs is how a step runs:
   bucket, masked per row at its own position (grouped-query attention without copying
   keys); prefill runs right-padded prompts through causal SDPA and writes their keys and
   values into their slots.
-- **CUDA graphs.** A decode step for ``B`` rows and attention length ``L`` is captured
-  once per (row bucket, length bucket) and replayed: tokens and positions are copied into
-  static buffers, rows beyond the running ones are padding in free slots. Python then
-  costs one replay per step instead of ~30 launches per layer.
+- **Flat fused step.** On a GPU the step runs flat tokens, each with a cache slot and a
+  position: the decoding rows' last tokens and, beside them, whole prompts of up to
+  ``STEP_PROMPT_TOKENS`` (:meth:`StaticBatch.mixed`), so a new request's prefill costs the
+  running rows no step of its own; logits only for the rows and each prompt's last token.
+- **CUDA graphs.** The fused step is captured once per token bucket (the torch step once
+  per (row bucket, length bucket)) and replayed: tokens, positions and slots are copied
+  into static buffers; padding tokens write a scratch slot (the fused step) or free slots
+  (the torch step). Python then costs one replay per step instead of ~30 launches per
+  layer.
 
 Supported: ``model_type`` ``llama`` (and so Llama 2/3 and Mistral-free Llama shapes) whose
 modules have the standard names; :func:`unsupported` says why a model is not, and the
