@@ -247,7 +247,7 @@ if triton is not None:
                     else:
                         codes = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
                     if GROUP > 0:
-                        if F16:
+                        if F16:  # noqa: SIM108 (constexpr branches in a Triton kernel)
                             w = _half(codes, z16, s16)
                         else:
                             w = (codes - z[None, :]) * s[None, :]
@@ -267,7 +267,8 @@ if triton is not None:
                                      other=0)  # fmt: skip
                         w = (codes - zk.to(tl.float32)) * sk.to(tl.float32)
                     xm = mmask[:, None] & (kk < K)[None, :]
-                    if XP:  # plane j of this block: columns k0 + j * words .. (contiguous)
+                    # plane j of this block: columns k0 + j * words .. (contiguous)
+                    if XP:  # noqa: SIM108 (a constexpr branch in a Triton kernel)
                         kx = k0 + j * (BLOCK_K * BITS // 32) + rr
                     else:
                         kx = kk
@@ -418,12 +419,14 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
     """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row) or "mm"
     (tensor cores, any ``M``). ``config``: (BLOCK_N, programs per multiprocessor[,
     num_stages[, num_warps[, BLOCK_M[, plane-ordered x]]]]) (BLOCK_M 0: 16, 32 or 64 by
-    ``M``), else what :func:`tune` chose for this row count, else a default. ``fp32``: return the fp32 sums (no rounding to ``x``'s
+    ``M``), else what :func:`tune` chose for this row count, else a default. ``fp32``:
+    return the fp32 sums (no rounding to ``x``'s
     dtype, no extra cast)."""
     m, n, k = x.shape[0], w.out_features, w.in_features
     if config is None:
         tuned = _TUNED.get((*w.key(), row_bucket(m)))
-        if tuned is not None and (kind is None or kind == tuned[0]) and (m == 1 or tuned[0] == "mm"):
+        usable = tuned is not None and (m == 1 or tuned[0] == "mm")
+        if usable and (kind is None or kind == tuned[0]):
             kind, config = tuned[0], tuned[1:]
     kind = kind or ("mv" if m == 1 else "mm")
     config = tuple(config or DEFAULT_CONFIG)
