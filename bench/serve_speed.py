@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import platform
 import random
@@ -284,6 +285,87 @@ def machine() -> dict:
     return out
 
 
+def _event_ms(fn, repeats: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
+    """Where a step's time goes (``--profile``): every kernel configuration the tuner timed
+    per layer shape and row bucket, the fp16 against the fp32 dequantization at the chosen
+    ones, the GPU time of one fused step (graph replay) per token bucket, and the engine's
+    wall time per step with n equal requests (the difference is the host's share)."""
+    out: dict = {}
+    batch = engine._batch
+    timings = {str(k): {str(c): t for c, t in v.items()} for k, v in kernels.TIMINGS.items()}
+    out["tuner_timings_us"] = timings
+    # fp16 vs fp32 dequantization at the tuned configurations
+    weights: dict = {}
+    for layer in batch.layers:
+        for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+            if lin.weight is not None:
+                weights.setdefault(lin.weight.key(), []).append(lin.weight)
+    half = {}
+    for key, group in weights.items():
+        group = group[:8]
+        nbytes = sum(t.numel() * t.element_size() for t in
+                     (group[0].qweight, group[0].scales, group[0].zeros))  # fmt: skip
+        for rows in (1, 32):
+            x = torch.randn(rows, group[0].in_features, device=engine.device, dtype=torch.float16)
+            for flag in (True, False):
+                saved = [w.half for w in group]
+                for w in group:
+                    w.half = flag and saved[0]
+                calls = [functools.partial(kernels.fused_matmul, x, w, fp32=True) for w in group]
+                t = kernels._graph_time(calls, repeats=7)
+                for w, h in zip(group, saved, strict=True):
+                    w.half = h
+                half[f"{key} rows={rows} half={flag}"] = (
+                    f"{t * 1e6:.1f} us, {nbytes / t / 1e12:.2f} TB/s"
+                )
+    out["dequant_fp16_vs_fp32"] = half
+    # one fused step's GPU time per token bucket (graph replay; tokens at position ~300)
+    steps = {}
+    if batch.fused and batch.graphs:
+        rows = batch.max_rows
+        for bucket in batch.token_buckets:
+            idx = torch.arange(bucket, device=engine.device)
+            batch.slot_of[:bucket] = idx % rows
+            batch.positions[:bucket] = 300 + idx // rows
+            batch.tokens[:bucket] = 5
+            batch.out_index.copy_(torch.arange(rows, device=engine.device) % bucket)
+            graph, _ = batch._graph(bucket, batch.length_buckets[-1])
+            steps[bucket] = round(_event_ms(graph.replay), 3)
+        batch.positions.zero_()
+        batch.slot_of.fill_(batch.scratch)
+    out["step_gpu_ms_by_tokens"] = steps
+    # the engine's wall time per step with n equal requests (64 tokens each)
+    wall = {}
+    for n in (1, 8, 16, 32):
+        jobs = [Job([rng.randrange(3, vocab) for _ in range(32)], 64) for _ in range(n)]
+        t = run(engine, jobs)
+        wall[n] = round(t / 64 * 1000, 3)
+        while batch.rows:  # the last rows leave just after their last chunk
+            time.sleep(0.01)
+    out["engine_wall_ms_per_step_by_rows"] = wall
+    # prefill alone: one prompt (fused step, graph) and eight
+    pre = {}
+    for n, count in ((16, 1), (64, 1), (32, 8), (300, 1)):
+        prompts = [[rng.randrange(3, vocab) for _ in range(n)] for _ in range(count)]
+        pre[f"{count}x{n}"] = round(_event_ms(lambda p=prompts: batch.prefill(p), 5), 2)
+    out["prefill_ms"] = pre
+    return out
+
+
 def measure(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
     def prompt(n: int) -> list[int]:
         return [rng.randrange(3, vocab) for _ in range(n)]
@@ -364,6 +446,7 @@ def main() -> None:
     p.add_argument("--long", type=int, default=512, help="max_tokens of the long requests")
     p.add_argument("--gap", type=float, default=0.02, help="seconds between arrivals")
     p.add_argument("--hf-reference", action="store_true")
+    p.add_argument("--profile", action="store_true", help="also where a step's time goes")
     p.add_argument("--quick-rtn", action="store_true", help="quick_rtn also on a CPU / tiny")
     p.add_argument("--json", default=None, help="append every result line to this file")
     args = p.parse_args()
@@ -404,6 +487,15 @@ def main() -> None:
                 check_static(engine, [rng.randrange(3, len(tokenizer)) for _ in range(40)])
             )
             emit(args, {"label": label, "checks": checks})
+            if args.profile:
+                try:
+                    found = profile(args, engine, len(tokenizer), rng)
+                except Exception as err:  # the profile is extra: the measurements still run
+                    import traceback
+
+                    traceback.print_exc()
+                    found = {"error": f"{type(err).__name__}: {err}"}
+                emit(args, {"label": label, "profile": found})
             results = measure(args, engine, len(tokenizer), rng)
             engine.stop()
             if args.dynamic_batch1:

@@ -145,6 +145,95 @@ def test_fused_decode_step_equals_the_torch_step(served_checkpoint):
     assert "fused step equal" in done.stdout
 
 
+MIXED_STEP_CHECK = r"""
+import sys
+import torch
+from gptq_worker.serve.batch import Row
+from gptq_worker.serve.model import load_quantized_model
+from gptq_worker.serve.static import StaticBatch
+
+torch.manual_seed(0)
+model = load_quantized_model(sys.argv[1])
+p1, p2, p3 = [3, 17, 42, 9, 250, 11], [5, 6, 7], [99, 100, 101, 102, 103]
+
+
+def run(fused, mixed):
+    b = StaticBatch(model, torch.device("cpu"), 0, rows=3, capacity=64, graphs=False)
+    b.fused = fused
+    logits, start = b.prefill([p1])
+    row = Row(None, None, None, length=len(p1))
+    row.token = int(logits[0].argmax())
+    b.join([row], start, [0])
+    if mixed:
+        assert b.mixes([p2, p3])
+        dec, new, start = b.mixed([p2, p3])
+    else:
+        dec = b.decode()
+        new, start = b.prefill([p2, p3])
+    assert start == 1 and row.length == len(p1) + 1
+    return torch.cat([dec, new]).float()
+
+
+reference = run(False, False)  # the eager prefill and the torch decode step
+for fused, mixed in ((True, False), (True, True)):
+    got = run(fused, mixed)
+    rel = ((got - reference).norm() / reference.norm()).item()
+    assert rel < 1e-4 and torch.equal(got.argmax(-1), reference.argmax(-1)), (fused, mixed, rel)
+print("mixed step equal")
+"""
+
+
+def test_one_fused_step_decodes_rows_and_prefills_prompts(served_checkpoint):
+    """The fused step over flat tokens (decoding rows beside new prompts, each token with
+    its cache slot and position) gives the logits of a separate prefill and decode step."""
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", MIXED_STEP_CHECK, str(served_checkpoint)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=900,
+        cwd=Path(__file__).parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "mixed step equal" in done.stdout
+
+
+HALF_CHECK = r"""
+import torch
+from gptq_worker.kernels import gptq_triton as kernels
+from kernel_cases import FORMATS, layer
+
+for i, (bits, sym, act, fmt) in enumerate(FORMATS[::2]):
+    for k, group in ((288, 32), (640, 128)):
+        w, expected = layer(bits, sym, act, fmt, k=k, n=96, group=group, seed=i)
+        assert w.half
+        rows = torch.tensor([0, 1, 7, 31, 100, k - 1])
+        x = torch.zeros(len(rows), k, dtype=torch.float16)
+        x[torch.arange(len(rows)), rows] = 1  # one-hot rows: y is those rows of W, exactly
+        # no K split; split; 16-row tiles with x in the planes' order (4/8 bits, k=640)
+        for config in ((32, 0), (64, 4), (64, 2, 2, 4, 16, 1)):
+            y = kernels.fused_matmul(x, w, config, "mm")
+            assert torch.equal(y, expected.t()[rows].half()), (bits, sym, act, k, config)
+print("fp16 dequantization exact")
+"""
+
+
+def test_fp16_dequantization_is_the_reference_rounding():
+    """fp16 activations take the kernel's fp16 dequantization (no int-to-float
+    conversions): each weight is bit for bit the reference's fp32 value rounded to fp16."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", HALF_CHECK], capture_output=True, text=True, env=env,
+        timeout=900, cwd=here,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fp16 dequantization exact" in done.stdout
+
+
 DECODE_KERNELS_CHECK = r"""
 import torch
 from gptq_worker.kernels import decode_triton as D

@@ -45,12 +45,13 @@ if triton is not None:
         tl.store(x_ptr + r * N + c, (w * xn).to(x_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_kv_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr,
+    def _rope_kv_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,
                         sxb, sqb, sqh, skb, skh, skl, scs, H, KVH,
                         HALF: tl.constexpr):  # fmt: skip
-        b = tl.program_id(0)
+        b = tl.program_id(0)  # a token: its cache row is slot[b], its position pos[b]
         j = tl.program_id(1)  # q heads, then k heads, then v heads
         pos = tl.load(pos_ptr + b)
+        slot = tl.load(slot_ptr + b)
         d = tl.arange(0, HALF)
         base = qkv_ptr + b * sxb + j * 2 * HALF
         x1 = tl.load(base + d).to(tl.float32)
@@ -65,22 +66,23 @@ if triton is not None:
                 tl.store(dst + d, o1.to(q_ptr.dtype.element_ty))
                 tl.store(dst + HALF + d, o2.to(q_ptr.dtype.element_ty))
             else:
-                dst = k_ptr + b * skb + (j - H) * skh + pos * skl
+                dst = k_ptr + slot * skb + (j - H) * skh + pos * skl
                 tl.store(dst + d, o1.to(k_ptr.dtype.element_ty))
                 tl.store(dst + HALF + d, o2.to(k_ptr.dtype.element_ty))
         else:
-            dst = v_ptr + b * skb + (j - H - KVH) * skh + pos * skl
+            dst = v_ptr + slot * skb + (j - H - KVH) * skh + pos * skl
             tl.store(dst + d, x1.to(v_ptr.dtype.element_ty))
             tl.store(dst + HALF + d, x2.to(v_ptr.dtype.element_ty))
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, scale,
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, out_ptr, scale,
                           sqb, sqh, skb, skh, skl, sob,
                           G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
                           BLOCK_L: tl.constexpr):  # fmt: skip
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         pos = tl.load(pos_ptr + b)
+        slot = tl.load(slot_ptr + b)
         g = tl.arange(0, GP)
         d = tl.arange(0, HD)
         gm = g < G
@@ -91,7 +93,7 @@ if triton is not None:
         m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((GP,), dtype=tl.float32)
         acc = tl.zeros((GP, HD), dtype=tl.float32)
-        base = b * skb + kvh * skh
+        base = slot * skb + kvh * skh
         for l0 in range(0, pos + 1, BLOCK_L):
             cols = l0 + tl.arange(0, BLOCK_L)
             valid = cols <= pos
@@ -134,25 +136,34 @@ def add_rms(h: torch.Tensor, d: torch.Tensor | None, weight: torch.Tensor, eps: 
     )  # fmt: skip
 
 
-def rope_kv(qkv, q, keys, values, cos, sin, positions, heads: int, kv_heads: int) -> None:
-    """q heads of ``qkv [rows, (H+2KV)*hd]`` roped into ``q [rows, H, hd]``; k (roped) and v
-    written into ``keys``/``values [rows, KV, S, hd]`` at each row's position."""
+def rope_kv(qkv, q, keys, values, cos, sin, positions, heads: int, kv_heads: int,
+            slots=None) -> None:  # fmt: skip
+    """q heads of ``qkv [tokens, (H+2KV)*hd]`` roped into ``q [tokens, H, hd]``; k (roped)
+    and v written into ``keys``/``values [slots, KV, S, hd]`` at each token's cache row
+    ``slots[t]`` (default: row ``t``) and position."""
     rows = qkv.shape[0]
     hd = q.shape[-1]
+    if slots is None:
+        slots = torch.arange(rows, device=qkv.device, dtype=positions.dtype)
     _rope_kv_kernel[(rows, heads + 2 * kv_heads)](
-        qkv, q, keys, values, cos, sin, positions, qkv.stride(0), q.stride(0), q.stride(1),
+        qkv, q, keys, values, cos, sin, positions, slots, qkv.stride(0), q.stride(0),
+        q.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2), cos.stride(0), heads, kv_heads,
         HALF=hd // 2, num_warps=1,
     )  # fmt: skip
 
 
-def attention(q, keys, values, positions, out, scale: float) -> None:
-    """``out [rows, H*hd]``: each row's query heads over its cache columns ``0..pos``."""
+def attention(q, keys, values, positions, out, scale: float, slots=None) -> None:
+    """``out [tokens, H*hd]``: each token's query heads over its cache row's (``slots[t]``,
+    default ``t``) columns ``0..pos``: one new token of a decoding row, or one of a prompt
+    whose earlier tokens' keys are already written."""
     rows, heads, hd = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
+    if slots is None:
+        slots = torch.arange(rows, device=q.device, dtype=positions.dtype)
     _attention_kernel[(rows, kv_heads)](
-        q, keys, values, positions, out, scale, q.stride(0), q.stride(1), keys.stride(0),
+        q, keys, values, positions, slots, out, scale, q.stride(0), q.stride(1), keys.stride(0),
         keys.stride(1), keys.stride(2), out.stride(0), G=group,
         GP=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_L=64, num_warps=4,
     )  # fmt: skip
@@ -187,14 +198,15 @@ def rope_kv_reference(qkv, cos, sin, positions, heads, kv_heads, hd):
     return roped[:, :heads], roped[:, heads : heads + kv_heads], x[:, heads + kv_heads :]
 
 
-def attention_reference(q, keys, values, positions, scale):
+def attention_reference(q, keys, values, positions, scale, slots=None):
     rows, heads, hd = q.shape
     kv_heads = keys.shape[1]
     out = torch.empty(rows, heads * hd, dtype=torch.float32, device=q.device)
     for b in range(rows):
         n = int(positions[b]) + 1
-        k = keys[b, :, :n].float().repeat_interleave(heads // kv_heads, 0)  # [H, n, hd]
-        v = values[b, :, :n].float().repeat_interleave(heads // kv_heads, 0)
+        r = b if slots is None else int(slots[b])
+        k = keys[r, :, :n].float().repeat_interleave(heads // kv_heads, 0)  # [H, n, hd]
+        v = values[r, :, :n].float().repeat_interleave(heads // kv_heads, 0)
         p = torch.softmax((q[b].float()[:, None, :] @ k.transpose(-1, -2)) * scale, -1)
         out[b] = (p @ v).reshape(-1)
     return out

@@ -229,10 +229,13 @@ class Engine:
                 admitted = self._admit(batch)
                 self._running = len(batch.rows) + len(admitted)
             try:
-                if admitted:
-                    self._start(batch, admitted)
-                if batch.rows:
-                    self._decode(batch)
+                if admitted and batch.rows and getattr(batch, "mixes", None):
+                    self._mixed(batch, admitted)  # the static runtime's fused step
+                else:
+                    if admitted:
+                        self._start(batch, admitted)
+                    if batch.rows:
+                        self._decode(batch)
             except Exception as err:  # a bug of ours: fail what runs, keep serving
                 log.exception("the engine step failed")
                 self._fail([*admitted, *(row.request for row in batch.rows)], err)
@@ -270,8 +273,39 @@ class Engine:
             return self._batch.fits(shapes)
         return peak_slots(shapes) <= self.kv_cache_tokens
 
+    def _mixed(self, batch: StaticBatch, admitted: list[Request]) -> None:
+        """The decoding rows' step and the admitted prompts' prefill in one forward (the
+        static runtime's fused step, when the prompts fit its token budget): the running
+        requests lose no step to a new one. Otherwise a prefill, then a decode step."""
+        rows = self._rows(admitted)
+        gone = [row for row in batch.rows if row.request.cancelled.is_set()]
+        for row in gone:
+            self._emit(row.request, Chunk("", row.count, "cancelled"))
+        batch.leave(gone)
+        prompts = [row.request.prompt_ids for row in rows]
+        if not rows or not batch.rows or not batch.mixes(prompts):
+            if rows:
+                self._prefill(batch, rows)
+            if batch.rows:
+                self._decode(batch)
+            return
+        self.metrics.prefilled(sum(map(len, prompts)))
+        self.metrics.step(sum(map(len, prompts)) + len(batch.rows))
+        logits, first, start = batch.mixed(prompts)
+        self._sample(batch.rows, logits)
+        self._sample(rows, first)
+        picked = [i for i, row in enumerate(rows) if not row.done]
+        batch.join([rows[i] for i in picked], start, picked)
+        batch.leave([row for row in batch.rows if row.done])
+
     def _start(self, batch: RunningBatch, admitted: list[Request]) -> None:
         """Prefill the admitted requests, sample their first tokens, join the batch."""
+        rows = self._rows(admitted)
+        if rows:
+            self._prefill(batch, rows)
+
+    def _rows(self, admitted: list[Request]) -> list[Row]:
+        """The admitted requests' rows; one that cannot be prepared fails alone."""
         now = time.monotonic()
         rows: list[Row] = []
         for r in admitted:
@@ -285,8 +319,9 @@ class Engine:
                 self._fail([r], err)
                 continue
             rows.append(Row(r, generator, stream, length=len(r.prompt_ids)))
-        if not rows:
-            return
+        return rows
+
+    def _prefill(self, batch: RunningBatch, rows: list[Row]) -> None:
         prompts = [row.request.prompt_ids for row in rows]
         self.metrics.prefilled(sum(map(len, prompts)))
         self.metrics.step(sum(map(len, prompts)))

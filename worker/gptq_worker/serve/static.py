@@ -22,10 +22,15 @@ what differs is how a step runs:
   bucket, masked per row at its own position (grouped-query attention without copying
   keys); prefill runs right-padded prompts through causal SDPA and writes their keys and
   values into their slots.
-- **CUDA graphs.** A decode step for ``B`` rows and attention length ``L`` is captured
-  once per (row bucket, length bucket) and replayed: tokens and positions are copied into
-  static buffers, rows beyond the running ones are padding in free slots. Python then
-  costs one replay per step instead of ~30 launches per layer.
+- **Flat fused step.** On a GPU the step runs flat tokens, each with a cache slot and a
+  position: the decoding rows' last tokens and, beside them, whole prompts of up to
+  ``STEP_PROMPT_TOKENS`` (:meth:`StaticBatch.mixed`), so a new request's prefill costs the
+  running rows no step of its own; logits only for the rows and each prompt's last token.
+- **CUDA graphs.** The fused step is captured once per token bucket (the torch step once
+  per (row bucket, length bucket)) and replayed: tokens, positions and slots are copied
+  into static buffers; padding tokens write a scratch slot (the fused step) or free slots
+  (the torch step). Python then costs one replay per step instead of ~30 launches per
+  layer.
 
 Supported: ``model_type`` ``llama`` (and so Llama 2/3 and Mistral-free Llama shapes) whose
 modules have the standard names; :func:`unsupported` says why a model is not, and the
@@ -45,6 +50,8 @@ from gptq_worker.kernels import gptq_triton as kernels
 
 log = logging.getLogger(__name__)
 LENGTH_STEP = 256  # attention length buckets: multiples of this, then growing by half
+# prompt tokens one fused step takes beside the decoding rows (GPTQ_SERVE_STEP_PROMPT_TOKENS)
+STEP_PROMPT_TOKENS = int(os.environ.get("GPTQ_SERVE_STEP_PROMPT_TOKENS", "256"))
 
 
 def unsupported(model) -> str | None:
@@ -203,13 +210,23 @@ class StaticBatch:
         scaling = getattr(rotary, "attention_scaling", 1.0)
         self.cos = (emb.cos() * scaling).to(dtype)
         self.sin = (emb.sin() * scaling).to(dtype)
-        shape = (2, len(self.layers), rows, self.kv_heads, capacity, self.head_dim)
+        # one slot more than rows: the scratch row that the padding tokens of a step write
+        shape = (2, len(self.layers), rows + 1, self.kv_heads, capacity, self.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)
-        self.tokens = torch.zeros(rows, device=device, dtype=torch.long)
-        self.positions = torch.zeros(rows, device=device, dtype=torch.long)
+        self.scratch = rows
+        self.row_buckets = sorted({*(2**i for i in range(rows.bit_length()) if 2**i <= rows), rows})
+        # token buckets of the fused step: the row buckets, then decoding rows plus prompts
+        self.prompt_tokens = max(0, STEP_PROMPT_TOKENS)
+        top = rows + self.prompt_tokens
+        more = [t for t in range(64, top, 64) if t > rows]
+        self.token_buckets = sorted({*self.row_buckets, *more, top})
+        tokens = self.token_buckets[-1]
+        self.tokens = torch.zeros(tokens, device=device, dtype=torch.long)
+        self.positions = torch.zeros(tokens, device=device, dtype=torch.long)
+        self.slot_of = torch.full((tokens,), rows, device=device, dtype=torch.long)
+        self.out_index = torch.zeros(rows, device=device, dtype=torch.long)
         self.columns = torch.arange(capacity, device=device)
         self.row_index = torch.arange(rows, device=device)
-        self.row_buckets = sorted({*(2**i for i in range(rows.bit_length()) if 2**i <= rows), rows})
         # the fused step's attention reads each row up to its own position: no length buckets
         self.length_buckets = [capacity] if self.fused else length_buckets(capacity)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -240,6 +257,8 @@ class StaticBatch:
         longest = max(len(p) for p in prompts)
         if longest > self.capacity:
             raise ValueError(f"a prompt of {longest} tokens exceeds the cache ({self.capacity})")
+        if self.mixes(prompts, decoding=False):
+            return self._flat([], prompts, base)[1], base
         ids = torch.full((n, longest), self.pad, dtype=torch.long)
         for i, p in enumerate(prompts):  # right-padded: causal attention never sees the pad
             ids[i, : len(p)] = torch.tensor(p)
@@ -269,6 +288,65 @@ class StaticBatch:
         h = h[torch.arange(n, device=self.device), last]
         return self.lm_head(_rms(self.final_norm, h)), base
 
+    def mixes(self, prompts: list[list[int]], decoding: bool = True) -> bool:
+        """Whether one fused step can take ``prompts`` (beside the decoding rows, if
+        ``decoding``): the fused kernels run, and their tokens fit the step's budget."""
+        rows = len(self.rows) if decoding else 0
+        return (
+            self.fused
+            and len(self.rows) + len(prompts) <= self.max_rows
+            and sum(map(len, prompts)) <= self.prompt_tokens
+            and rows + sum(map(len, prompts)) <= self.token_buckets[-1]
+        )
+
+    @torch.inference_mode()
+    def mixed(self, prompts: list[list[int]]):
+        """One fused step for the decoding rows and the prefill of ``prompts`` (into the
+        slots after the rows), so that a new request costs the running ones no step of its
+        own: returns the rows' logits (as :meth:`decode`), the prompts' last positions'
+        logits and where they start (as :meth:`prefill`). Check :meth:`mixes` first."""
+        base = len(self.rows)
+        decode, new = self._flat(self.rows, prompts, base)
+        for r in self.rows:
+            r.length += 1
+        return decode, new, base
+
+    def _flat(self, rows: list, prompts: list[list[int]], base: int):
+        """The fused step over a flat list of tokens: each decoding row's last token (slot
+        ``i``, at its length) and every token of each prompt (slot ``base + j``, positions
+        0..); padding tokens write the scratch slot. Returns the logits of the rows and of
+        the prompts' last tokens."""
+        n = len(rows)
+        tokens = [r.token for r in rows]
+        positions = [r.length for r in rows]
+        slots = list(range(n))
+        outputs = list(range(n))
+        for j, p in enumerate(prompts):
+            slots += [base + j] * len(p)
+            positions += range(len(p))
+            tokens += p
+            outputs.append(len(tokens) - 1)
+        count = len(tokens)
+        bucket = next(b for b in self.token_buckets if b >= count) if self.graphs else count
+        pad = bucket - count
+        outs = len(outputs)
+        step = torch.tensor(
+            [tokens + [self.pad] * pad, positions + [0] * pad, slots + [self.scratch] * pad],
+        )  # fmt: skip
+        index = torch.tensor(outputs + [0] * (min(bucket, self.max_rows) - outs))
+        step = step.to(self.device, non_blocking=True)
+        self.tokens[:bucket].copy_(step[0])
+        self.positions[:bucket].copy_(step[1])
+        self.slot_of[:bucket].copy_(step[2])
+        self.out_index[: index.shape[0]].copy_(index.to(self.device, non_blocking=True))
+        if self.graphs:
+            graph, out = self._graph(bucket, self.length_buckets[-1])
+            graph.replay()
+            logits = out[:outs].clone()
+        else:
+            logits = self._fused_step(bucket)[:outs]
+        return logits[:n], logits[n:]
+
     def join(self, rows: list, start: int, picked: list[int]) -> None:
         """Add ``rows`` (prompts ``picked`` of the :meth:`prefill` that began at ``start``)."""
         for t, p in enumerate(picked):  # p >= t: moving down in order overwrites nothing
@@ -295,6 +373,11 @@ class StaticBatch:
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
         """One step for every row: feeds each row's last token, returns ``[rows, vocab]``."""
+        if self.fused:
+            logits = self._flat(self.rows, [], len(self.rows))[0]
+            for r in self.rows:
+                r.length += 1
+            return logits
         n = len(self.rows)
         longest = max(r.length for r in self.rows) + 1
         length = next(b for b in self.length_buckets if b >= longest)
@@ -321,9 +404,12 @@ class StaticBatch:
         return self._fused_step(rows) if self.fused else self._step(rows, length)
 
     def _fused_step(self, rows: int) -> torch.Tensor:
-        """The decode forward in fused kernels (``kernels/decode_triton.py``): per layer
-        add+norm, qkv, rope+cache write, attention, o, add+norm, gate/up, silu*up, down."""
+        """The forward of ``rows`` flat tokens (decoding rows' and prompts', each with its
+        cache slot and position) in fused kernels (``kernels/decode_triton.py``): per layer
+        add+norm, qkv, rope+cache write, attention, o, add+norm, gate/up, silu*up, down;
+        logits of the tokens ``out_index`` names (at most one a slot)."""
         positions = self.positions[:rows]
+        slots = self.slot_of[:rows]
         hd = self.head_dim
         h = self.embed(self.tokens[:rows])
         x = torch.empty_like(h)
@@ -335,8 +421,8 @@ class StaticBatch:
             qkv = layer.qkv.fp32(x)
             keys, values = self.kv[0, i], self.kv[1, i]
             fused.rope_kv(qkv, q, keys, values, self.cos, self.sin, positions, self.heads,
-                          self.kv_heads)  # fmt: skip
-            fused.attention(q, keys, values, positions, a, self.scale)
+                          self.kv_heads, slots)  # fmt: skip
+            fused.attention(q, keys, values, positions, a, self.scale, slots)
             fused.add_rms(h, layer.o.fp32(a), layer.norm2.weight, _eps(layer.norm2), x)
             gate_up = layer.gate_up.fp32(x)
             if layer.silu:
@@ -348,7 +434,7 @@ class StaticBatch:
                 act = layer.act(gate) * up
             d = layer.down.fp32(act)
         fused.add_rms(h, d, self.final_norm.weight, _eps(self.final_norm), x)
-        return self.lm_head(x)
+        return self.lm_head(x[self.out_index[: min(rows, self.max_rows)]])
 
     def _step(self, rows: int, length: int) -> torch.Tensor:
         """The decode forward for the first ``rows`` slots, attention over ``length``."""
@@ -409,6 +495,10 @@ class StaticBatch:
         reference = self._step(1, next(b for b in length_buckets(self.capacity)
                                        if b > len(prompt))).float()  # fmt: skip
         rows = self.row_buckets[0]
+        if self.fused:
+            self.slot_of[:rows] = self.scratch
+            self.slot_of[0] = 0
+            self.out_index.zero_()
         if self.graphs:
             graph, out = self._graph(rows, self.length_buckets[-1])
             graph.replay()
@@ -434,14 +524,20 @@ class StaticBatch:
                 if lin.weight is not None
             ]
             chosen = kernels.tune(weights, self.dtype)
-            # compile the prefill kernels too (fused up to 64 rows, dequantize + matmul above)
+            # compile the eager prefill's kernels too (prompts beyond the fused step's
+            # budget; fused up to 64 rows, dequantize + matmul above)
+            fused, self.fused = self.fused, False
             for n in (1, 10, 24, 40, 100):
                 if n <= self.capacity and not self.rows:
                     self.prefill([[self.pad] * n])
+            self.fused = fused
         if self.graphs and capture:
-            # the step writes the cache at the padding rows' position 0: only free slots
+            # padding writes the scratch slot (fused) or free slots at position 0 (torch)
             self.positions.zero_()
-            for rows in self.row_buckets:
+            self.slot_of.fill_(self.scratch)
+            self.out_index.zero_()
+            buckets = self.token_buckets if self.fused else self.row_buckets
+            for rows in buckets:
                 for length in self.length_buckets:
                     self._graph(rows, length)
             torch.cuda.synchronize(self.device)
