@@ -342,6 +342,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
             batch.slot_of[:bucket] = idx % rows
             batch.positions[:bucket] = 300 + idx // rows
             batch.tokens[:bucket] = 5
+            batch.source.fill_(-1)
             batch.out_index.copy_(torch.arange(rows, device=engine.device) % bucket)
             graph, _ = batch._graph(bucket, batch.length_buckets[-1])
             steps[bucket] = round(_event_ms(graph.replay), 3)

@@ -373,3 +373,148 @@ def test_static_runtime_refuses_what_a_row_cannot_hold(served_checkpoint, tok):
             engine.submit(Request([5] * 150, Sampling(max_tokens=60), lambda c: None))
     finally:
         engine.stop()
+
+
+def _staggered(engine, tok, samplings):
+    """Submit PROMPTS[i] with samplings[i], each after the previous one's first token (so
+    rows join a batch that is decoding); returns the collected jobs."""
+    jobs = []
+    try:
+        for i, sampling in enumerate(samplings):
+            job = Collected(tok(PROMPTS[i % len(PROMPTS)]).input_ids, sampling)
+            engine.submit(job.request)
+            jobs.append(job)
+            if i < len(samplings) - 1:
+                assert job.first.wait(60)
+        for job in jobs:
+            assert job.done.wait(120)
+    finally:
+        engine.stop()
+    return jobs
+
+
+def test_overlapped_steps_give_the_tokens_of_steps_that_wait(served_checkpoint, tok):
+    """The engine launches step N+1 (inputs: step N's greedy tokens, on the device) before
+    it reads step N's: the same tokens as steps that wait for theirs, rows finishing at
+    every step (their extra token dropped), a sampled row switching to waiting steps."""
+    served = load_quantized_model(served_checkpoint)
+    samplings = [Sampling(max_tokens=m, temperature=0, ignore_eos=True) for m in (9, 3, 7, 1, 5)]
+    samplings.insert(3, Sampling(max_tokens=4, temperature=0.8, seed=7, ignore_eos=True))
+    got = {}
+    for overlap in (True, False):
+        engine = Engine(served, tok, torch.device("cpu"), max_batch=3, runtime="static",
+                        overlap=overlap)  # fmt: skip
+        batch, launched = engine._batch, []
+        original = batch.launch
+        batch.launch = lambda *a, **k: (launched.append(1), original(*a, **k))[1]
+        jobs = _staggered(engine, tok, samplings)
+        assert bool(launched) == overlap
+        for job, s in zip(jobs, samplings, strict=True):
+            assert len(job.tokens) == s.max_tokens and job.chunks[-1].finish_reason == "length"
+            assert job.chunks[-1].error is None
+        assert not batch.rows and engine._pending is None
+        got[overlap] = [job.tokens for job in jobs]
+    assert got[True] == got[False]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_a_failed_combined_step_fails_only_the_new_prompts(overlap, served_checkpoint, tok):
+    """A decode step that also prefills new prompts fails (injected): the new requests
+    fail, the running rows step again alone and get their greedy tokens."""
+    served = load_quantized_model(served_checkpoint)
+    dense = dense_copy(load_quantized_model(served_checkpoint))
+    engine = Engine(served, tok, torch.device("cpu"), max_batch=3, runtime="static",
+                    overlap=overlap)  # fmt: skip
+    batch = engine._batch
+    first = Collected(tok(PROMPTS[0]).input_ids, Sampling(max_tokens=10, temperature=0))
+    new = Collected(tok(PROMPTS[2]).input_ids, Sampling(max_tokens=4, temperature=0))
+    failed = []
+
+    def broken(*a, **k):
+        failed.append(1)
+        raise RuntimeError("injected")
+
+    launch = batch.launch
+    try:
+        engine.submit(first.request)
+        assert first.first.wait(60)
+        batch.mixes = lambda prompts, decoding=True: True  # the combined step, as on a GPU
+        batch.mixed = broken
+        batch.launch = lambda prompts=(): broken() if prompts else launch(prompts)
+        engine.submit(new.request)
+        assert new.done.wait(60) and first.done.wait(120)
+    finally:
+        engine.stop()
+    assert failed
+    assert new.chunks[-1].finish_reason == "error" and "injected" in new.chunks[-1].error
+    assert first.chunks[-1].finish_reason in ("length", "stop")
+    expected = greedy(dense, first.request.prompt_ids, 10, engine.eos)
+    assert first.tokens == expected
+
+
+FUSED_ENGINE_CHECK = r"""
+import sys
+import threading
+import torch
+from transformers import AutoTokenizer
+from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling
+from gptq_worker.serve.model import load_quantized_model
+
+model = load_quantized_model(sys.argv[1])
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+prompts = [[3, 17, 42, 9, 250, 11], [5, 6, 7], [99, 100, 101, 102, 103]]
+lengths = [6, 2, 3]
+
+
+def run(fused, overlap):
+    engine = Engine(model, tok, torch.device("cpu"), max_batch=3, runtime="static",
+                    overlap=overlap)
+    engine._batch.fused = fused  # the flat fused step (Triton's interpreter), no graphs
+    launch, mixed = engine._batch.launch, []
+    engine._batch.launch = lambda p=(): (mixed.append(len(p) and len(engine._batch.rows)),
+                                         launch(p))[1]
+    out, events = [], []
+    for p, m in zip(prompts, lengths):
+        got, first, done = [], threading.Event(), threading.Event()
+
+        def emit(c, got=got, first=first, done=done):
+            if c.token is not None:
+                got.append(c.token)
+            first.set()
+            if c.finish_reason is not None:
+                assert c.finish_reason == "length", c
+                done.set()
+
+        engine.submit(Request(p, Sampling(max_tokens=m, temperature=0, ignore_eos=True), emit))
+        first.wait(600)
+        out.append(got)
+        events.append(done)
+    for e in events:
+        assert e.wait(600)
+    engine.stop()
+    assert not overlap or any(mixed), mixed  # a prompt prefilled beside decoding rows
+    return out
+
+
+reference = run(False, False)
+got = run(True, True)
+assert got == reference, (got, reference)
+print("overlapped fused steps equal")
+"""
+
+
+def test_overlapped_fused_steps_prefill_beside_rows(served_checkpoint):
+    """The overlapped engine on the flat fused step (Triton's interpreter): new prompts
+    prefill inside a launched step beside the decoding rows, their first token fed on the
+    device; the tokens equal the torch step's, waited for."""
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-c", FUSED_ENGINE_CHECK, str(served_checkpoint)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        timeout=900,
+        cwd=Path(__file__).parent,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "overlapped fused steps equal" in done.stdout

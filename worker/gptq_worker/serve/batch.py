@@ -39,6 +39,9 @@ class Row:
     count: int = 0  # tokens generated
     token: int = 0  # the last token sampled: the input of the next step
     done: bool = field(default=False)
+    # StaticBatch.launch: where on the device the step in flight leaves this row's next
+    # input token (its greedy argmax), not yet known here; None: ``token`` is the input
+    fed: int | None = None
 
     @property
     def growth(self) -> int:

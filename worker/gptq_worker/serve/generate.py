@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -121,6 +122,7 @@ class Engine:
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int = MAX_PREFILL_TOKENS,
         runtime: str = "auto",
+        overlap: bool | None = None,
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -152,6 +154,12 @@ class Engine:
         else:
             self._batch = RunningBatch(model, device, self.pad)
         self.kv_cache_tokens = kv_cache_tokens
+        # the static runtime launches step N+1 before it reads step N's greedy tokens (see
+        # _overlap); GPTQ_SERVE_OVERLAP=0 or overlap=False: every step waits for its tokens
+        if overlap is None:
+            overlap = os.environ.get("GPTQ_SERVE_OVERLAP", "1") != "0"
+        self.overlap = overlap and self.runtime == "static"
+        self._pending: tuple[list[Row], object] | None = None  # a launched step's rows
         self._waiting: collections.deque[Request] = collections.deque()
         self._running = 0
         self._slots = 0
@@ -223,23 +231,29 @@ class Engine:
                     left = [*self._waiting, *(r.request for r in batch.rows)]
                     self._waiting.clear()
                     batch.reset()
+                    self._pending = None
                     self._running = self._slots = 0
                     self._cv.notify_all()
                     break
                 admitted = self._admit(batch)
                 self._running = len(batch.rows) + len(admitted)
             try:
-                if admitted and batch.rows and getattr(batch, "mixes", None):
-                    self._mixed(batch, admitted)  # the static runtime's fused step
+                if self._overlaps(batch, admitted):
+                    self._overlap(batch, admitted)
                 else:
-                    if admitted:
-                        self._start(batch, admitted)
-                    if batch.rows:
-                        self._decode(batch)
+                    self._flush(batch)
+                    if admitted and batch.rows and getattr(batch, "mixes", None):
+                        self._mixed(batch, admitted)  # the static runtime's fused step
+                    else:
+                        if admitted:
+                            self._start(batch, admitted)
+                        if batch.rows:
+                            self._decode(batch)
             except Exception as err:  # a bug of ours: fail what runs, keep serving
                 log.exception("the engine step failed")
                 self._fail([*admitted, *(row.request for row in batch.rows)], err)
                 batch.reset()
+                self._pending = None
             finally:
                 with self._cv:
                     self._running, self._slots = len(batch.rows), batch.slots
@@ -249,7 +263,8 @@ class Engine:
 
     def _admit(self, batch: RunningBatch) -> list[Request]:
         """Waiting requests that may join now, in arrival order (called under the lock)."""
-        shapes = [(r.length, r.growth) for r in batch.rows]
+        # a row fed on the device has a step in flight whose token is not counted yet
+        shapes = [(r.length - (r.fed is not None), r.growth) for r in batch.rows]
         admitted: list[Request] = []
         prefill = 0
         while self._waiting and len(batch.rows) + len(admitted) < self.max_batch:
@@ -291,12 +306,91 @@ class Engine:
             return
         self.metrics.prefilled(sum(map(len, prompts)))
         self.metrics.step(sum(map(len, prompts)) + len(batch.rows))
-        logits, first, start = batch.mixed(prompts)
+        try:
+            logits, first, start = batch.mixed(prompts)
+        except Exception as err:  # the new prompts fail; the running rows step alone
+            log.exception("the combined decode and prefill step failed")
+            self._fail([row.request for row in rows], err)
+            self._decode(batch)
+            return
         self._sample(batch.rows, logits)
         self._sample(rows, first)
         picked = [i for i, row in enumerate(rows) if not row.done]
         batch.join([rows[i] for i in picked], start, picked)
         batch.leave([row for row in batch.rows if row.done])
+
+    # -- the overlapped step (static runtime, greedy rows) -------------------------------
+    def _overlaps(self, batch, admitted: list[Request]) -> bool:
+        """Whether this step may be launched before the previous one's tokens are read:
+        every row and every admitted request decodes greedily (the step's argmax, taken
+        on the device, is then the next input; sampling needs the logits on the host)."""
+        return (
+            self.overlap
+            and all(row.request.sampling.temperature == 0 for row in batch.rows)
+            and all(r.sampling.temperature == 0 for r in admitted)
+        )
+
+    def _overlap(self, batch: StaticBatch, admitted: list[Request]) -> None:
+        """Launch step N+1 (the rows' inputs are step N's greedy tokens, still on the
+        device; admitted prompts prefill in it when the fused step takes them), then read,
+        emit and retire step N's tokens while N+1 runs: the host's work per step hides
+        behind the GPU's. A row that finished at step N was in step N+1 too; that token is
+        dropped (it leaves before N+2)."""
+        rows = self._rows(admitted)
+        gone = [row for row in batch.rows if row.request.cancelled.is_set() and not row.done]
+        for row in gone:
+            row.done = True
+            self._emit(row.request, Chunk("", row.count, "cancelled"))
+        batch.leave(gone)
+        prompts = [row.request.prompt_ids for row in rows]
+        if rows and not batch.mixes(prompts, decoding=bool(batch.rows)):
+            self._flush(batch)  # prompts the fused step cannot take: the plain prefill
+            self._prefill(batch, rows)
+            rows, prompts = [], []
+        if not batch.rows and not rows:
+            self._flush(batch)
+            return
+        if prompts:
+            self.metrics.prefilled(sum(map(len, prompts)))
+        self.metrics.step(sum(map(len, prompts)) + len(batch.rows))
+        try:
+            fetch, start = batch.launch(prompts)
+        except Exception as err:
+            if not prompts:
+                raise
+            # the new prompts fail; the running rows step alone, from their host tokens
+            log.exception("the combined decode and prefill step failed")
+            self._fail([row.request for row in rows], err)
+            self._flush(batch)
+            if not batch.rows:
+                return
+            rows = []
+            fetch, start = batch.launch([])
+        for j, row in enumerate(rows):
+            row.fed = start + j
+        batch.join(rows, start, list(range(len(rows))))
+        previous, self._pending = self._pending, (list(batch.rows), fetch)
+        if previous is not None:
+            self._finish(batch, previous)
+
+    def _finish(self, batch: StaticBatch, pending) -> None:
+        """Read a launched step's tokens (waiting for it), emit them, retire finished rows."""
+        rows, fetch = pending
+        for row, token in zip(rows, fetch.tokens(), strict=True):
+            if not row.done:
+                self._take(row, None, token)
+        batch.leave([row for row in batch.rows if row.done])
+        if not batch.rows:
+            self._pending = None  # every row of the step in flight has finished
+
+    def _flush(self, batch) -> None:
+        """Finish the launched step, if any: every row's next input is then on the host."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        self._finish(batch, pending)
+        for row in batch.rows:
+            row.fed = None
 
     def _start(self, batch: RunningBatch, admitted: list[Request]) -> None:
         """Prefill the admitted requests, sample their first tokens, join the batch."""
@@ -353,22 +447,26 @@ class Engine:
         if any(row.request.sampling.temperature == 0 for row in rows):
             greedy = logits.argmax(-1).tolist()  # one transfer for all greedy rows
         for i, row in enumerate(rows):
-            r = row.request
-            if r.cancelled.is_set():
-                row.done = True
-                self._emit(r, Chunk("", row.count, "cancelled"))
-                continue
-            try:
-                token = greedy[i] if r.sampling.temperature == 0 else None
-                chunk = self._step(row, logits[i], token)
-            except Exception as err:  # this row's sampling or decoding: it alone fails
-                log.warning("request failed while decoding: %s: %s", type(err).__name__, err)
-                row.done = True
-                self._emit(r, Chunk("", row.count, "error", error=f"{type(err).__name__}: {err}"))
-                continue
-            row.count, row.token = chunk.tokens, chunk.token
-            row.done = chunk.finish_reason is not None
-            self._emit(r, chunk)
+            token = greedy[i] if row.request.sampling.temperature == 0 else None
+            self._take(row, logits[i], token)
+
+    def _take(self, row: Row, logits: torch.Tensor | None, token: int | None) -> None:
+        """Sample (or take ``token``), emit, and mark the row done if it finished."""
+        r = row.request
+        if r.cancelled.is_set():
+            row.done = True
+            self._emit(r, Chunk("", row.count, "cancelled"))
+            return
+        try:
+            chunk = self._step(row, logits, token)
+        except Exception as err:  # this row's sampling or decoding: it alone fails
+            log.warning("request failed while decoding: %s: %s", type(err).__name__, err)
+            row.done = True
+            self._emit(r, Chunk("", row.count, "error", error=f"{type(err).__name__}: {err}"))
+            return
+        row.count, row.token = chunk.tokens, chunk.token
+        row.done = chunk.finish_reason is not None
+        self._emit(r, chunk)
 
     def _fail(self, requests: list[Request], err: Exception) -> None:
         for r in requests:

@@ -166,6 +166,19 @@ def length_buckets(capacity: int) -> list[int]:
     return [*out, capacity]
 
 
+class Fetch:
+    """A launched step's greedy tokens on their way to the host (pinned memory, an event)."""
+
+    def __init__(self, host: torch.Tensor, event) -> None:
+        self.host, self.event = host, event
+
+    def tokens(self) -> list[int]:
+        """Wait for the step (only it and what came before it on the stream)."""
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class StaticBatch:
     """The running batch in a static cache (see the module's doc)."""
 
@@ -221,10 +234,22 @@ class StaticBatch:
         more = [t for t in range(64, top, 64) if t > rows]
         self.token_buckets = sorted({*self.row_buckets, *more, top})
         tokens = self.token_buckets[-1]
-        self.tokens = torch.zeros(tokens, device=device, dtype=torch.long)
-        self.positions = torch.zeros(tokens, device=device, dtype=torch.long)
-        self.slot_of = torch.full((tokens,), rows, device=device, dtype=torch.long)
-        self.out_index = torch.zeros(rows, device=device, dtype=torch.long)
+        # a step's inputs, one buffer (one copy from the host per step): tokens, positions,
+        # cache slots, where a token is read from ``ids`` instead (-1: from ``tokens``),
+        # and which tokens' logits come out
+        self.inputs = torch.zeros((5, tokens), device=device, dtype=torch.long)
+        self.tokens, self.positions, self.slot_of, self.source = self.inputs[:4]
+        self.out_index = self.inputs[4, :rows]
+        self.slot_of.fill_(rows)
+        self.source.fill_(-1)
+        # every step's greedy tokens (argmax of its logits, in the graph), one per output
+        self.ids = torch.zeros(rows, device=device, dtype=torch.long)
+        pin = device.type == "cuda"
+        # two of each: the host fills one while the device may still read the other
+        self._staging = [torch.zeros((5, tokens), dtype=torch.long, pin_memory=pin)
+                         for _ in range(2)]  # fmt: skip
+        self._host_ids = [torch.zeros(rows, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
         self.columns = torch.arange(capacity, device=device)
         self.row_index = torch.arange(rows, device=device)
         # the fused step's attention reads each row up to its own position: no length buckets
@@ -309,16 +334,18 @@ class StaticBatch:
         decode, new = self._flat(self.rows, prompts, base)
         for r in self.rows:
             r.length += 1
+            r.fed = None
         return decode, new, base
 
-    def _flat(self, rows: list, prompts: list[list[int]], base: int):
+    def _flat(self, rows: list, prompts: list[list[int]], base: int, fetch: bool = False):
         """The fused step over a flat list of tokens: each decoding row's last token (slot
         ``i``, at its length) and every token of each prompt (slot ``base + j``, positions
         0..); padding tokens write the scratch slot. Returns the logits of the rows and of
-        the prompts' last tokens."""
+        the prompts' last tokens, or (``fetch``) a :class:`Fetch` of their greedy tokens."""
         n = len(rows)
         tokens = [r.token for r in rows]
         positions = [r.length for r in rows]
+        sources = [-1 if r.fed is None else r.fed for r in rows]
         slots = list(range(n))
         outputs = list(range(n))
         for j, p in enumerate(prompts):
@@ -328,24 +355,61 @@ class StaticBatch:
             outputs.append(len(tokens) - 1)
         count = len(tokens)
         bucket = next(b for b in self.token_buckets if b >= count) if self.graphs else count
-        pad = bucket - count
         outs = len(outputs)
-        step = torch.tensor(
-            [tokens + [self.pad] * pad, positions + [0] * pad, slots + [self.scratch] * pad],
-        )  # fmt: skip
-        index = torch.tensor(outputs + [0] * (min(bucket, self.max_rows) - outs))
-        step = step.to(self.device, non_blocking=True)
-        self.tokens[:bucket].copy_(step[0])
-        self.positions[:bucket].copy_(step[1])
-        self.slot_of[:bucket].copy_(step[2])
-        self.out_index[: index.shape[0]].copy_(index.to(self.device, non_blocking=True))
+        self._upload(tokens, positions, slots, sources, outputs)
         if self.graphs:
             graph, out = self._graph(bucket, self.length_buckets[-1])
             graph.replay()
-            logits = out[:outs].clone()
         else:
-            logits = self._fused_step(bucket)[:outs]
+            out = self._fused_step(bucket)
+        if fetch:
+            return self._fetch(outs)
+        logits = out[:outs].clone()
         return logits[:n], logits[n:]
+
+    def _upload(self, tokens, positions, slots, sources, outputs) -> None:
+        """Copy a step's inputs to the device in one transfer (padding filled in)."""
+        width = self.inputs.shape[1]
+        stage = self._staging[self._flip]
+        self._flip ^= 1
+        stage.copy_(torch.tensor([
+            tokens + [self.pad] * (width - len(tokens)),
+            [*positions, *[0] * (width - len(positions))],
+            slots + [self.scratch] * (width - len(slots)),
+            sources + [-1] * (width - len(sources)),
+            outputs + [0] * (width - len(outputs)),
+        ]))  # fmt: skip
+        self.inputs.copy_(stage, non_blocking=True)
+
+    def _fetch(self, count: int) -> Fetch:
+        """Start copying the step's first ``count`` greedy tokens to the host."""
+        host = self._host_ids[self._flip][:count]
+        host.copy_(self.ids[:count], non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return Fetch(host, event)
+
+    @torch.inference_mode()
+    def launch(self, prompts: list[list[int]] = ()) -> tuple[Fetch, int]:
+        """One step for every row (and, on the fused step, the prefill of ``prompts`` into
+        the slots after the rows: check :meth:`mixes`), not waited for: returns a
+        :class:`Fetch` of the greedy tokens of the rows then of the prompts, and where the
+        prompts start. A row whose ``fed`` is set takes its input from the previous step's
+        greedy tokens on the device, so the next step can be launched before this one's
+        tokens reach the host; afterwards every row's ``fed`` points at this step's."""
+        base = len(self.rows)
+        if self.fused:
+            fetch = self._flat(self.rows, list(prompts), base, fetch=True)
+        elif prompts:
+            raise ValueError("only the fused step prefills beside the decoding rows")
+        else:
+            fetch = self._decode(fetch=True)
+        for i, r in enumerate(self.rows):
+            r.length += 1
+            r.fed = i
+        return fetch, base
 
     def join(self, rows: list, start: int, picked: list[int]) -> None:
         """Add ``rows`` (prompts ``picked`` of the :meth:`prefill` that began at ``start``)."""
@@ -373,31 +437,31 @@ class StaticBatch:
     @torch.inference_mode()
     def decode(self) -> torch.Tensor:
         """One step for every row: feeds each row's last token, returns ``[rows, vocab]``."""
-        if self.fused:
-            logits = self._flat(self.rows, [], len(self.rows))[0]
-            for r in self.rows:
-                r.length += 1
-            return logits
+        logits = self._flat(self.rows, [], len(self.rows))[0] if self.fused else self._decode()
+        for r in self.rows:
+            r.length += 1
+            r.fed = None  # the caller samples each row's next token from the logits
+        return logits
+
+    def _decode(self, fetch: bool = False):
+        """The torch step (row buckets by length buckets) for every row."""
         n = len(self.rows)
         longest = max(r.length for r in self.rows) + 1
         length = next(b for b in self.length_buckets if b >= longest)
         rows = next(b for b in self.row_buckets if b >= n) if self.graphs else n
-        step = torch.tensor(
-            [[r.token for r in self.rows] + [self.pad] * (rows - n),
-             [r.length for r in self.rows] + [0] * (rows - n)],
-        )  # fmt: skip
-        step = step.to(self.device, non_blocking=True)
-        self.tokens[:rows].copy_(step[0])
-        self.positions[:rows].copy_(step[1])
+        self._upload(
+            [r.token for r in self.rows],
+            [r.length for r in self.rows],
+            list(range(n)),
+            [-1 if r.fed is None else r.fed for r in self.rows],
+            [],
+        )
         if self.graphs:
             graph, out = self._graph(rows, length)
             graph.replay()
-            logits = out[:n].clone()
         else:
-            logits = self._run(rows, length)[:n]
-        for r in self.rows:
-            r.length += 1
-        return logits
+            out = self._run(rows, length)
+        return self._fetch(n) if fetch else out[:n].clone()
 
     # -- decode step ---------------------------------------------------------------------
     def _run(self, rows: int, length: int) -> torch.Tensor:
@@ -411,7 +475,7 @@ class StaticBatch:
         positions = self.positions[:rows]
         slots = self.slot_of[:rows]
         hd = self.head_dim
-        h = self.embed(self.tokens[:rows])
+        h = self.embed(self._fed(rows))
         x = torch.empty_like(h)
         q = torch.empty((rows, self.heads, hd), device=self.device, dtype=self.dtype)
         a = torch.empty((rows, self.heads * hd), device=self.device, dtype=self.dtype)
@@ -434,11 +498,23 @@ class StaticBatch:
                 act = layer.act(gate) * up
             d = layer.down.fp32(act)
         fused.add_rms(h, d, self.final_norm.weight, _eps(self.final_norm), x)
-        return self.lm_head(x[self.out_index[: min(rows, self.max_rows)]])
+        return self._greedy(self.lm_head(x[self.out_index[: min(rows, self.max_rows)]]))
+
+    def _fed(self, rows: int) -> torch.Tensor:
+        """The step's input tokens: ``tokens``, or the previous step's greedy token where
+        ``source`` names one (the rows :meth:`launch` fed on the device)."""
+        source = self.source[:rows]
+        return torch.where(source >= 0, self.ids[source.clamp(min=0)], self.tokens[:rows])
+
+    def _greedy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Keep the greedy token of every output in ``ids`` (the next step may read them,
+        the host fetches them); returns ``logits``."""
+        self.ids[: logits.shape[0]].copy_(logits.argmax(-1))
+        return logits
 
     def _step(self, rows: int, length: int) -> torch.Tensor:
         """The decode forward for the first ``rows`` slots, attention over ``length``."""
-        tokens, positions = self.tokens[:rows], self.positions[:rows]
+        tokens, positions = self._fed(rows), self.positions[:rows]
         hd, group = self.head_dim, self.heads // self.kv_heads
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         index = self.row_index[:rows]
@@ -464,7 +540,7 @@ class StaticBatch:
             x = _rms(layer.norm2, h)
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             h = h + layer.down(layer.act(gate) * up)
-        return self.lm_head(_rms(self.final_norm, h))
+        return self._greedy(self.lm_head(_rms(self.final_norm, h)))
 
     def _graph(self, rows: int, length: int):
         key = (rows, length)
@@ -473,8 +549,10 @@ class StaticBatch:
                 self._pool = torch.cuda.graph_pool_handle()
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
+            saved = self.ids.clone()  # the warm-up runs the step: its tokens are not fed
             with torch.cuda.stream(side):  # warm-up outside the capture (allocator, kernels)
                 self._run(rows, length)
+            self.ids.copy_(saved)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
@@ -490,6 +568,7 @@ class StaticBatch:
         if self.rows:
             raise RuntimeError("self_check needs an idle batch")
         self.prefill([prompt])
+        self.source.fill_(-1)
         self.tokens[0] = prompt[-1]
         self.positions[0] = len(prompt)
         reference = self._step(1, next(b for b in length_buckets(self.capacity)
@@ -535,6 +614,7 @@ class StaticBatch:
             # padding writes the scratch slot (fused) or free slots at position 0 (torch)
             self.positions.zero_()
             self.slot_of.fill_(self.scratch)
+            self.source.fill_(-1)
             self.out_index.zero_()
             buckets = self.token_buckets if self.fused else self.row_buckets
             for rows in buckets:
