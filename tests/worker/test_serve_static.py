@@ -406,7 +406,7 @@ def test_overlapped_steps_give_the_tokens_of_steps_that_wait(served_checkpoint, 
                         overlap=overlap)  # fmt: skip
         batch, launched = engine._batch, []
         original = batch.launch
-        batch.launch = lambda *a, **k: (launched.append(1), original(*a, **k))[1]
+        batch.launch = lambda *a, o=original, n=launched, **k: (n.append(1), o(*a, **k))[1]
         jobs = _staggered(engine, tok, samplings)
         assert bool(launched) == overlap
         for job, s in zip(jobs, samplings, strict=True):
