@@ -358,6 +358,17 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         while batch.rows:  # the last rows leave just after their last chunk
             time.sleep(0.01)
     out["engine_wall_ms_per_step_by_rows"] = wall
+    # the same with every step waiting for its tokens (no overlap of host and GPU)
+    saved, engine.overlap = engine.overlap, False
+    waiting = {}
+    for n in (1, 32):
+        jobs = [Job([rng.randrange(3, vocab) for _ in range(32)], 64) for _ in range(n)]
+        t = run(engine, jobs)
+        waiting[n] = round(t / 64 * 1000, 3)
+        while batch.rows:
+            time.sleep(0.01)
+    engine.overlap = saved
+    out["engine_wall_ms_per_step_by_rows_no_overlap"] = waiting
     # prefill alone: one prompt (fused step, graph) and eight
     pre = {}
     for n, count in ((16, 1), (64, 1), (32, 8), (300, 1)):
@@ -448,6 +459,9 @@ def main() -> None:
     p.add_argument("--gap", type=float, default=0.02, help="seconds between arrivals")
     p.add_argument("--hf-reference", action="store_true")
     p.add_argument("--profile", action="store_true", help="also where a step's time goes")
+    p.add_argument(
+        "--profile-configs", default=None, help="profile only these (bits:sym|asym, ...)"
+    )
     p.add_argument("--quick-rtn", action="store_true", help="quick_rtn also on a CPU / tiny")
     p.add_argument("--json", default=None, help="append every result line to this file")
     args = p.parse_args()
@@ -488,7 +502,10 @@ def main() -> None:
                 check_static(engine, [rng.randrange(3, len(tokenizer)) for _ in range(40)])
             )
             emit(args, {"label": label, "checks": checks})
-            if args.profile:
+            profiled = args.profile_configs is None or f"{bits}:{'sym' if sym else 'asym'}" in (
+                args.profile_configs.split(",")
+            )
+            if args.profile and profiled:
                 try:
                     found = profile(args, engine, len(tokenizer), rng)
                 except Exception as err:  # the profile is extra: the measurements still run
