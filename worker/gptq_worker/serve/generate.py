@@ -15,8 +15,14 @@ batch at once, so a short request never waits behind a long one. A request that 
 needs more than the whole budget is refused at submission (:class:`TooLarge`).
 
 One request's failure harms only itself: preparing it or sampling for it fails that row
-alone; a failed prefill fails only the requests it was prefilling; a failed decode step
-fails the rows of that step (their shared cache is gone) and the engine goes on.
+alone; a failed prefill fails only the requests it was prefilling; a failed step that
+decoded rows and prefilled new prompts together fails the new prompts and runs the rows
+again alone; a failed decode step fails the rows of that step (their shared cache is
+gone) and the engine goes on.
+
+While every row decodes greedily, the static runtime overlaps the host with the GPU: it
+launches step N+1 (fed step N's tokens on the device) before it reads, streams and
+retires step N's tokens (:meth:`Engine._overlap`).
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ what differs is how a step runs:
   into static buffers; padding tokens write a scratch slot (the fused step) or free slots
   (the torch step). Python then costs one replay per step instead of ~30 launches per
   layer.
+- **Greedy tokens on the device.** Every step ends with the argmax of its logits in
+  ``ids``; a row launched with ``fed`` set reads its input token there, so
+  :meth:`StaticBatch.launch` can start step N+1 before step N's tokens reach the host
+  (pinned memory, an event: :class:`Fetch`), and the engine streams step N meanwhile.
 
 Supported: ``model_type`` ``llama`` (and so Llama 2/3 and Mistral-free Llama shapes) whose
 modules have the standard names; :func:`unsupported` says why a model is not, and the
