@@ -518,3 +518,25 @@ def test_overlapped_fused_steps_prefill_beside_rows(served_checkpoint):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "overlapped fused steps equal" in done.stdout
+
+
+def test_a_row_cancelled_between_overlapped_steps_ends_at_once(served_checkpoint, tok):
+    """A client leaves while its row has a step in flight: it ends "cancelled" (the step's
+    token for it is dropped) and the other row keeps its greedy tokens."""
+    served = load_quantized_model(served_checkpoint)
+    dense = dense_copy(load_quantized_model(served_checkpoint))
+    engine = Engine(served, tok, torch.device("cpu"), max_batch=2, runtime="static")
+    assert engine.overlap
+    keep = Collected(tok(PROMPTS[0]).input_ids, Sampling(max_tokens=8, temperature=0))
+    leave = Collected(tok(PROMPTS[2]).input_ids, Sampling(max_tokens=40, temperature=0))
+    try:
+        engine.submit(leave.request)
+        engine.submit(keep.request)
+        assert leave.first.wait(60)
+        leave.request.cancelled.set()
+        assert leave.done.wait(60) and keep.done.wait(120)
+    finally:
+        engine.stop()
+    assert leave.chunks[-1].finish_reason == "cancelled" and len(leave.tokens) < 40
+    assert keep.tokens == greedy(dense, keep.request.prompt_ids, 8, engine.eos)
+    assert [c.finish_reason for c in leave.chunks].count("cancelled") == 1
