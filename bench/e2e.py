@@ -147,6 +147,11 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="the paper's GPTQ, not the default")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache first")
     p.add_argument("--keep", action="store_true", help="keep the model and output")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --keep before: use the model already in DIR (same shape) instead of saving one",
+    )
     p.add_argument("--verbose", action="store_true", help="the command logs its steps' times")
     p.add_argument("extra", nargs="*", help="more flags for quantize, after --")
     args = p.parse_args()
@@ -156,10 +161,22 @@ def main() -> None:
         shape["num_hidden_layers"] = args.layers
     root = Path(args.dir)
     model_dir, out_dir = root / "model", root / "out"
-    shutil.rmtree(root, ignore_errors=True)
-    t = time.monotonic()
-    weight_bytes = save_model(model_dir, shape, args.seqlen)
-    print(f"saved {weight_bytes / 1e9:.1f} GB in {time.monotonic() - t:.1f}s", flush=True)
+    config_file = model_dir / "config.json"
+    reuse = (
+        args.reuse
+        and config_file.is_file()
+        and all(json.loads(config_file.read_text()).get(k) == v for k, v in shape.items())
+    )
+    if reuse:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+        weight_bytes = index["metadata"]["total_size"]
+        print(f"reusing the {weight_bytes / 1e9:.1f} GB model in {model_dir}", flush=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.monotonic()
+        weight_bytes = save_model(model_dir, shape, args.seqlen)
+        print(f"saved {weight_bytes / 1e9:.1f} GB in {time.monotonic() - t:.1f}s", flush=True)
     calib = root / "calibration.jsonl"
     ids = torch.randint(
         0,
@@ -172,6 +189,8 @@ def main() -> None:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     progress_file = root / "progress.jsonl"
+    progress_file.unlink(missing_ok=True)
+    shutil.rmtree(root / f".{out_dir.name}.gptq-work", ignore_errors=True)  # no resuming
     cmd = [
         sys.executable, "-m", "gptq_worker.cli", *(["-v"] if args.verbose else []), "quantize",
         "--model", str(model_dir), "--output", str(out_dir),

@@ -118,6 +118,7 @@ def open_model(
         streamed = open_streamed(source, dtype, trust_remote_code)
         if streamed is not None:
             model, layers = streamed
+            log.info("model opened (layers left on disk), %s", _since())
             return model, _load_tokenizer(source, trust_remote_code, revision), layers
     return (*load_model(source, dtype, trust_remote_code, revision), None)
 

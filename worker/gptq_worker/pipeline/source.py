@@ -16,6 +16,8 @@ transformers (``run.load_model``), with the same result.
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from torch import nn
 from gptq_worker.arch import architecture_for
 from gptq_worker.format.checkpoint import CheckpointError, shard_files
 from gptq_worker.format.tensorfiles import TensorFiles
+
+log = logging.getLogger(__name__)
 
 
 class StreamedLayers:
@@ -91,6 +95,7 @@ def open_streamed(
 ) -> tuple[nn.Module, StreamedLayers] | None:
     """The model of local directory ``source`` with its layers left on disk, or None when
     it cannot be streamed (not a local directory of safetensors, or other tensor names)."""
+    started = time.monotonic()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -105,11 +110,13 @@ def open_streamed(
         files = TensorFiles(shard_files(path))
     except (FileNotFoundError, CheckpointError, OSError, ValueError, KeyError):
         return None
+    log.info("transformers imported, headers read: %.2fs", time.monotonic() - started)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code
         )
+    log.info("model built on the meta device: %.2fs", time.monotonic() - started)
     model.tie_weights()  # the parameters were replaced while they were registered
     try:
         arch = architecture_for(model)
@@ -134,6 +141,7 @@ def open_streamed(
         model.tie_weights()
     model.eval()
     model.config.use_cache = False
+    log.info("parameters outside the layers read: %.2fs", time.monotonic() - started)
     return model, StreamedLayers(model, files, arch.layers)
 
 
