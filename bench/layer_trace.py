@@ -15,7 +15,10 @@ Run: ``python bench/layer_trace.py --shape llama-3-8b [--plain] [--parts]``.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import re
 import sys
 import time
@@ -117,6 +120,12 @@ def main() -> None:
     p.add_argument("--plain", action="store_true")
     p.add_argument("--parts", action="store_true")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument(
+        "--cprofile",
+        action="store_true",
+        help="also cProfile the layer after the traced one (needs --layers >= trace-layer + 2): "
+        "the host's time by function",
+    )
     p.add_argument("--workdir", default="/tmp/gptq-trace")
     args = p.parse_args()
 
@@ -155,6 +164,7 @@ def main() -> None:
     )
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
     marks: dict[str, float] = {}
+    host = cProfile.Profile()
 
     def on_layer(i: int) -> None:
         torch.cuda.synchronize()
@@ -164,6 +174,12 @@ def main() -> None:
         elif i == args.trace_layer:
             marks["end"] = time.perf_counter()
             prof.stop()
+            if args.cprofile:
+                marks["host_start"] = time.perf_counter()
+                host.enable()
+        elif i == args.trace_layer + 1 and args.cprofile:
+            host.disable()
+            marks["host_s"] = time.perf_counter() - marks["host_start"]
 
     quantize_model(
         model,
@@ -197,6 +213,11 @@ def main() -> None:
     )
     for name, ds in top:
         print(f"{sum(ds):8.4f} s {len(ds):6d} x  [{kind_of(name)}] {name[:110]}")
+    if "host_s" in marks:
+        result["cprofiled_layer_wall_s"] = round(marks["host_s"], 4)
+        out = io.StringIO()
+        pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(30)
+        print(out.getvalue())
     print(json.dumps(result), flush=True)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,7 +136,15 @@ def packed_tensors(
 
 
 def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.to("cpu") for k, v in tensors.items()}
+    """On the CPU; from CUDA into pinned memory on the current stream, which is then
+    synchronized (asynchronous copies from pinned memory overlap the compute stream, copies
+    to pageable memory did not)."""
+    if not any(v.is_cuda for v in tensors.values()):
+        return {k: v.to("cpu") for k, v in tensors.items()}
+    out = {k: v.to("cpu", non_blocking=True) for k, v in tensors.items()}
+    for device in {v.device for v in tensors.values() if v.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+    return out
 
 
 def restore_weight(
@@ -168,7 +178,8 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
 
     def run() -> None:
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
-            warm_up(device)
+            _compile_in_child(device)
+            warm_up(device)  # a hit in Triton's cache when the child compiled
 
     key = str(device)
     if key not in _WARMING:  # once per process and device
@@ -178,6 +189,35 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
 
 
 _WARMING: dict[str, threading.Thread] = {}
+
+
+_CHILD = (
+    "import sys, torch; from gptq_worker.quant.solve_triton import warm_up; "
+    "warm_up(torch.device(sys.argv[1]))"
+)
+
+
+def _compile_in_child(device: torch.device, timeout: float = 120.0) -> None:
+    """Compile the Triton kernels in a child process, into Triton's on-disk cache.
+
+    Compiling in this process, even on a thread, held the interpreter's lock for long
+    stretches (Triton's compiler passes run in C++ under it) and slowed the imports and the
+    model's opening running beside it by about as long as the compile took (seen on an
+    H200: 4 s in torch's operator registration while transformers was imported). A child
+    has its own interpreter. If it fails (no writable cache, no CUDA there), the caller
+    compiles in this process as before."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # find this gptq_worker
+    subprocess.run(
+        # imported by its name: Triton's cache key includes the kernel's module
+        [sys.executable, "-c", _CHILD, str(device)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def quantize_layers(
@@ -341,6 +381,7 @@ def _quantize_layers(
         ):  # fmt: skip
             mover.release(layer, i, quantized)
             on_cpu = _to_cpu(layer_packed)
+            mover.synchronize()  # what release copied out is on the host now
             if not resumed:
                 state.save_layer(i, on_cpu, losses)
             if mover.source is None:  # streaming: read back from the work directory
