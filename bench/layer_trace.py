@@ -84,14 +84,14 @@ def parts(shape: dict) -> dict:
         whole = Hessian(width, torch.device("cuda"))
         whole.blocks = [slice(None)]
         out[f"hessian_{width}_blocks"] = len(acc.blocks)
-        out[f"hessian_{width}_whole_s"] = timed(lambda w=whole: w.add(x))
-        out[f"hessian_{width}_blocked_s"] = timed(lambda a=acc: a.add(x))
+        out[f"hessian_{width}_whole_s"] = timed(lambda w=whole, x=x: w.add(x))
+        out[f"hessian_{width}_blocked_s"] = timed(lambda a=acc, x=x: a.add(x))
         a, w = acc.result(), whole.result()
         out[f"hessian_{width}_blocked_vs_whole_rel"] = ((a - w).norm() / w.norm()).item()
         H = a / 4 + torch.eye(width, device="cuda") * a.diagonal().mean() * 0.01
         del acc, whole, a, w, x
         L = torch.linalg.cholesky(H.flip(0, 1))
-        out[f"cholesky_{width}_s"] = timed(lambda: torch.linalg.cholesky_ex(H.flip(0, 1)))
+        out[f"cholesky_{width}_s"] = timed(lambda H=H: torch.linalg.cholesky_ex(H.flip(0, 1)))
 
         def eye_solve(L=L, width=width):
             eye = torch.eye(width, device="cuda")
@@ -144,7 +144,9 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     calib = work / "calibration.jsonl"
-    ids = torch.randint(0, config.vocab_size, (128, 2048), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, config.vocab_size, (128, 2048), generator=torch.Generator().manual_seed(0)
+    )
     calib.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in ids.tolist()))
     cfg = WorkerConfig(
         model=args.shape,

@@ -37,7 +37,7 @@ def test_streamed_layer_on_the_gpu_has_the_files_bits(tmp_path, monkeypatch, sta
         for name, p in layer.named_parameters():
             want = files[f"model.layers.1.{name}"].to(dtype)
             assert p.device.type == "cuda" and torch.equal(p.cpu(), want), name
-        mover.retire(lambda: (mover.release(layer, 1, set()), mover.synchronize()))
+        mover.retire(lambda m=mover, x=layer: (m.release(x, 1, set()), m.synchronize()))
         mover.drain()
         for name, p in layer.named_parameters():
             assert p.device.type == "cpu"
@@ -53,7 +53,9 @@ def test_in_memory_layer_round_trip_and_packed_copies_keep_their_bits():
     mover.ready(mover.fetch(layer, 0), layer)
     assert all(p.device.type == "cuda" for p in layer.parameters())
     g = torch.Generator(device="cuda").manual_seed(0)
-    packed = {f"t{i}": torch.randint(0, 1 << 30, (257, 33), generator=g, device="cuda") for i in range(5)}
+    packed = {
+        f"t{i}": torch.randint(0, 1 << 30, (257, 33), generator=g, device="cuda") for i in range(5)
+    }
     got: dict = {}
 
     def job():
@@ -75,3 +77,18 @@ def test_solver_compiles_in_a_child_process():
 
     _compile_in_child(GPU)
     warm_up(GPU)
+
+
+def test_capture_on_the_gpu_gives_back_the_host_parameters():
+    from gptq_worker.arch import architecture_for
+    from gptq_worker.pipeline.capture import capture_inputs
+
+    model = tiny_model("llama", 300, hidden=64, layers=2, intermediate=128)
+    arch = architecture_for(model)
+    before = {k: (v.data_ptr(), v.clone()) for k, v in model.state_dict().items()}
+    acts = capture_inputs(model, arch, [torch.randint(0, 300, (2, 16))], GPU)
+    assert acts.hidden[0].device.type == "cuda"
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cpu" and torch.equal(v, before[k][1]), k
+    embed = model.get_input_embeddings().weight
+    assert embed.data_ptr() == before["model.embed_tokens.weight"][0]  # not a copy

@@ -108,8 +108,9 @@ class TensorFiles(Mapping):
         file into one (``pread`` straight into page-locked memory) and copied to the device
         asynchronously on the current stream while the next chunk is read into the other.
         Copies from ordinary (pageable) host memory are staged by the driver and, measured
-        on an H200, did not overlap the compute stream's kernels. The caller synchronizes
-        the stream before ``out`` is used elsewhere."""
+        on an H200, did not overlap the compute stream's kernels. Returns once the last
+        chunk has left the buffers; the caller synchronizes the stream (or waits for it)
+        before ``out`` is used on another."""
         e = self.entries[key]
         events: list[torch.cuda.Event | None] = [None] * len(staging)
         with open(e.path, "rb", buffering=0) as fh:
@@ -131,6 +132,9 @@ class TensorFiles(Mapping):
                 events[k].record()
                 done += n
                 k = (k + 1) % len(staging)
+        for event in events:  # the buffers are free for the next tensor
+            if event is not None:
+                event.synchronize()
 
     def meta(self, key: str) -> torch.Tensor | None:
         """A tensor of ``key``'s dtype and shape on the meta device, without reading it."""

@@ -180,6 +180,7 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
             _compile_in_child(device)
             warm_up(device)  # a hit in Triton's cache when the child compiled
+            _load_libraries(device)
 
     key = str(device)
     if key not in _WARMING:  # once per process and device
@@ -189,6 +190,19 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
 
 
 _WARMING: dict[str, threading.Thread] = {}
+
+
+def _load_libraries(device: torch.device) -> None:
+    """Load cuSOLVER and cuBLAS(Lt) for the solve and the Hessians now, off the main thread
+    (their first use otherwise falls in the first layer)."""
+    a = torch.eye(64, device=device)
+    L, _ = torch.linalg.cholesky_ex(a)
+    torch.linalg.solve_triangular(L, a, upper=False)
+    _ = a @ a
+    h = a.half()
+    with contextlib.suppress(TypeError, RuntimeError):
+        torch.mm(h, h, out_dtype=torch.float32)
+    torch.cuda.synchronize(device)
 
 
 _CHILD = (

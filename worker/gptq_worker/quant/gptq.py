@@ -110,7 +110,6 @@ def inverse_hessian_cholesky(
     """
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
-    n = H.shape[0]
     while damp < 1:
         # in place where torch allows: [in, in] buffers are 0.8 GB each for down_proj of an
         # 8B model, 3.3 GB for 70B
@@ -139,7 +138,6 @@ def lower_inverse(L: torch.Tensor, leaf: int = 2048) -> torch.Tensor:
     triangular solves with ``n/2`` right-hand sides. That is ``n^3 / 3`` operations in all,
     against ``n^3`` for one triangular solve against the identity (which knows nothing of
     the identity's zeros); blocks up to ``leaf`` wide are solved against the identity."""
-    n = L.shape[0]
     out = torch.zeros_like(L)
     _lower_inverse_into(L, out, leaf)
     return out
