@@ -167,8 +167,15 @@ def restore_weight(
 
 
 @torch.no_grad()
-def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Thread | None:
-    """Compile the Triton solve in the background while calibration inputs are captured."""
+def warm_up_solver(
+    device: torch.device, options: EngineOptions, in_child: bool = False
+) -> threading.Thread | None:
+    """Compile the Triton solve in the background while calibration inputs are captured.
+
+    ``in_child``: compile in a child process first (:func:`_compile_in_child`), for a caller
+    with seconds of other work to overlap (the ``quantize`` command, which opens the model
+    meanwhile); the child's own start (importing torch) is seconds too, so where only the
+    capture overlaps (a model already in memory) the thread compiles in this process."""
     if device.type != "cuda" or options.solver == "torch":
         return None
     try:
@@ -178,7 +185,8 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
 
     def run() -> None:
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
-            _compile_in_child(device)
+            if in_child:
+                _compile_in_child(device)
             warm_up(device)  # a hit in Triton's cache when the child compiled
             _load_libraries(device)
 
@@ -214,10 +222,11 @@ _CHILD = (
 def _compile_in_child(device: torch.device, timeout: float = 120.0) -> None:
     """Compile the Triton kernels in a child process, into Triton's on-disk cache.
 
-    Compiling in this process, even on a thread, held the interpreter's lock for long
-    stretches (Triton's compiler passes run in C++ under it) and slowed the imports and the
-    model's opening running beside it by about as long as the compile took (seen on an
-    H200: 4 s in torch's operator registration while transformers was imported). A child
+    Compiling in this process, on a thread, competes for the interpreter's lock with the
+    imports and the model's opening beside it: profiles of the command on an H200 showed
+    about 4 s in torch's operator registration while transformers was imported, as long as
+    the compile took, which is what a thread waiting for the lock looks like (not
+    measured apart from the other startup changes: bench/README.md, third session). A child
     has its own interpreter. If it fails (no writable cache, no CUDA there), the caller
     compiles in this process as before."""
     env = dict(os.environ)

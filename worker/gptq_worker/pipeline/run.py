@@ -236,7 +236,8 @@ def _quantize(
             "no calibration data: pass --calibration PATH (a .txt/.jsonl/.parquet "
             "file or a directory of them) or a Hugging Face dataset name"
         )
-    warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
+    # the Triton kernels compile in a child process while the model is opened
+    warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision), in_child=True)
     model, tokenizer, layers = open_model(cfg.model, dtype, cfg.trust_remote_code, cfg.revision)
     log.info("model and tokenizer opened, %s", _since())
     progress = None
