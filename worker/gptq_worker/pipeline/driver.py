@@ -147,6 +147,13 @@ def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _unpinned(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_pinned():
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype)
+    return out.copy_(t)
+
+
 def restore_weight(
     module: nn.Module,
     prefix: str,
@@ -408,7 +415,8 @@ def _quantize_layers(
             if not resumed:
                 state.save_layer(i, on_cpu, losses)
             if mover.source is None:  # streaming: read back from the work directory
-                packed.update(on_cpu)
+                # kept to the end: out of the pinned buffers into ordinary memory
+                packed.update({k: _unpinned(v) for k, v in on_cpu.items()})
             if on_released is not None:
                 on_released(i)
 
