@@ -147,7 +147,21 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="the paper's GPTQ, not the default")
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache first")
     p.add_argument("--keep", action="store_true", help="keep the model and output")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --keep before: use the model already in DIR (same shape) instead of saving one",
+    )
     p.add_argument("--verbose", action="store_true", help="the command logs its steps' times")
+    p.add_argument(
+        "--bytecode-cache",
+        metavar="DIR",
+        help="give the command Python's bytecode cache in DIR (PYTHONPYCACHEPREFIX), filled "
+        "by one untimed import of its modules first: as in the worker image, whose pip "
+        "install byte-compiles; without it, where site-packages is not writable (the device "
+        "machine's image), every run compiles transformers' sources again (3.3 s on an H200 "
+        "machine)",
+    )
     p.add_argument("extra", nargs="*", help="more flags for quantize, after --")
     args = p.parse_args()
 
@@ -156,10 +170,22 @@ def main() -> None:
         shape["num_hidden_layers"] = args.layers
     root = Path(args.dir)
     model_dir, out_dir = root / "model", root / "out"
-    shutil.rmtree(root, ignore_errors=True)
-    t = time.monotonic()
-    weight_bytes = save_model(model_dir, shape, args.seqlen)
-    print(f"saved {weight_bytes / 1e9:.1f} GB in {time.monotonic() - t:.1f}s", flush=True)
+    config_file = model_dir / "config.json"
+    reuse = (
+        args.reuse
+        and config_file.is_file()
+        and all(json.loads(config_file.read_text()).get(k) == v for k, v in shape.items())
+    )
+    if reuse:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+        weight_bytes = index["metadata"]["total_size"]
+        print(f"reusing the {weight_bytes / 1e9:.1f} GB model in {model_dir}", flush=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        t = time.monotonic()
+        weight_bytes = save_model(model_dir, shape, args.seqlen)
+        print(f"saved {weight_bytes / 1e9:.1f} GB in {time.monotonic() - t:.1f}s", flush=True)
     calib = root / "calibration.jsonl"
     ids = torch.randint(
         0,
@@ -172,6 +198,8 @@ def main() -> None:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     progress_file = root / "progress.jsonl"
+    progress_file.unlink(missing_ok=True)
+    shutil.rmtree(root / f".{out_dir.name}.gptq-work", ignore_errors=True)  # no resuming
     cmd = [
         sys.executable, "-m", "gptq_worker.cli", *(["-v"] if args.verbose else []), "quantize",
         "--model", str(model_dir), "--output", str(out_dir),
@@ -182,9 +210,22 @@ def main() -> None:
     if args.plain:
         cmd += ["--no-desc-act", "--no-static-groups", "--no-gptaq"]
     cmd += args.extra
+    env = dict(os.environ)
+    if args.bytecode_cache:
+        env["PYTHONPYCACHEPREFIX"] = str(Path(args.bytecode_cache).resolve())
+        warm = (
+            "import gptq_worker.cli, gptq_worker.pipeline.run, gptq_worker.quant.solve_triton; "
+            "from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer; "
+            "import transformers.models.llama.modeling_llama"
+        )
+        # written by this step even where PYTHONDONTWRITEBYTECODE is set (the device image
+        # sets it): with a prefix and nothing written there, Python ignores the packages'
+        # own __pycache__ too and compiles every module (measured: slower than no prefix)
+        write = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        subprocess.run([sys.executable, "-c", warm], env=write, check=True)
     started = time.time()
     t = time.monotonic()
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, env=env)
     peaks = Peaks(child.pid)
     rc = child.wait()
     wall = time.monotonic() - t
@@ -220,6 +261,7 @@ def main() -> None:
         "peak_gpu_tensors_gib": done.get("peak_gpu_gib"),
         "peak_gpu_used_gib": round(peaks.gpu_used / 2**30, 2) if peaks.gpu_used else None,
         "page_cache_dropped": args.drop_caches,
+        "bytecode_cache": bool(args.bytecode_cache),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "cpus": os.cpu_count(),

@@ -187,3 +187,41 @@ def test_triton_block_kernel_gives_the_torch_loops_bits():
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "triton solve equal" in done.stdout
+
+
+def test_hessian_lower_blocks_equal_the_whole_product(monkeypatch):
+    """From ``SYMMETRIC_FROM`` on, only the blocks on and below the diagonal are multiplied
+    and the rest mirrored: the same Hessian (and cross term), exactly symmetric."""
+    from gptq_worker.quant.hessian import AsymmetricHessian, symmetric_blocks
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 32, 768, generator=g) for _ in range(3)]
+    fp = [b + 0.01 * torch.randn(b.shape, generator=g) for b in batches]
+    whole = AsymmetricHessian(768, torch.device("cpu"), "fp32")
+    monkeypatch.setattr(Hessian, "SYMMETRIC_FROM", 256)
+    blocked = AsymmetricHessian(768, torch.device("cpu"), "fp32")
+    assert len(blocked.blocks) == 2 and whole.blocks == [slice(None)]
+    for b, f in zip(batches, fp, strict=True):
+        whole.add_pair(b, f)
+        blocked.add_pair(b, f)
+    H, Hw = blocked.result(), whole.result()
+    assert torch.equal(H, H.t())
+    torch.testing.assert_close(H, Hw, rtol=1e-5, atol=1e-6 * float(Hw.abs().max()))
+    torch.testing.assert_close(blocked.cross_result(), whole.cross_result())
+    assert [(s.start, s.stop) for s in symmetric_blocks(14336)] == [
+        (k * 3584, (k + 1) * 3584) for k in range(4)
+    ]
+    assert len(symmetric_blocks(28672)) == 7 and symmetric_blocks(1000) == [slice(None)]
+
+
+def test_lower_inverse_by_halves_equals_the_solve_against_the_identity():
+    from gptq_worker.quant.gptq import lower_inverse
+
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 300, 700):
+        X = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+        L = torch.linalg.cholesky(X.t() @ X / n + torch.eye(n, dtype=torch.float64)).float()
+        got = lower_inverse(L, leaf=128)
+        ref = torch.linalg.inv(L.double())
+        assert torch.equal(got.triu(1), torch.zeros_like(got.triu(1)))
+        assert float((got.double() - ref).norm() / ref.norm()) < 1e-6

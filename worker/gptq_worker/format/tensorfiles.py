@@ -18,6 +18,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,18 +81,60 @@ class TensorFiles(Mapping):
                 )
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        return self.read(key)
+
+    def read(self, key: str, pool: Executor | None = None, chunk: int = 64 << 20) -> torch.Tensor:
+        """Tensor ``key``; with ``pool``, its chunks of ``chunk`` bytes are read by the
+        pool's threads at once (``pread`` releases the interpreter's lock: a 1 GB embedding
+        from the page cache is read several times faster than by one thread)."""
         e = self.entries[key]
         out = torch.empty(e.nbytes, dtype=torch.uint8)
         if e.nbytes:
             view = memoryview(out.numpy())
-            with open(e.path, "rb", buffering=0) as fh:
-                done = 0
-                while done < e.nbytes:
-                    n = os.preadv(fh.fileno(), [view[done:]], e.start + done)
-                    if n <= 0:
-                        raise OSError(f"{e.path} ended inside tensor {key}")
-                    done += n
+            if pool is None or e.nbytes <= chunk:
+                _pread(e, key, view, 0, e.nbytes)
+            else:
+                parts = [
+                    pool.submit(_pread, e, key, view, at, min(chunk, e.nbytes - at))
+                    for at in range(0, e.nbytes, chunk)
+                ]
+                for part in parts:
+                    part.result()
         return out.view(e.dtype).view(e.shape) if e.shape else out.view(e.dtype).reshape(())
+
+    def read_into(self, key: str, out: torch.Tensor, staging: list[torch.Tensor]) -> None:
+        """Copy tensor ``key``'s bytes into ``out`` (a CUDA ``uint8`` tensor of its size)
+        through ``staging``, pinned host buffers used in turn: each chunk is read from the
+        file into one (``pread`` straight into page-locked memory) and copied to the device
+        asynchronously on the current stream while the next chunk is read into the other.
+        Copies from ordinary (pageable) host memory are staged by the driver and, measured
+        on an H200, did not overlap the compute stream's kernels. Returns once the last
+        chunk has left the buffers; the caller synchronizes the stream (or waits for it)
+        before ``out`` is used on another."""
+        e = self.entries[key]
+        events: list[torch.cuda.Event | None] = [None] * len(staging)
+        with open(e.path, "rb", buffering=0) as fh:
+            done, k = 0, 0
+            while done < e.nbytes:
+                buf = staging[k]
+                if events[k] is not None:
+                    events[k].synchronize()  # its last copy has left the buffer
+                n = min(buf.numel(), e.nbytes - done)
+                view = memoryview(buf.numpy())[:n]
+                got = 0
+                while got < n:
+                    m = os.preadv(fh.fileno(), [view[got:]], e.start + done + got)
+                    if m <= 0:
+                        raise OSError(f"{e.path} ended inside tensor {key}")
+                    got += m
+                out[done : done + n].copy_(buf[:n], non_blocking=True)
+                events[k] = torch.cuda.Event()
+                events[k].record()
+                done += n
+                k = (k + 1) % len(staging)
+        for event in events:  # the buffers are free for the next tensor
+            if event is not None:
+                event.synchronize()
 
     def meta(self, key: str) -> torch.Tensor | None:
         """A tensor of ``key``'s dtype and shape on the meta device, without reading it."""
@@ -106,6 +149,17 @@ class TensorFiles(Mapping):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def _pread(e: Entry, key: str, view: memoryview, at: int, n: int) -> None:
+    """Bytes ``at:at + n`` of tensor ``e`` into ``view[at:at + n]``."""
+    with open(e.path, "rb", buffering=0) as fh:
+        done = 0
+        while done < n:
+            got = os.preadv(fh.fileno(), [view[at + done : at + n]], e.start + at + done)
+            if got <= 0:
+                raise OSError(f"{e.path} ended inside tensor {key}")
+            done += got
 
 
 @dataclass(frozen=True)

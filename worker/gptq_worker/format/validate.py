@@ -6,6 +6,7 @@ gives garbage output without any error in most serving engines.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,14 +87,17 @@ def validate_checkpoint(directory: str | Path) -> Report:
         report.errors.append("config says lm_head is quantized but there is no lm_head.qweight")
     if has_head and not cfg.lm_head:
         report.errors.append("lm_head is packed but the config says lm_head false")
-    for key in tensors:
-        # only floating-point tensors can hold NaN: the packed integers (most of the bytes)
-        # are not read for this
-        t = described(tensors, key)
-        if t is None or not t.is_floating_point():
-            continue
-        if not torch.isfinite(tensors[key]).all():
-            report.errors.append(f"{key}: contains NaN or Inf")
+    # only floating-point tensors can hold NaN: the packed integers (most of the bytes) are
+    # not read for this; large ones (embeddings, lm_head) are read by several threads
+    with ThreadPoolExecutor(8, thread_name_prefix="gptq-validate") as pool:
+        for key in tensors:
+            t = described(tensors, key)
+            if t is None or not t.is_floating_point():
+                continue
+            t = tensors.read(key, pool) if isinstance(tensors, TensorFiles) else tensors[key]
+            if not torch.isfinite(t).all():
+                report.errors.append(f"{key}: contains NaN or Inf")
+            del t
     if cfg.checkpoint_format == CheckpointFormat.GPTQ and any(
         not m.settings.sym for m in report.modules
     ):

@@ -69,18 +69,32 @@ def capture_inputs(
     untied = head is not None and head.weight is not model.get_input_embeddings().weight
     if untied:
         setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+    # the parameters' host tensors are kept and come back after capture instead of being
+    # copied back (1 GB of embeddings for 8B); a Parameter object stays the same across
+    # ``to`` (its ``data`` is replaced), so it is the key (kept alive here with its data)
+    on_host = {id(p): (p, p.data) for p in model.parameters() if p.device.type == "cpu"}
     try:
         model.to(device)  # embeddings, rotary tables, norms: the layers are not submodules now
         for batch in batches:
             with contextlib.suppress(StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
-        model.to("cpu")  # before the layers are back: streamed ones hold no data (meta)
+        # before the layers are back: streamed ones hold no data (meta)
+        model._apply(lambda t: _back_on_host(t, on_host))
         for i, layer in enumerate(originals):
             layers[i] = layer
         if untied:
             setattr(model.get_submodule(parent) if parent else model, child, head)
     return acts
+
+
+def _back_on_host(
+    t: torch.Tensor, on_host: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Parameter ``t`` (moved for capture, not changed by it) as it was on the host; other
+    tensors (buffers: rotary tables) copied back."""
+    kept = on_host.get(id(t))
+    return kept[1] if kept is not None and kept[0] is t else t.to("cpu")
 
 
 def layer_output(out: Any) -> torch.Tensor:

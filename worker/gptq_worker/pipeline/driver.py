@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,7 +140,22 @@ def packed_tensors(
 
 
 def _to_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.to("cpu") for k, v in tensors.items()}
+    """On the CPU; from CUDA into pinned memory on the current stream, which is then
+    synchronized (asynchronous copies from pinned memory overlap the compute stream, copies
+    to pageable memory did not)."""
+    if not any(v.is_cuda for v in tensors.values()):
+        return {k: v.to("cpu") for k, v in tensors.items()}
+    out = {k: v.to("cpu", non_blocking=True) for k, v in tensors.items()}
+    for device in {v.device for v in tensors.values() if v.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+    return out
+
+
+def _unpinned(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_pinned():
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype)
+    return out.copy_(t)
 
 
 def restore_weight(
@@ -161,8 +178,15 @@ def restore_weight(
 
 
 @torch.no_grad()
-def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Thread | None:
-    """Compile the Triton solve in the background while calibration inputs are captured."""
+def warm_up_solver(
+    device: torch.device, options: EngineOptions, in_child: bool = False
+) -> threading.Thread | None:
+    """Compile the Triton solve in the background while calibration inputs are captured.
+
+    ``in_child``: compile in a child process first (:func:`_compile_in_child`), for a caller
+    with seconds of other work to overlap (the ``quantize`` command, which opens the model
+    meanwhile); the child's own start (importing torch) is seconds too, so where only the
+    capture overlaps (a model already in memory) the thread compiles in this process."""
     if device.type != "cuda" or options.solver == "torch":
         return None
     try:
@@ -172,7 +196,10 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
 
     def run() -> None:
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
-            warm_up(device)
+            if in_child:
+                _compile_in_child(device)
+            warm_up(device)  # a hit in Triton's cache when the child compiled
+            _load_libraries(device)
 
     key = str(device)
     if key not in _WARMING:  # once per process and device
@@ -182,6 +209,49 @@ def warm_up_solver(device: torch.device, options: EngineOptions) -> threading.Th
 
 
 _WARMING: dict[str, threading.Thread] = {}
+
+
+def _load_libraries(device: torch.device) -> None:
+    """Load cuSOLVER and cuBLAS(Lt) for the solve and the Hessians now, off the main thread
+    (their first use otherwise falls in the first layer)."""
+    a = torch.eye(64, device=device)
+    L, _ = torch.linalg.cholesky_ex(a)
+    torch.linalg.solve_triangular(L, a, upper=False)
+    _ = a @ a
+    h = a.half()
+    with contextlib.suppress(TypeError, RuntimeError):
+        torch.mm(h, h, out_dtype=torch.float32)
+    torch.cuda.synchronize(device)
+
+
+_CHILD = (
+    "import sys, torch; from gptq_worker.quant.solve_triton import warm_up; "
+    "warm_up(torch.device(sys.argv[1]))"
+)
+
+
+def _compile_in_child(device: torch.device, timeout: float = 120.0) -> None:
+    """Compile the Triton kernels in a child process, into Triton's on-disk cache.
+
+    Compiling in this process, on a thread, competes for the interpreter's lock with the
+    imports and the model's opening beside it: profiles of the command on an H200 showed
+    about 4 s in torch's operator registration while transformers was imported, as long as
+    the compile took, which is what a thread waiting for the lock looks like (not
+    measured apart from the other startup changes: bench/README.md, third session). A child
+    has its own interpreter. If it fails (no writable cache, no CUDA there), the caller
+    compiles in this process as before."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # find this gptq_worker
+    subprocess.run(
+        # imported by its name: Triton's cache key includes the kernel's module
+        [sys.executable, "-c", _CHILD, str(device)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def quantize_layers(
@@ -345,10 +415,12 @@ def _quantize_layers(
         ):  # fmt: skip
             mover.release(layer, i, quantized)
             on_cpu = _to_cpu(layer_packed)
+            mover.synchronize()  # what release copied out is on the host now
             if not resumed:
                 state.save_layer(i, on_cpu, losses)
             if mover.source is None:  # streaming: read back from the work directory
-                packed.update(on_cpu)
+                # kept to the end: out of the pinned buffers into ordinary memory
+                packed.update({k: _unpinned(v) for k, v in on_cpu.items()})
             if on_released is not None:
                 on_released(i)
 

@@ -119,6 +119,7 @@ def open_model(
     streamed = open_streamed(source, dtype, trust_remote_code)
     if streamed is not None:
         model, layers = streamed
+        log.info("model opened (layers left on disk), %s", _since())
         return model, _load_tokenizer(source, trust_remote_code, None), layers
     return (*load_model(source, dtype, trust_remote_code, revision), None)
 
@@ -278,7 +279,8 @@ def _quantize(
         if device.type == "cuda":  # the formula was measured on GPU runs
             check_fits(model_bytes, memory_limit())
         report_model_size(model_bytes)
-    warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision))
+    # the Triton kernels compile in a child process while the model is opened
+    warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision), in_child=True)
     model, tokenizer, layers = open_model(model_dir, dtype, cfg.trust_remote_code)
     log.info("model and tokenizer opened, %s", _since())
     progress = None

@@ -16,7 +16,11 @@ transformers (``run.load_model``), with the same result.
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,19 +30,39 @@ from gptq_worker.arch import architecture_for
 from gptq_worker.format.checkpoint import CheckpointError, shard_files
 from gptq_worker.format.tensorfiles import TensorFiles
 
+log = logging.getLogger(__name__)
+
 
 class StreamedLayers:
     """Reads decoder layer ``i``'s parameters onto a device, and lets them go afterwards."""
+
+    STAGING_BYTES = 32 << 20  # each of the two pinned buffers a layer is read through
 
     def __init__(self, model: nn.Module, files: TensorFiles, layers_path: str) -> None:
         self.model = model
         self.files = files
         self.layers_path = layers_path
+        self._staging: list[torch.Tensor] | None = None
 
     def load(self, layer: nn.Module, index: int, device: torch.device) -> None:
+        """Parameters onto ``device``: on CUDA through pinned buffers on the current stream
+        (the caller synchronizes it), elsewhere through ordinary memory."""
         prefix = f"{self.layers_path}.{index}"
         for name, module, leaf, param in _parameters(layer):
-            t = self.files[f"{prefix}.{name}"].to(device=device, dtype=param.dtype)
+            key = f"{prefix}.{name}"
+            if device.type == "cuda":
+                if self._staging is None:
+                    self._staging = [
+                        torch.empty(self.STAGING_BYTES, dtype=torch.uint8, pin_memory=True)
+                        for _ in range(2)
+                    ]
+                e = self.files.entries[key]
+                raw = torch.empty(e.nbytes, dtype=torch.uint8, device=device)
+                self.files.read_into(key, raw, self._staging)
+                t = raw.view(e.dtype).view(e.shape) if e.shape else raw.view(e.dtype).reshape(())
+                t = t.to(dtype=param.dtype)
+            else:
+                t = self.files[key].to(device=device, dtype=param.dtype)
             module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         for module in layer.modules():
             for leaf, buf in module._buffers.items():
@@ -52,8 +76,8 @@ class StreamedLayers:
             full = f"{prefix}.{name}".rpartition(".")[0]
             if leaf == "weight" and full in quantized:
                 t = torch.empty(param.shape, dtype=param.dtype, device="meta")
-            else:
-                t = param.detach().to("cpu")
+            else:  # pinned, asynchronous: the caller synchronizes the stream
+                t = param.detach().to("cpu", non_blocking=True)
             module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         for module in layer.modules():
             for leaf, buf in module._buffers.items():
@@ -91,13 +115,7 @@ def open_streamed(
 ) -> tuple[nn.Module, StreamedLayers] | None:
     """The model of local directory ``source`` with its layers left on disk, or None when
     it cannot be streamed (not a local directory of safetensors, or other tensor names)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
-
+    started = time.monotonic()
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
         return None
@@ -105,11 +123,38 @@ def open_streamed(
         files = TensorFiles(shard_files(path))
     except (FileNotFoundError, CheckpointError, OSError, ValueError, KeyError):
         return None
+    # the parameters outside the layers (embeddings, final norm, lm_head: 2 GB for 8B) are
+    # read on threads while transformers is imported
+    outside = _Prefetch(files)
+    try:
+        model = _open(path, files, outside, dtype, trust_remote_code, started)
+    finally:
+        outside.close()
+    return model
+
+
+def _open(
+    path: Path,
+    files: TensorFiles,
+    outside: _Prefetch,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    started: float,
+) -> tuple[nn.Module, StreamedLayers] | None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    log.info("transformers imported: %.2fs", time.monotonic() - started)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with no_init_weights(), _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=trust_remote_code
         )
+    log.info("model built on the meta device: %.2fs", time.monotonic() - started)
     model.tie_weights()  # the parameters were replaced while they were registered
     try:
         arch = architecture_for(model)
@@ -125,16 +170,46 @@ def open_streamed(
             continue
         if name not in files:  # tied to the input embeddings: tie_weights below
             continue
-        t = files[name].to(dtype=param.dtype)
+        t = outside.get(name).to(dtype=param.dtype)
         module._parameters[leaf] = nn.Parameter(t, requires_grad=False)
     for name, buf in model.named_buffers():
         if not name.startswith(inside) and name in files:  # persistent, saved buffers
-            buf.copy_(files[name])
+            buf.copy_(outside.get(name))
     if tied:
         model.tie_weights()
     model.eval()
     model.config.use_cache = False
+    log.info("parameters outside the layers read: %.2fs", time.monotonic() - started)
     return model, StreamedLayers(model, files, arch.layers)
+
+
+class _Prefetch:
+    """Reads, on threads, the tensors of ``files`` whose names have no numeric part (the
+    model's parameters outside its numbered layers: ``model.embed_tokens.weight``,
+    ``lm_head.weight``, ``model.norm.weight``) while the caller does other work; ``get``
+    waits for one (or reads a name it did not guess). What is not asked for is dropped."""
+
+    def __init__(self, files: TensorFiles, workers: int = 8) -> None:
+        self.files = files
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="gptq-read")
+        names = [n for n in files if not re.search(r"(^|\.)\d+(\.|$)", n)]
+        names.sort(key=lambda n: -files.entries[n].nbytes)  # the large ones first
+        self.pending: dict[str, Future] = {}
+        # one reader thread walks the names; each large tensor's chunks go to the pool
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="gptq-prefetch")
+        for n in names:
+            self.pending[n] = self.reader.submit(files.read, n, self.pool)
+
+    def get(self, name: str) -> torch.Tensor:
+        future = self.pending.pop(name, None)
+        return future.result() if future is not None else self.files[name]
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pending.clear()
+        self.reader.shutdown(wait=True)
+        self.pool.shutdown(wait=True)
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -113,7 +113,6 @@ def inverse_hessian_cholesky(
     """
     mean_diag = torch.mean(torch.diag(H))
     damp = damp_percent
-    n = H.shape[0]
     while damp < 1:
         # in place where torch allows: [in, in] buffers are 0.8 GB each for down_proj of an
         # 8B model, 3.3 GB for 70B
@@ -122,8 +121,7 @@ def inverse_hessian_cholesky(
         info = torch.empty((), dtype=torch.int32, device=L.device)
         L, info = torch.linalg.cholesky_ex(L, out=(L, info))
         if info == 0:
-            Linv = torch.eye(n, dtype=L.dtype, device=L.device)
-            Linv = torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)
+            Linv = lower_inverse(L)
             del L
             U = Linv.flip(0, 1)
             del Linv
@@ -135,6 +133,31 @@ def inverse_hessian_cholesky(
         f"Hessian is not positive definite even with damp_percent {damp:.4f}; the calibration "
         "data may be too small or degenerate for this module"
     )
+
+
+def lower_inverse(L: torch.Tensor, leaf: int = 2048) -> torch.Tensor:
+    """``L^-1`` for lower triangular ``L`` (``[n, n]``), by halves: with
+    ``L = [[A, 0], [B, C]]``, ``L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``, the corner from two
+    triangular solves with ``n/2`` right-hand sides. That is ``n^3 / 3`` operations in all,
+    against ``n^3`` for one triangular solve against the identity (which knows nothing of
+    the identity's zeros); blocks up to ``leaf`` wide are solved against the identity."""
+    out = torch.zeros_like(L)
+    _lower_inverse_into(L, out, leaf)
+    return out
+
+
+def _lower_inverse_into(L: torch.Tensor, out: torch.Tensor, leaf: int) -> None:
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        out.copy_(torch.linalg.solve_triangular(L, eye, upper=False, out=eye))
+        return
+    k = n // 2 if n < 256 else (n // 2 + 63) // 128 * 128  # a multiple of 128 where it can
+    A, B, C = L[:k, :k], L[k:, :k], L[k:, k:]
+    _lower_inverse_into(A, out[:k, :k], leaf)
+    _lower_inverse_into(C, out[k:, k:], leaf)
+    Y = torch.linalg.solve_triangular(A, B, upper=False, left=False)  # Y A = B: B A^-1
+    out[k:, :k] = torch.linalg.solve_triangular(C, Y, upper=False).neg_()  # C^-1 B A^-1
 
 
 @dataclass(frozen=True)

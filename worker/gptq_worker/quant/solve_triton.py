@@ -120,10 +120,12 @@ def solve_block_triton(
 
 
 def warm_up(device: torch.device) -> None:
-    """Compile the kernel now (about 2 s on a cold cache), e.g. in a thread during capture."""
+    """Compile the kernel now, both variants (plain, and with GPTAQ's ``P``: about 2 s each
+    on a cold cache), e.g. in a thread during capture."""
     rows, b = 16, 128
     W = torch.zeros(rows, b, device=device)
     H = torch.eye(b, device=device)
     ones = torch.ones(rows, b, device=device)
-    solve_block_triton(W, H, ones, ones, 15, torch.zeros(rows, device=device))
+    for P in (None, torch.zeros(b, b, device=device)):
+        solve_block_triton(W.clone(), H, ones, ones, 15, torch.zeros(rows, device=device), P)
     torch.cuda.synchronize(device)
