@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import SHAPES
 
+from gptq_compat.sizing import expected_peak_bytes, worker_memory
 from gptq_worker.format.tensorfiles import Pending, write_safetensors
 
 SHARD_BYTES = 5 * 10**9
@@ -258,6 +259,10 @@ def main() -> None:
         "s_per_layer_median": sorted(layer_s)[len(layer_s) // 2] if layer_s else None,
         "layer_s": layer_s,
         "peak_rss_gib": round(peaks.rss / 2**30, 2),
+        # what the operator would request for this model (gptq_compat.sizing), and the line
+        # through earlier measurements that the worker checks its memory limit against
+        "sizing_expected_peak_gib": round(expected_peak_bytes(weight_bytes) / 2**30, 2),
+        "sizing_request": worker_memory(weight_bytes),
         "peak_gpu_tensors_gib": done.get("peak_gpu_gib"),
         "peak_gpu_used_gib": round(peaks.gpu_used / 2**30, 2) if peaks.gpu_used else None,
         "page_cache_dropped": args.drop_caches,
