@@ -1,6 +1,7 @@
 """bench/quality.py with the new paths forced onto a small model's widths (argv[1]: forced|default).
 
 Both reuse a model already trained in --workdir (the same model for both)."""
+
 import runpy
 import sys
 from pathlib import Path
@@ -20,7 +21,11 @@ if True:
     def reuse(directory, *args, **kwargs):
         d = Path(directory)
         if (d / "model" / "config.json").exists() and (d / "eval.txt").exists():
-            return {"model": d / "model", "calibration": d / "calibration.txt", "eval": d / "eval.txt"}
+            return {
+                "model": d / "model",
+                "calibration": d / "calibration.txt",
+                "eval": d / "eval.txt",
+            }
         return built(directory, *args, **kwargs)
 
     demo.build_demo_model = reuse
