@@ -319,7 +319,7 @@ def test_worker_memory_request_follows_the_model_size_when_the_spec_sets_none():
     first = resources()  # no size known yet: the formula's fixed part
     assert first["requests"] == {"memory": "9Gi"} and "memory" not in first["limits"]
     later = resources(attempt=2, model_bytes=141_100_000_000)  # a 70B model, as reported
-    assert later["requests"] == {"memory": "16Gi"} and "memory" not in later["limits"]
+    assert later["requests"] == {"memory": "17Gi"} and "memory" not in later["limits"]
     # what the user sets wins, as request and limit
     pinned = worker_job(
         OWNER,

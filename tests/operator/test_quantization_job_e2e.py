@@ -234,12 +234,12 @@ def test_failed_quality_gate_climbs_the_remediation_ladder(
     assert pod.spec.containers[0].resources.requests["memory"] == "9Gi"
     assert "memory" not in (pod.spec.containers[0].resources.limits or {})
     worker_api = worker_client(control_plane, api, namespace, "gated-worker")
-    StatusReporter(f"{namespace}/gated", worker_api).model_size(141_100_000_000, "16Gi")
+    StatusReporter(f"{namespace}/gated", worker_api).model_size(141_100_000_000, "17Gi")
     progress = get(api, namespace, "gated")["status"]["progress"]
-    assert progress["modelBytes"] == 141_100_000_000 and progress["workerMemory"] == "16Gi"
+    assert progress["modelBytes"] == 141_100_000_000 and progress["workerMemory"] == "17Gi"
     finish(api, namespace, pod, 0, {**RESULT, "perplexityBefore": 6.0, "perplexityAfter": 6.5})
     pod = wait_for(lambda: running_pod(api, namespace, "gated-worker-2"), what="attempt 2")
-    assert pod.spec.containers[0].resources.requests["memory"] == "16Gi"  # the formula's
+    assert pod.spec.containers[0].resources.requests["memory"] == "17Gi"  # the formula's
     config = client.CoreV1Api(api).read_namespaced_config_map("gated-worker-2", namespace)
     assert json.loads(config.data["worker.json"])["quantization"]["desc_act"] is True
     finish(api, namespace, pod, 0, {**RESULT, "perplexityBefore": 6.0, "perplexityAfter": 6.05})
