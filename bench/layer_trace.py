@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layer_anatomy import timed as anatomy_timed
 from speed import SHAPES, random_model
 
 KINDS = [  # first match wins
@@ -59,17 +60,8 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def timed(fn, reps: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1000)
-    return sorted(times)[len(times) // 2]
+    """Median seconds of ``fn`` over ``reps`` runs (``layer_anatomy.timed``)."""
+    return anatomy_timed(fn, reps)
 
 
 def parts(shape: dict) -> dict:

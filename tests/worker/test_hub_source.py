@@ -14,6 +14,7 @@ import huggingface_hub.constants as hub
 import pytest
 
 from gptq_worker.cli import main
+from tests.worker.test_cli import _base
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -31,25 +32,7 @@ def hub_cache(tmp_path, monkeypatch, model_dir):
 
 
 def _quantize(model: str, out, calibration, capsys, *extra: str) -> tuple[int, str]:
-    code = main(
-        [
-            "quantize",
-            "--no-progress-bar",
-            "--model",
-            model,
-            "--output",
-            str(out),
-            "--calibration",
-            str(calibration),
-            "--nsamples",
-            "4",
-            "--seqlen",
-            "64",
-            "--device",
-            "cpu",
-            *extra,
-        ]
-    )
+    code = main(["quantize", "--no-progress-bar", *_base(model, out, calibration), *extra])
     captured = capsys.readouterr()
     return code, captured.err + captured.out
 

@@ -27,6 +27,24 @@ from .test_serve_batching import PROMPTS, Collected
 
 
 @pytest.mark.parametrize(("bits", "sym", "act", "fmt"), FORMATS)
+def _interpreted(check: str, *args: str, timeout: int = 900) -> str:
+    """Run a check script under Triton's CPU interpreter in a child process (the variable
+    must be set before Triton is imported); returns its stdout after asserting success."""
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", check, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=here,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_kernel_index_arithmetic_reads_what_pack_wrote(bits, sym, act, fmt):
     w, expected = layer(bits, sym, act, fmt, seed=bits)
     assert (w.group == 0) == act  # act-order gathers per k; plain groups read one row
@@ -93,19 +111,7 @@ def test_triton_kernels_equal_the_dequantized_product():
         if os.environ.get("CI"):
             pytest.fail("triton is not installed (it comes with torch on Linux x86-64)")
         pytest.skip("triton is not installed")
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", TRITON_CHECK],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        cwd=here,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert f"triton kernels equal {len(FORMATS)}" in done.stdout
+    assert f"triton kernels equal {len(FORMATS)}" in _interpreted(TRITON_CHECK)
 
 
 FUSED_STEP_CHECK = r"""
@@ -132,17 +138,7 @@ def test_fused_decode_step_equals_the_torch_step(served_checkpoint):
     """The GPU's decode step (add+norm, GPTQ matmuls, rope+cache write, attention,
     silu*up, all Triton) against the torch step, through Triton's interpreter."""
     pytest.importorskip("triton")
-    here = Path(__file__).parent
-    done = subprocess.run(
-        [sys.executable, "-c", FUSED_STEP_CHECK, str(served_checkpoint)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=900,
-        cwd=here,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "fused step equal" in done.stdout
+    assert "fused step equal" in _interpreted(FUSED_STEP_CHECK, str(served_checkpoint))
 
 
 MIXED_STEP_CHECK = r"""
@@ -187,16 +183,7 @@ def test_one_fused_step_decodes_rows_and_prefills_prompts(served_checkpoint):
     """The fused step over flat tokens (decoding rows beside new prompts, each token with
     its cache slot and position) gives the logits of a separate prefill and decode step."""
     pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", MIXED_STEP_CHECK, str(served_checkpoint)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=900,
-        cwd=Path(__file__).parent,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "mixed step equal" in done.stdout
+    assert "mixed step equal" in _interpreted(MIXED_STEP_CHECK, str(served_checkpoint))
 
 
 HALF_CHECK = r"""
@@ -223,15 +210,7 @@ def test_fp16_dequantization_is_the_reference_rounding():
     """fp16 activations take the kernel's fp16 dequantization (no int-to-float
     conversions): each weight is bit for bit the reference's fp32 value rounded to fp16."""
     pytest.importorskip("triton")
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, "-c", HALF_CHECK], capture_output=True, text=True, env=env,
-        timeout=900, cwd=here,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "fp16 dequantization exact" in done.stdout
+    assert "fp16 dequantization exact" in _interpreted(HALF_CHECK)
 
 
 DECODE_KERNELS_CHECK = r"""
@@ -275,15 +254,7 @@ print("decode kernels equal")
 
 def test_decode_kernels_equal_their_torch_references():
     pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", DECODE_KERNELS_CHECK],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "decode kernels equal" in done.stdout
+    assert "decode kernels equal" in _interpreted(DECODE_KERNELS_CHECK, timeout=600)
 
 
 def test_length_buckets_cover_the_capacity():
@@ -508,16 +479,9 @@ def test_overlapped_fused_steps_prefill_beside_rows(served_checkpoint):
     prefill inside a launched step beside the decoding rows, their first token fed on the
     device; the tokens equal the torch step's, waited for."""
     pytest.importorskip("triton")
-    done = subprocess.run(
-        [sys.executable, "-c", FUSED_ENGINE_CHECK, str(served_checkpoint)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        timeout=900,
-        cwd=Path(__file__).parent,
+    assert "overlapped fused steps equal" in _interpreted(
+        FUSED_ENGINE_CHECK, str(served_checkpoint)
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "overlapped fused steps equal" in done.stdout
 
 
 def test_a_row_cancelled_between_overlapped_steps_ends_at_once(served_checkpoint, tok):
