@@ -26,7 +26,6 @@ from .test_serve import dense_copy, greedy
 from .test_serve_batching import PROMPTS, Collected
 
 
-@pytest.mark.parametrize(("bits", "sym", "act", "fmt"), FORMATS)
 def _interpreted(check: str, *args: str, timeout: int = 900) -> str:
     """Run a check script under Triton's CPU interpreter in a child process (the variable
     must be set before Triton is imported); returns its stdout after asserting success."""
@@ -45,6 +44,7 @@ def _interpreted(check: str, *args: str, timeout: int = 900) -> str:
     return done.stdout
 
 
+@pytest.mark.parametrize(("bits", "sym", "act", "fmt"), FORMATS)
 def test_kernel_index_arithmetic_reads_what_pack_wrote(bits, sym, act, fmt):
     w, expected = layer(bits, sym, act, fmt, seed=bits)
     assert (w.group == 0) == act  # act-order gathers per k; plain groups read one row
