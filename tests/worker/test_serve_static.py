@@ -191,8 +191,9 @@ import torch
 from gptq_worker.kernels import gptq_triton as kernels
 from kernel_cases import FORMATS, layer
 
+swapped = set()
 for i, (bits, sym, act, fmt) in enumerate(FORMATS[::2]):
-    for k, group in ((288, 32), (640, 128)):
+    for k, group in ((288, 32), (640, 128), (512, 64)):
         w, expected = layer(bits, sym, act, fmt, k=k, n=96, group=group, seed=i)
         assert w.half
         rows = torch.tensor([0, 1, 7, 31, 100, k - 1])
@@ -202,8 +203,37 @@ for i, (bits, sym, act, fmt) in enumerate(FORMATS[::2]):
         for config in ((32, 0), (64, 4), (64, 2, 2, 4, 16, 1)):
             y = kernels.fused_matmul(x, w, config, "mm")
             assert torch.equal(y, expected.t()[rows].half()), (bits, sym, act, k, config)
+        # the swapped-operand tiles (4/8 bits, plain groups): no K split, split (atomics),
+        # x in the planes' order or not, K tiles of one group or of several
+        for config in ((64, 0, 2, 4, 0, 1, 128), (32, 4, 2, 4, 0, 0, 128),
+                       (32, 4, 2, 4, 16, 1, 64), (64, 1, 2, 4, 0, 1, 256)):  # fmt: skip
+            if not kernels.swapped_applies(w, config[-1]):
+                continue
+            y = kernels.fused_matmul(x, w, config, "mt")
+            assert torch.equal(y, expected.t()[rows].half()), (bits, sym, act, k, config)
+            x40 = torch.randn(40, k, dtype=torch.float16)  # two tiles of 32 rows
+            y = kernels.fused_matmul(x40, w, config, "mt", fp32=True)
+            ref = x40.float() @ expected.t().half().float()
+            assert ((y - ref).norm() / ref.norm()).item() < 1e-3, (bits, sym, k, config)
+            swapped.add((bits, k, config))
+assert len(swapped) >= 8, swapped
 print("fp16 dequantization exact")
 """
+
+
+def test_swapped_kernel_takes_only_the_layers_it_can_read():
+    """4/8-bit plain groups with fp16 scales and K a whole number of tiles; act-order,
+    2/3 bits and tiles a group would straddle go to the other kernels."""
+    w, _ = layer(4, True, False, CheckpointFormat.GPTQ, k=512, group=128)
+    assert kernels.swapped_applies(w, 128) and kernels.swapped_applies(w, 256)
+    assert not kernels.swapped_applies(w, 384)  # 512 is not a whole number of 384s
+    w64, _ = layer(4, True, False, CheckpointFormat.GPTQ, k=512, group=64)
+    assert kernels.swapped_applies(w64, 128)  # each word's 8 values lie in one group
+    for bits, act in ((4, True), (3, False), (2, False)):
+        other, _ = layer(bits, True, act, CheckpointFormat.GPTQ, k=512, group=128)
+        assert not kernels.swapped_applies(other, 128), (bits, act)
+    with pytest.raises(ValueError, match="swapped kernel"):
+        kernels.fused_matmul(torch.randn(2, 512), w, (64, 2, 3, 4, 0, 1, 128), "mt")
 
 
 def test_fp16_dequantization_is_the_reference_rounding():

@@ -22,6 +22,12 @@ partial sums with fp32 atomics, so that even a 4096-wide layer fills the GPU. La
 (prefill) dequantizes the layer once into an fp16 buffer (:func:`dequantize`) and runs
 ``torch.matmul``.
 
+For 4/8-bit layers in plain groups with fp16 activations a second tile kernel swaps the
+operands (:func:`_qmt_kernel`: ``out^T = W^T x^T``): the dequantized weight tile is the
+tensor cores' first operand and the few activation rows the second. On an H200 it took a
+Llama-3-8B decode step's matmuls from 3.83 to 3.03 ms at 1 row and from 5.98 to 3.97 ms at
+32 rows (``bench/kernel_variants.py``); the tuner times it beside the others.
+
 :func:`reference_matmul` is the same index arithmetic in torch (the CPU tests compare it
 with ``pack.dequantize_packed``; the GPU bench compares the kernel with it), and
 ``TRITON_INTERPRET=1`` runs the kernels themselves on CPU tensors (tests do).
@@ -293,6 +299,64 @@ if triton is not None:
             tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=om)
 
     @triton.jit
+    def _qmt_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
+                    sxm, sxk, sqk, sqn, ssg, ssn, szg, szn, som, son,
+                    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ATOMIC: tl.constexpr,
+                    XP: tl.constexpr):  # fmt: skip
+        """Few rows with the operands swapped: ``out^T [N, M] = W^T [N, K] @ x^T [K, M]``,
+        so the dequantized weight is the tensor cores' first operand (which stays in
+        registers) and the few activation rows the second. 4/8 bits, plain groups, fp16
+        (:func:`_half`), word planes as in :func:`_qmm_kernel`; ``BLOCK_K`` may span
+        several groups (the scales of each word's group are gathered)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask = rm < M
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+        PF: tl.constexpr = 32 // BITS
+        RR: tl.constexpr = BLOCK_K // PF
+        rr = tl.arange(0, RR)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            rw = k0 // PF + rr
+            m = nmask[:, None] & (rw < K // PF)[None, :]
+            words = tl.load(qw_ptr + rn[:, None] * sqn + rw[None, :] * sqk, mask=m, other=0)
+            words = words.to(tl.uint32, bitcast=True)
+            if BLOCK_K <= GROUP:
+                g = k0 // GROUP
+                s = tl.load(s_ptr + g * ssg + rn * ssn, mask=nmask, other=0).to(tl.float16)
+                z = tl.load(z_ptr + g * szg + rn * szn, mask=nmask, other=0).to(tl.float32)
+                s16 = s[:, None]
+                z16 = (z + 1024.0).to(tl.float16)[:, None]
+            else:
+                g = (k0 + rr * PF) // GROUP
+                s16 = tl.load(s_ptr + g[None, :] * ssg + rn[:, None] * ssn, mask=m,
+                              other=0).to(tl.float16)  # fmt: skip
+                zz = tl.load(z_ptr + g[None, :] * szg + rn[:, None] * szn, mask=m, other=0)
+                z16 = (zz.to(tl.float32) + 1024.0).to(tl.float16)
+            for j in tl.static_range(PF):
+                codes = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                w = _half(codes, z16, s16)
+                if XP:  # noqa: SIM108 (a constexpr branch in a Triton kernel)
+                    kx = k0 + j * RR + rr
+                else:
+                    kx = k0 + rr * PF + j
+                xm = (kx < K)[:, None] & mmask[None, :]
+                xt = tl.load(x_ptr + rm[None, :] * sxm + kx[:, None] * sxk, mask=xm, other=0.0)
+                acc += tl.dot(w, xt.to(tl.float16))
+        ptrs = out_ptr + rm[None, :] * som + rn[:, None] * son
+        om = nmask[:, None] & mmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptrs, acc, mask=om)
+        else:
+            tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=om)
+
+    @triton.jit
     def _qmv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, k_per_split,
                     sqk, sqn, ssg, ssn, szg, szn,
                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -403,15 +467,33 @@ def row_bucket(m: int) -> int:
     return next((b for b in ROW_BUCKETS if m <= b), ROW_BUCKETS[-1])
 
 
-def plane_order(x: torch.Tensor, w: PackedWeight) -> torch.Tensor | None:
-    """``x [M, K]`` with each ``block_k`` block's columns in the planes' order (value ``j``
-    of word ``r`` at ``j * words + r``), or None where the planes do not apply."""
+def plane_order(x: torch.Tensor, w: PackedWeight, block_k: int = 0) -> torch.Tensor | None:
+    """``x [M, K]`` with each ``block_k`` block's columns (default the layer's) in the
+    planes' order (value ``j`` of word ``r`` at ``j * words + r``), or None where the
+    planes do not apply."""
     pf = 32 // w.bits
-    if not (w.bits in (4, 8) and w.block_k * w.bits // 32 >= 16 and w.in_features % w.block_k == 0):
+    block_k = block_k or w.block_k
+    if not (w.bits in (4, 8) and block_k * w.bits // 32 >= 16 and w.in_features % block_k == 0):
         return None
     m, k = x.shape
-    blocks = k // w.block_k
-    return x.reshape(m, blocks, w.block_k // pf, pf).transpose(2, 3).reshape(m, k)
+    blocks = k // block_k
+    return x.reshape(m, blocks, block_k // pf, pf).transpose(2, 3).reshape(m, k)
+
+
+def swapped_applies(w: PackedWeight, block_k: int) -> bool:
+    """Whether the swapped-operand kernel (:func:`_qmt_kernel`) takes this layer with K
+    tiles of ``block_k``: 4/8 bits, plain groups whose size a word's values do not
+    straddle, fp16 dequantization, and K a whole number of tiles."""
+    pf = 32 // max(w.bits, 1)
+    return (
+        w.bits in (4, 8)
+        and w.group > 0
+        and w.group % pf == 0
+        and ((block_k <= w.group and w.group % block_k == 0) or block_k % w.group == 0)
+        and w.half
+        and block_k // pf >= 16
+        and w.in_features % block_k == 0
+    )
 
 
 def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
@@ -425,7 +507,9 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
     m, n, k = x.shape[0], w.out_features, w.in_features
     if config is None:
         tuned = _TUNED.get((*w.key(), row_bucket(m)))
-        usable = tuned is not None and (m == 1 or tuned[0] == "mm")
+        usable = tuned is not None and (m == 1 or tuned[0] != "mv")
+        if usable and tuned[0] == "mt":  # tuned on a layer of this shape; this one may differ
+            usable = x.dtype == torch.float16 and swapped_applies(w, tuned[-1])
         if usable and (kind is None or kind == tuned[0]):
             kind, config = tuned[0], tuned[1:]
     kind = kind or ("mv" if m == 1 else "mm")
@@ -434,6 +518,8 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
     stages = config[2] if len(config) > 2 else (2 if (w.bits == 3 or not w.group) else 3)
     warps = config[3] if len(config) > 3 else (8 if block_n >= 128 else 4)
     tile_m = config[4] if len(config) > 4 else 0
+    if kind == "mt":
+        return _swapped(x, w, config, fp32)
     xp = plane_order(x, w) if len(config) > 5 and config[5] and kind == "mm" else None
     if kind == "mv":
         if m != 1:
@@ -466,6 +552,35 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
             PLANES=planes, ATOMIC=atomic, F16=half, XP=xp is not None, num_warps=warps,
             num_stages=stages,
         )  # fmt: skip
+    return out.to(x.dtype) if atomic and not fp32 else out
+
+
+def _swapped(x: torch.Tensor, w: PackedWeight, config: tuple, fp32: bool) -> torch.Tensor:
+    """:func:`_qmt_kernel`; ``config`` (BLOCK_N, per SM, stages, warps, BLOCK_M,
+    plane-ordered x, BLOCK_K)."""
+    block_n, per_sm, stages, warps, block_m, xp, block_k = config
+    if x.dtype != torch.float16 or not swapped_applies(w, block_k):
+        raise ValueError("the swapped kernel does not take this layer")
+    m, n, k = x.shape[0], w.out_features, w.in_features
+    block_m = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    steps = triton.cdiv(k, block_k)
+    split = max(1, min(steps, math.ceil(per_sm * _processors(x.device) / tiles)))
+    k_per_split = triton.cdiv(steps, split) * block_k
+    split = triton.cdiv(k, k_per_split)
+    xin = plane_order(x, w, block_k) if xp else x
+    atomic = split > 1
+    if atomic:
+        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    else:
+        out = torch.empty((m, n), device=x.device, dtype=torch.float32 if fp32 else x.dtype)
+    grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
+    _qmt_kernel[grid](
+        xin, w.qweight, w.scales, w.zeros, out, m, n, k, k_per_split,
+        xin.stride(0), xin.stride(1), *_args(w), out.stride(0), out.stride(1),
+        BITS=w.bits, GROUP=w.group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        ATOMIC=atomic, XP=bool(xp), num_warps=warps, num_stages=stages,
+    )  # fmt: skip
     return out.to(x.dtype) if atomic and not fp32 else out
 
 
@@ -540,13 +655,30 @@ GATHER_CANDIDATES = tuple(
     for tile_m in (16, 0)
 )
 
+# the swapped-operand tiles (:func:`_qmt_kernel`, 4/8 bits in plain groups, fp16): (kind,
+# BLOCK_N, per SM, stages, warps, BLOCK_M (0: 16/32/64 by rows), plane-ordered x, BLOCK_K).
+# bench/kernel_variants.py timed 72-144 of them per shape and row count on an H200
+# (2026-12-02, bench/results/kernel-variants-8b-h200-2026-12-02.txt); these five, chosen
+# greedily, come within 0.3% of the best of all of them summed over Llama-3-8B's four
+# shapes at 1, 16 and 32 rows (329.6 against 328.6 us), and beat every mm/mv choice
+# everywhere: per decode step (32 layers) 3.03 ms against 3.83 at 1 row, 3.52 against
+# 4.37 at 16 and 3.97 against 5.98 at 32.
+MT_CANDIDATES = (
+    ("mt", 256, 2, 3, 4, 0, 1, 128),
+    ("mt", 128, 1, 3, 4, 0, 1, 256),
+    ("mt", 64, 4, 3, 4, 0, 1, 128),
+    ("mt", 128, 2, 3, 4, 0, 1, 256),
+    ("mt", 128, 2, 3, 8, 0, 1, 128),
+)
+
 
 def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
          buckets: tuple[int, ...] = ROW_BUCKETS) -> dict:  # fmt: skip
     """Pick the kernel, BLOCK_N, K split, pipelining depth and warps for each distinct layer
     shape and row bucket (1: the one-row kernel or 16-row tiles, whichever is faster;
-    16/32/64: tiles of that many rows), timing each configuration over up to 8 layers of
-    that shape (distinct memory, as in a forward) inside a CUDA graph. Call before
+    16/32/64: tiles of that many rows; the swapped-operand tiles where they apply),
+    timing each configuration over up to 8 layers of that shape (distinct memory, as in a
+    forward) inside a CUDA graph. Call before
     capturing the decode graphs. A configuration the GPU cannot run (too much shared
     memory) is skipped."""
     chosen: dict = {}
@@ -564,8 +696,10 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
             times = {}
             planes = plane_order(x, group[0]) is not None
             mm = MM_CANDIDATES if planes else GATHER_CANDIDATES
+            if x.dtype == torch.float16:
+                mm = mm + tuple(c for c in MT_CANDIDATES if swapped_applies(group[0], c[-1]))
             for cand in (*MV_CANDIDATES, *mm) if rows == 1 else mm:
-                if rows <= 16 and len(cand) > 5 and cand[5] == 0:
+                if rows <= 16 and cand[0] == "mm" and cand[5] == 0:
                     continue  # BLOCK_M 0 picks 16 here: the same as 16
                 kind, cfg = cand[0], tuple(cand[1:])
                 calls = [partial(fused_matmul, x, w, cfg, kind, fp32=True) for w in group]
