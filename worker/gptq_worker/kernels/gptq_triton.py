@@ -658,7 +658,7 @@ GATHER_CANDIDATES = tuple(
 # the swapped-operand tiles (:func:`_qmt_kernel`, 4/8 bits in plain groups, fp16): (kind,
 # BLOCK_N, per SM, stages, warps, BLOCK_M (0: 16/32/64 by rows), plane-ordered x, BLOCK_K).
 # bench/kernel_variants.py timed 72-144 of them per shape and row count on an H200
-# (2026-12-02, bench/results/kernel-variants-8b-h200-2026-12-02.txt); these five, chosen
+# (2026-12-02, bench/results/kernel-variants-8b-h200-2026-12-02.txt); the first five, chosen
 # greedily, come within 0.3% of the best of all of them summed over Llama-3-8B's four
 # shapes at 1, 16 and 32 rows (329.6 against 328.6 us), and beat every mm/mv choice
 # everywhere: per decode step (32 layers) 3.03 ms against 3.83 at 1 row, 3.52 against
@@ -669,6 +669,8 @@ MT_CANDIDATES = (
     ("mt", 64, 4, 3, 4, 0, 1, 128),
     ("mt", 128, 2, 3, 4, 0, 1, 256),
     ("mt", 128, 2, 3, 8, 0, 1, 128),
+    # 64 rows (a step carrying new prompts; not in that search) in two 32-row tiles
+    ("mt", 128, 1, 3, 4, 32, 1, 256),
 )
 
 
@@ -701,6 +703,8 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
             for cand in (*MV_CANDIDATES, *mm) if rows == 1 else mm:
                 if rows <= 16 and cand[0] == "mm" and cand[5] == 0:
                     continue  # BLOCK_M 0 picks 16 here: the same as 16
+                if cand[0] == "mt" and cand[5] and rows <= cand[5]:
+                    continue  # a fixed tile this large is the by-rows tile here, or wider
                 kind, cfg = cand[0], tuple(cand[1:])
                 calls = [partial(fused_matmul, x, w, cfg, kind, fp32=True) for w in group]
                 try:
