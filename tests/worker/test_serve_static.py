@@ -534,3 +534,117 @@ def test_a_row_cancelled_between_overlapped_steps_ends_at_once(served_checkpoint
     assert leave.chunks[-1].finish_reason == "cancelled" and len(leave.tokens) < 40
     assert keep.tokens == greedy(dense, keep.request.prompt_ids, 8, engine.eos)
     assert [c.finish_reason for c in leave.chunks].count("cancelled") == 1
+
+
+@pytest.fixture(scope="module")
+def llama_like(tmp_path_factory, tokenizer, calibration_file):
+    """4-bit g32 asymmetric checkpoints of the tiny Qwen2 (its q/k/v biases set to random
+    values: transformers initialises them to zero, which would hide a dropped bias) and
+    Mistral."""
+    from gptq_worker.demo.models import tiny_model
+
+    made = {}
+
+    def make(model_type: str) -> Path:
+        if model_type not in made:
+            source = tmp_path_factory.mktemp("source-" + model_type)
+            model = tiny_model(model_type, len(tokenizer))
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for module in model.modules():
+                    bias = getattr(module, "bias", None)
+                    if isinstance(module, torch.nn.Linear) and bias is not None:
+                        bias.copy_((torch.randn(bias.shape, generator=gen) * 0.5).half().float())
+            model.save_pretrained(source)
+            tokenizer.save_pretrained(source)
+            out = tmp_path_factory.mktemp("static-" + model_type) / "w4g32-asym"
+            quantize(worker_config(source, out, calibration_file, bits=4, group_size=32, sym=False))
+            made[model_type] = out
+        return made[model_type]
+
+    return make
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_static_runtime_serves_the_llama_like_models(model_type, llama_like, tok):
+    """Qwen2 and Mistral run the static runtime: its prefill logits are the transformers
+    forward's, and its tokens plain greedy decoding's of the dequantized model."""
+    checkpoint = llama_like(model_type)
+    model = load_quantized_model(checkpoint)
+    assert unsupported(model) is None
+    bias = model.model.layers[0].self_attn.q_proj.bias
+    assert (bias is not None and bias.abs().max() > 0.1) == (model_type == "qwen2")
+    prompts = [tok(t).input_ids for t in PROMPTS[:3]]
+    batch = StaticBatch(model, torch.device("cpu"), 0, rows=4, capacity=128)
+    logits, _ = batch.prefill(prompts)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = model(torch.tensor([p])).logits[0, -1]
+            torch.testing.assert_close(logits[i], ref, rtol=1e-4, atol=1e-4)
+    dense = dense_copy(load_quantized_model(checkpoint))
+    engine = Engine(model, tok, torch.device("cpu"), max_batch=2, runtime="static")
+    assert engine.runtime == "static"
+    try:
+        jobs = []
+        for text in PROMPTS[:3]:
+            sampling = Sampling(max_tokens=10, temperature=0, ignore_eos=True)
+            job = Collected(tok(text).input_ids, sampling)
+            engine.submit(job.request)
+            jobs.append(job)
+        for job in jobs:
+            assert job.done.wait(120)
+    finally:
+        engine.stop()
+    for job in jobs:
+        assert job.tokens == greedy(dense, job.request.prompt_ids, 10, set())
+
+
+BIAS_STEP_CHECK = r"""
+import sys
+import torch
+from gptq_worker.serve.model import load_quantized_model
+from gptq_worker.serve.static import StaticBatch
+
+torch.manual_seed(0)
+model = load_quantized_model(sys.argv[1])
+assert model.model.layers[0].self_attn.q_proj.bias is not None
+batch = StaticBatch(model, torch.device("cpu"), 0, rows=2, capacity=64, graphs=False)
+batch.fused = True
+check = batch.self_check([3, 17, 42, 9, 250, 11])
+assert check["decode_step_argmax_equal"] and check["decode_step_vs_torch_rel_err"] < 1e-4, check
+print("biased fused step equal")
+"""
+
+
+def test_fused_decode_step_adds_the_qkv_biases(llama_like):
+    """Qwen2's q/k/v biases in the GPU's fused step, through Triton's interpreter."""
+    pytest.importorskip("triton")
+    out = _interpreted(BIAS_STEP_CHECK, str(llama_like("qwen2")))
+    assert "biased fused step equal" in out
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "reason"),
+    [
+        ("mistral", {"sliding_window": 16}, "sliding-window attention (a 16-token window"),
+        (
+            "qwen2",
+            {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
+            "sliding-window attention",
+        ),
+        ("qwen3", {}, "model type 'qwen3'"),
+        ("llama", {"hidden_act": "gelu"}, "MLP activation 'gelu'"),
+    ],
+)
+def test_static_runtime_names_what_it_cannot_run(model_type, overrides, reason):
+    from gptq_worker.demo.models import tiny_model
+
+    model = tiny_model(model_type, 300, **overrides)
+    assert reason in unsupported(model)
+
+
+def test_a_window_as_long_as_the_context_is_full_attention():
+    from gptq_worker.demo.models import tiny_model
+
+    assert unsupported(tiny_model("mistral", 300, sliding_window=1024)) is None  # context 1024
+    assert unsupported(tiny_model("qwen2", 300, sliding_window=16)) is None  # not in use

@@ -36,9 +36,11 @@ what differs is how a step runs:
   :meth:`StaticBatch.launch` can start step N+1 before step N's tokens reach the host
   (pinned memory, an event: :class:`Fetch`), and the engine streams step N meanwhile.
 
-Supported: ``model_type`` ``llama`` (and so Llama 2/3 and Mistral-free Llama shapes) whose
-modules have the standard names; :func:`unsupported` says why a model is not, and the
-engine then uses the model-agnostic ``RunningBatch``.
+Supported: the ``model_type`` values of :data:`LLAMA_LIKE` (Llama 2/3, Mistral, Qwen2:
+the same decoder, Qwen2 with biases on q/k/v, which the fused matmuls add) with SiLU
+MLPs, full attention in every layer that can reach past a sliding window, and the
+standard module names; :func:`unsupported` says why a model is not, and the engine then
+uses the model-agnostic ``RunningBatch``.
 """
 
 from __future__ import annotations
@@ -58,11 +60,39 @@ LENGTH_STEP = 256  # attention length buckets: multiples of this, then growing b
 STEP_PROMPT_TOKENS = int(os.environ.get("GPTQ_SERVE_STEP_PROMPT_TOKENS", "256"))
 
 
+# model types whose decoder is Llama's, as transformers 5.17 and 5.24 write them
+# (models/{mistral,qwen2}/modeling_*.py): RMSNorm, RoPE from the model's rotary module,
+# grouped-query attention scaled by head_dim^-0.5, a SiLU-gated MLP; Qwen2 adds biases on
+# q/k/v; both may use sliding-window attention, which this forward does not
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+
+
+def _sliding_window(config) -> int | None:
+    """The window of any sliding-window layer, or None if every layer attends fully."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    if getattr(config, "model_type", None) == "qwen2":
+        return window if getattr(config, "use_sliding_window", False) else None
+    return window  # Mistral: every layer, when the window is set
+
+
 def unsupported(model) -> str | None:
     """Why :class:`StaticBatch` cannot run ``model`` (None if it can)."""
     config = model.config
-    if getattr(config, "model_type", None) != "llama":
-        return f"model type {getattr(config, 'model_type', None)!r} (only 'llama')"
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_LIKE:
+        return f"model type {model_type!r} (only {', '.join(LLAMA_LIKE)})"
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        return f"MLP activation {act!r} (only SiLU)"
+    window = _sliding_window(config)
+    context = getattr(config, "max_position_embeddings", None)
+    if window is not None and (context is None or window < context):
+        return f"sliding-window attention (a {window}-token window, context {context})"
     inner = getattr(model, "model", None)
     rotary = getattr(inner, "rotary_emb", None)
     if rotary is None or not hasattr(rotary, "inv_freq"):
