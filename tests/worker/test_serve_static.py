@@ -539,8 +539,8 @@ def test_a_row_cancelled_between_overlapped_steps_ends_at_once(served_checkpoint
 @pytest.fixture(scope="module")
 def llama_like(tmp_path_factory, tokenizer, calibration_file):
     """4-bit g32 asymmetric checkpoints of the tiny Qwen2 (its q/k/v biases set to random
-    values: transformers initialises them to zero, which would hide a dropped bias) and
-    Mistral."""
+    values: transformers initialises them to zero, which would hide a dropped bias),
+    Qwen3 (its q/k norms' weights likewise, from ones) and Mistral."""
     from gptq_worker.demo.models import tiny_model
 
     made = {}
@@ -551,10 +551,13 @@ def llama_like(tmp_path_factory, tokenizer, calibration_file):
             model = tiny_model(model_type, len(tokenizer))
             gen = torch.Generator().manual_seed(1)
             with torch.no_grad():
-                for module in model.modules():
+                for name, module in model.named_modules():
                     bias = getattr(module, "bias", None)
                     if isinstance(module, torch.nn.Linear) and bias is not None:
                         bias.copy_((torch.randn(bias.shape, generator=gen) * 0.5).half().float())
+                    if name.endswith(("q_norm", "k_norm")):  # Qwen3's, initialised to ones
+                        w = module.weight
+                        w.copy_((1 + torch.randn(w.shape, generator=gen) * 0.3).half().float())
             model.save_pretrained(source)
             tokenizer.save_pretrained(source)
             out = tmp_path_factory.mktemp("static-" + model_type) / "w4g32-asym"
@@ -565,10 +568,11 @@ def llama_like(tmp_path_factory, tokenizer, calibration_file):
     return make
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
 def test_static_runtime_serves_the_llama_like_models(model_type, llama_like, tok):
-    """Qwen2 and Mistral run the static runtime: its prefill logits are the transformers
-    forward's, and its tokens plain greedy decoding's of the dequantized model."""
+    """Qwen2, Qwen3 and Mistral run the static runtime: its prefill logits are the
+    transformers forward's, and its tokens plain greedy decoding's of the dequantized
+    model."""
     checkpoint = llama_like(model_type)
     model = load_quantized_model(checkpoint)
     assert unsupported(model) is None
@@ -599,7 +603,7 @@ def test_static_runtime_serves_the_llama_like_models(model_type, llama_like, tok
         assert job.tokens == greedy(dense, job.request.prompt_ids, 10, set())
 
 
-BIAS_STEP_CHECK = r"""
+LIKE_STEP_CHECK = r"""
 import sys
 import torch
 from gptq_worker.serve.model import load_quantized_model
@@ -607,20 +611,20 @@ from gptq_worker.serve.static import StaticBatch
 
 torch.manual_seed(0)
 model = load_quantized_model(sys.argv[1])
-assert model.model.layers[0].self_attn.q_proj.bias is not None
 batch = StaticBatch(model, torch.device("cpu"), 0, rows=2, capacity=64, graphs=False)
 batch.fused = True
 check = batch.self_check([3, 17, 42, 9, 250, 11])
 assert check["decode_step_argmax_equal"] and check["decode_step_vs_torch_rel_err"] < 1e-4, check
-print("biased fused step equal")
+print("fused step equal")
 """
 
 
-def test_fused_decode_step_adds_the_qkv_biases(llama_like):
-    """Qwen2's q/k/v biases in the GPU's fused step, through Triton's interpreter."""
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3"])
+def test_fused_decode_step_adds_biases_and_head_norms(model_type, llama_like):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms in the GPU's fused step (through
+    Triton's interpreter) against the torch step."""
     pytest.importorskip("triton")
-    out = _interpreted(BIAS_STEP_CHECK, str(llama_like("qwen2")))
-    assert "biased fused step equal" in out
+    assert "fused step equal" in _interpreted(LIKE_STEP_CHECK, str(llama_like(model_type)))
 
 
 @pytest.mark.parametrize(
@@ -632,7 +636,7 @@ def test_fused_decode_step_adds_the_qkv_biases(llama_like):
             {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1},
             "sliding-window attention",
         ),
-        ("qwen3", {}, "model type 'qwen3'"),
+        ("gemma", {}, "model type 'gemma'"),
         ("llama", {"hidden_act": "gelu"}, "MLP activation 'gelu'"),
     ],
 )

@@ -36,8 +36,9 @@ what differs is how a step runs:
   :meth:`StaticBatch.launch` can start step N+1 before step N's tokens reach the host
   (pinned memory, an event: :class:`Fetch`), and the engine streams step N meanwhile.
 
-Supported: the ``model_type`` values of :data:`LLAMA_LIKE` (Llama 2/3, Mistral, Qwen2:
-the same decoder, Qwen2 with biases on q/k/v, which the fused matmuls add) with SiLU
+Supported: the ``model_type`` values of :data:`LLAMA_LIKE` (Llama 2/3, Mistral, Qwen2,
+Qwen3: the same decoder, Qwen2 with biases on q/k/v, which the fused matmuls add, Qwen3
+with per-head q/k norms, applied in torch between the q/k/v matmul and RoPE) with SiLU
 MLPs, full attention in every layer that can reach past a sliding window, and the
 standard module names; :func:`unsupported` says why a model is not, and the engine then
 uses the model-agnostic ``RunningBatch``.
@@ -63,8 +64,10 @@ STEP_PROMPT_TOKENS = int(os.environ.get("GPTQ_SERVE_STEP_PROMPT_TOKENS", "256"))
 # model types whose decoder is Llama's, as transformers 5.17 and 5.24 write them
 # (models/{mistral,qwen2}/modeling_*.py): RMSNorm, RoPE from the model's rotary module,
 # grouped-query attention scaled by head_dim^-0.5, a SiLU-gated MLP; Qwen2 adds biases on
-# q/k/v; both may use sliding-window attention, which this forward does not
-LLAMA_LIKE = ("llama", "mistral", "qwen2")
+# q/k/v, Qwen3 an RMSNorm over each head of q and k before RoPE (models/qwen3/
+# modeling_qwen3.py, Qwen3Attention.forward); all may use sliding-window attention, which
+# this forward does not
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def _sliding_window(config) -> int | None:
@@ -104,6 +107,10 @@ def unsupported(model) -> str | None:
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if not hasattr(layer.self_attn, name):
             return f"no self_attn.{name}"
+    if model_type == "qwen3" and not all(
+        hasattr(layer.self_attn, name) for name in ("q_norm", "k_norm")
+    ):
+        return "a qwen3 layer without self_attn.q_norm and k_norm"
     for name in ("gate_proj", "up_proj", "down_proj", "act_fn"):
         if not hasattr(layer.mlp, name):
             return f"no mlp.{name}"
@@ -171,6 +178,8 @@ class _Layer:
         self.act = mlp.act_fn
         self.silu = isinstance(mlp.act_fn, torch.nn.SiLU)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        # Qwen3: an RMSNorm over each head of q and of k, before RoPE
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
 
 
 def _eps(norm) -> float:
@@ -306,6 +315,18 @@ class StaticBatch:
         return len(shapes) <= self.max_rows and all(a + b <= self.capacity for a, b in shapes)
 
     @torch.inference_mode()
+    def _qk_norm(self, layer: _Layer, qkv: torch.Tensor) -> torch.Tensor:
+        """``qkv`` with each head of q and k normalised by the layer's q/k norms (Qwen3),
+        as transformers does before RoPE; unchanged where the layer has none."""
+        if layer.q_norm is None:
+            return qkv
+        hd, lead = self.head_dim, qkv.shape[:-1]
+        nq, nk = self.heads * hd, self.kv_heads * hd
+        q = _rms(layer.q_norm, qkv[..., :nq].reshape(*lead, self.heads, hd))
+        k = _rms(layer.k_norm, qkv[..., nq : nq + nk].reshape(*lead, self.kv_heads, hd))
+        parts = (q.reshape(*lead, nq), k.reshape(*lead, nk), qkv[..., nq + nk :])
+        return torch.cat([t.to(qkv.dtype) for t in parts], -1)
+
     def prefill(self, prompts: list[list[int]]):
         """Run ``prompts`` into the slots after the running rows; returns their last
         positions' logits and where they start (for :meth:`join`)."""
@@ -329,7 +350,7 @@ class StaticBatch:
         hd = self.head_dim
         for i, layer in enumerate(self.layers):
             x = _rms(layer.norm1, h)
-            qkv = layer.qkv(x)
+            qkv = self._qk_norm(layer, layer.qkv(x))
             q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], -1)
             q = _rope(q.view(n, longest, self.heads, hd).transpose(1, 2), cos, sin)
             k = _rope(k.view(n, longest, self.kv_heads, hd).transpose(1, 2), cos, sin)
@@ -516,7 +537,7 @@ class StaticBatch:
         d = None
         for i, layer in enumerate(self.layers):
             fused.add_rms(h, d, layer.norm1.weight, _eps(layer.norm1), x)
-            qkv = layer.qkv.fp32(x)
+            qkv = self._qk_norm(layer, layer.qkv.fp32(x))
             keys, values = self.kv[0, i], self.kv[1, i]
             fused.rope_kv(qkv, q, keys, values, self.cos, self.sin, positions, self.heads,
                           self.kv_heads, slots)  # fmt: skip
@@ -558,7 +579,7 @@ class StaticBatch:
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = _rms(layer.norm1, h)
-            qkv = layer.qkv(x)
+            qkv = self._qk_norm(layer, layer.qkv(x))
             q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], -1)
             q = _rope(q.view(rows, self.heads, hd), cos, sin)
             k = _rope(k.view(rows, self.kv_heads, hd), cos, sin)
