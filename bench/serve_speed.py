@@ -450,6 +450,13 @@ def main() -> None:
     p.add_argument("--method", default="rtn", help="rtn (default, fast) or gptq (tiny only)")
     p.add_argument("--runtime", default="auto", choices=["auto", "static", "dynamic"])
     p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float16", "bfloat16", "float32"],
+        help="the serving dtype (auto: float16 on a GPU, float32 on a CPU; bfloat16 on a CPU "
+        "takes torch's int4 kernel for 4-bit layers)",
+    )
+    p.add_argument(
         "--dynamic-batch1", type=int, default=0, help="also time the dynamic runtime at batch 1"
     )
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -487,7 +494,7 @@ def main() -> None:
             built = time.monotonic() - t0
             t0 = time.monotonic()
             loaded = load(checkpoint, "bench", args.device, max_batch=32, max_queue=256,
-                          runtime=args.runtime)  # fmt: skip
+                          runtime=args.runtime, dtype=args.dtype)  # fmt: skip
             engine = loaded.engine
             info = {**loaded.info, **machine(), "shape": args.shape, "vocab": len(tokenizer)}
             info.update(label=label, kv_cache_tokens=engine.kv_cache_tokens,

@@ -88,6 +88,71 @@ def test_quantlinear_in_fp16_matches_the_fp32_product_rounded(checkpoint):
     assert torch.equal(layer.dequantized_weight(torch.float16), exact)
 
 
+def _int4_layer(act_order: bool, bits: int = 4, n: int = 128, with_bias: bool = True):
+    """A QuantLinear of random codes (group 32, asymmetric), packed as the engine packs."""
+    from gptq_compat.config import CheckpointFormat
+    from gptq_worker.format.pack import pack_qweight, pack_qzeros
+
+    g = torch.Generator().manual_seed(bits + act_order)
+    k, size = 256, 32
+    codes = torch.randint(0, 2**bits, (n, k), generator=g)
+    zeros = torch.randint(1, 2**bits, (k // size, n), generator=g)
+    scales = (torch.rand(k // size, n, generator=g) * 0.02 + 0.001).half()
+    g_idx = torch.arange(k) // size
+    if act_order:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    fmt = CheckpointFormat.GPTQ
+    bias = torch.randn(n, generator=g).half() if with_bias else None
+    return QuantLinear(
+        pack_qweight(codes, bits), pack_qzeros(zeros, bits, fmt), scales, g_idx.int(), bias,
+        bits, fmt,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cpu_int4_kernel_computes_the_dequantized_product(act_order):
+    """bfloat16 on a CPU: 4-bit layers run torch's int4 matmul (act-order inputs permuted);
+    the product is the dequantized weight's within bfloat16's rounding."""
+    layer = _int4_layer(act_order)
+    assert layer.cpu_int4() is not None
+    assert (layer.cpu_int4()[3] is not None) == act_order
+    x = torch.randn(5, 256)
+    expected = x @ layer.dequantized_weight(torch.float32).t() + layer.bias.float()
+    with torch.no_grad():
+        got = layer(x.to(torch.bfloat16)).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+    # the same call through the dequantized path agrees as closely (no int4 kernel)
+    layer._int4, layer._int4_none = None, True
+    with torch.no_grad():
+        slow = layer(x.to(torch.bfloat16)).float()
+    assert ((got - slow).norm() / slow.norm()).item() < 1e-2
+
+
+def test_cpu_int4_kernel_is_skipped_where_it_cannot_read_the_layer():
+    assert _int4_layer(False, bits=3).cpu_int4() is None  # 4 bits only
+    assert _int4_layer(False, n=96).cpu_int4() is None  # out_features a multiple of 64
+    layer = _int4_layer(False, n=96, with_bias=False)
+    x = torch.randn(2, 256)
+    with torch.no_grad():  # the portable path serves it instead
+        got = layer(x.to(torch.bfloat16)).float()
+    expected = x @ layer.dequantized_weight(torch.float32).t()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_bfloat16_on_a_cpu_serves_through_the_int4_kernel(checkpoint, tokenizer):
+    from gptq_worker.serve.model import CPU_INT4_KERNEL, load
+
+    loaded = load(checkpoint, "m", "cpu", max_batch=2, max_queue=4, dtype="bfloat16")
+    try:
+        assert loaded.info["dtype"] == "bfloat16"
+        assert loaded.info["kernel"] == CPU_INT4_KERNEL
+        ids = tokenizer("def parse(self, text):").input_ids
+        chunks = run_engine(loaded.engine, [ids], Sampling(max_tokens=6, temperature=0))[0]
+        assert chunks[-1].finish_reason in ("length", "stop") and chunks[-1].tokens >= 1
+    finally:
+        loaded.engine.stop()
+
+
 def test_batched_greedy_tokens_equal_the_dequantized_model(checkpoint, tokenizer):
     """Prompts of different lengths share one left-padded batch and one KV cache."""
     served = load_quantized_model(checkpoint)

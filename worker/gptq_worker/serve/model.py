@@ -20,6 +20,8 @@ from gptq_worker.kernels import gptq_triton as kernels
 from gptq_worker.serve.generate import Engine
 
 KERNEL = "builtin/torch"  # dequantize in torch, then matmul (CPU, or no Triton)
+CPU_INT4_KERNEL = "builtin/torch-int4"  # torch's int4 CPU matmul (4-bit layers, bfloat16)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRITON_KERNEL = "builtin/triton"  # fused dequantize-and-multiply (kernels/gptq_triton.py)
 
 
@@ -78,10 +80,58 @@ class QuantLinear(nn.Module):
             self._packed = p
         return p
 
+    def cpu_int4(self):
+        """(packed weight, group size, scales-and-offsets, input permutation or None) for
+        torch's int4 CPU matmul, built once, or None where it does not apply: 4 bits, groups
+        of 32/64/128/256 (act-order too: its inputs are permuted so that each group's
+        columns are contiguous), ``in_features`` a multiple of the group and of 16,
+        ``out_features`` of 64 (the op's layout).
+
+        torch computes ``(code - 8) * scale + offset`` per group; GPTQ's ``(code - zero) *
+        scale`` is that with ``offset = (8 - zero) * scale``.
+        """
+        cached = getattr(self, "_int4", None)
+        if cached is not None or getattr(self, "_int4_none", False):
+            return cached
+        self._int4_none = True
+        op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+        groups = self.scales.shape[0]
+        k, n = self.in_features, self.out_features
+        if op is None or self.bits != 4 or self.qweight.is_cuda or k % groups:
+            return None
+        size = k // groups
+        if size not in (32, 64, 128, 256) or k % 16 or n % 64:
+            return None
+        g = self.g_idx.long()
+        perm = torch.argsort(g, stable=True)
+        if not torch.equal(g[perm], torch.arange(k) // size):
+            return None  # a group without exactly ``size`` columns
+        codes = self.codes()  # [in, out]
+        plain = torch.equal(perm, torch.arange(k))
+        if not plain:
+            codes = codes[perm]
+        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+        scales = self.scales.float()
+        offsets = (8 - self.zeros.float()) * scales
+        sz = torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
+        self._int4 = (w, size, sz, None if plain else perm)
+        self._int4_none = False
+        return self._int4
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and kernels.available(x):
             return kernels.qmatmul(x, self.packed(), self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if x.dtype == torch.bfloat16 and not x.is_cuda:
+            int4 = self.cpu_int4()
+            if int4 is not None:  # torch's int4 CPU kernel: no dequantized weight
+                w, size, sz, perm = int4
+                x2 = x.reshape(-1, self.in_features)
+                if perm is not None:
+                    x2 = x2.index_select(1, perm)
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, size, sz)
+                y = y.reshape(*x.shape[:-1], self.out_features)
+                return y if bias is None else y + bias
         # fp16 * fp16 rounds exactly like the fp32 product cast to fp16; bf16 would not
         exact = x.dtype if x.dtype in (torch.float16, torch.float32) else torch.float32
         return F.linear(x, self.dequantized_weight(exact).to(x.dtype), bias)
@@ -181,7 +231,10 @@ def load(
     trust_remote_code: bool = False,
     kv_cache_tokens: int | None = None,
     runtime: str = "auto",
+    dtype: torch.dtype | str | None = None,
 ) -> Loaded:
+    """``dtype``: the serving dtype (None or "auto": fp16 on a GPU, fp32 on a CPU); on a
+    CPU, bfloat16 runs 4-bit layers on torch's int4 kernel (:meth:`QuantLinear.cpu_int4`)."""
     from transformers import AutoTokenizer
 
     from gptq_worker.device import resolve_device
@@ -199,7 +252,10 @@ def load(
         )
     qcfg = read_quantize_config(directory)
     dev = resolve_device(device)
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    if dtype in (None, "auto"):
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = DTYPES[dtype]
     model = load_quantized_model(directory, dtype, str(dev), trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -225,7 +281,8 @@ def load(
         runtime=runtime,
     )
     fused = dev.type == "cuda" and kernels.triton is not None and dtype != torch.float32
-    info["kernel"] = TRITON_KERNEL if fused else KERNEL
+    int4 = dev.type == "cpu" and dtype == torch.bfloat16 and any(m.cpu_int4() for m in layers)
+    info["kernel"] = TRITON_KERNEL if fused else CPU_INT4_KERNEL if int4 else KERNEL
     info["runtime"] = engine.runtime + (" (CUDA graphs)" if engine.runtime == "static" and
                                         dev.type == "cuda" else "")  # fmt: skip
     return Loaded(engine, tokenizer, name, info, packed, fp16, int(time.time()))

@@ -28,6 +28,7 @@ async def _run(
     ready: threading.Event | None,
     options: dict,
     kv_cache_tokens: int | None = None,
+    dtype: str = "auto",
 ) -> int:
     server = Server(name, max_batch, max_queue, **options)
     # keep-alive connections idle past keepalive_timeout are closed; at shutdown, handlers
@@ -63,6 +64,8 @@ async def _run(
         max_queue,
         trust_remote_code,
         kv_cache_tokens,
+        "auto",
+        dtype,
     )
     done, _ = await asyncio.wait(
         {loading, asyncio.ensure_future(stop.wait())}, return_when=asyncio.FIRST_COMPLETED
@@ -118,6 +121,7 @@ def serve(
     trust_remote_code: bool = False,
     ready: threading.Event | None = None,
     kv_cache_tokens: int | None = None,
+    dtype: str = "auto",
     **options,
 ) -> int:
     """Serve ``checkpoint`` until SIGTERM/SIGINT; returns the process exit code.
@@ -138,5 +142,6 @@ def serve(
             ready,
             options,
             kv_cache_tokens,
+            dtype,
         )
     )
