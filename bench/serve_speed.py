@@ -535,7 +535,7 @@ def main() -> None:
                 )
                 dyn.stop()
             if args.hf_reference and not gpu_build:
-                dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+                dtype = engine.model.get_input_embeddings().weight.dtype  # the serving dtype
                 dense = dense_copy(engine.model, dtype)
                 results.update(hf_reference(dense, rng_prompt(rng, tokenizer, args), args.tokens))
             emit(args, {"label": label, "results": results})

@@ -251,3 +251,21 @@ def test_text_stream_holds_back_a_partial_character():
     assert stream.push(euro[0]) == ("", False)
     assert stream.push(euro[1]) == ("", False)
     assert stream.push(euro[2]) == ("€", False)
+
+
+def test_cpu_int4_kernel_that_disagrees_is_not_used(monkeypatch):
+    """A torch whose int4 op reads the packing differently (it changed between releases)
+    fails the first-use probe: the layer keeps the portable path and its correct result."""
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    def shifted(x, w, size, sz):
+        return real(x, w, size, sz) + 1.0
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", shifted)
+    layer = _int4_layer(False, with_bias=False)
+    assert layer.cpu_int4() is None
+    x = torch.randn(3, 256)
+    expected = x @ layer.dequantized_weight(torch.float32).t()
+    with torch.no_grad():
+        got = layer(x.to(torch.bfloat16)).float()
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-2

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from gptq_worker.format.pack import unpack_qzeros, unpack_rows
 from gptq_worker.kernels import gptq_triton as kernels
 from gptq_worker.serve.generate import Engine
 
+log = logging.getLogger(__name__)
 KERNEL = "builtin/torch"  # dequantize in torch, then matmul (CPU, or no Triton)
 CPU_INT4_KERNEL = "builtin/torch-int4"  # torch's int4 CPU matmul (4-bit layers, bfloat16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,10 +112,24 @@ class QuantLinear(nn.Module):
         plain = torch.equal(perm, torch.arange(k))
         if not plain:
             codes = codes[perm]
-        w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
         scales = self.scales.float()
         offsets = (8 - self.zeros.float()) * scales
         sz = torch.stack([scales, offsets], -1).to(torch.bfloat16).contiguous()
+        # torch's packing has changed between releases: one probe row against the
+        # dequantized weight decides, once, whether this torch's op reads what we packed
+        probe = torch.randn(1, k, generator=torch.Generator().manual_seed(0))
+        expected = probe @ self.dequantized_weight(torch.float32).t()
+        try:
+            w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), 1)
+            x = probe[:, perm] if not plain else probe
+            got = op(x.to(torch.bfloat16).contiguous(), w, size, sz).float()
+            ok = ((got - expected).norm() / expected.norm()).item() < 2e-2
+        except (RuntimeError, TypeError, ValueError) as err:
+            log.info("torch's int4 CPU matmul is not used: %s", err)
+            return None
+        if not ok:
+            log.warning("torch's int4 CPU matmul disagrees with the dequantized weight; not used")
+            return None
         self._int4 = (w, size, sz, None if plain else perm)
         self._int4_none = False
         return self._int4
