@@ -54,7 +54,7 @@ from gptq_worker.format.pack import pack_qweight, pack_qzeros
 from gptq_worker.kernels import gptq_triton as kernels
 from gptq_worker.pipeline.run import quantize
 from gptq_worker.serve.generate import Chunk, Engine, Request, Sampling
-from gptq_worker.serve.model import QuantLinear, load
+from gptq_worker.serve.model import DTYPES, QuantLinear, load
 
 TINY = dict(
     hidden_size=256,
@@ -452,7 +452,7 @@ def main() -> None:
     p.add_argument(
         "--dtype",
         default="auto",
-        choices=["auto", "float16", "bfloat16", "float32"],
+        choices=["auto", *DTYPES],
         help="the serving dtype (auto: float16 on a GPU, float32 on a CPU; bfloat16 on a CPU "
         "takes torch's int4 kernel for 4-bit layers)",
     )

@@ -455,12 +455,21 @@ def _args(w: PackedWeight) -> tuple:
     )
 
 
-def _split(x, w: PackedWeight, tiles: int, per_sm: int) -> tuple[int, int]:
-    """(programs along K, K per program) to aim for ``per_sm`` programs a multiprocessor."""
-    steps = triton.cdiv(w.in_features, w.block_k)
+def _split(x, w: PackedWeight, tiles: int, per_sm: int, block_k: int = 0) -> tuple[int, int]:
+    """(programs along K, K per program) to aim for ``per_sm`` programs a multiprocessor,
+    with K tiles of ``block_k`` (default the layer's)."""
+    block_k = block_k or w.block_k
+    steps = triton.cdiv(w.in_features, block_k)
     split = max(1, min(steps, math.ceil(per_sm * _processors(x.device) / tiles)))
-    k_per_split = triton.cdiv(steps, split) * w.block_k
+    k_per_split = triton.cdiv(steps, split) * block_k
     return triton.cdiv(w.in_features, k_per_split), k_per_split
+
+
+def _output(x: torch.Tensor, n: int, atomic: bool, fp32: bool) -> torch.Tensor:
+    """The kernels' output: zeroed fp32 for atomic partial sums, else fp32 or ``x``'s dtype."""
+    if atomic:
+        return torch.zeros((x.shape[0], n), device=x.device, dtype=torch.float32)
+    return torch.empty((x.shape[0], n), device=x.device, dtype=torch.float32 if fp32 else x.dtype)
 
 
 def row_bucket(m: int) -> int:
@@ -529,10 +538,7 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
         block_m = tile_m or (16 if m <= 16 else 32 if m <= 32 else 64)
         split, k_per_split = _split(x, w, triton.cdiv(n, block_n) * triton.cdiv(m, block_m), per_sm)
     atomic = split > 1
-    if atomic:
-        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((m, n), device=x.device, dtype=torch.float32 if fp32 else x.dtype)
+    out = _output(x, n, atomic, fp32)
     if kind == "mv":
         grid = (triton.cdiv(n, block_n), split)
         _qmv_kernel[grid](
@@ -564,16 +570,10 @@ def _swapped(x: torch.Tensor, w: PackedWeight, config: tuple, fp32: bool) -> tor
     m, n, k = x.shape[0], w.out_features, w.in_features
     block_m = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    steps = triton.cdiv(k, block_k)
-    split = max(1, min(steps, math.ceil(per_sm * _processors(x.device) / tiles)))
-    k_per_split = triton.cdiv(steps, split) * block_k
-    split = triton.cdiv(k, k_per_split)
+    split, k_per_split = _split(x, w, tiles, per_sm, block_k)
     xin = plane_order(x, w, block_k) if xp else x
     atomic = split > 1
-    if atomic:
-        out = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    else:
-        out = torch.empty((m, n), device=x.device, dtype=torch.float32 if fp32 else x.dtype)
+    out = _output(x, n, atomic, fp32)
     grid = (triton.cdiv(n, block_n), split, triton.cdiv(m, block_m))
     _qmt_kernel[grid](
         xin, w.qweight, w.scales, w.zeros, out, m, n, k, k_per_split,
