@@ -97,8 +97,13 @@ for i, (bits, sym, act, fmt) in enumerate(FORMATS):
                         bad.append((bits, sym, act, str(fmt), k, m, kind, config, err))
         y = kernels.qmatmul(torch.randn(70, w.in_features), w)  # many rows: dequantize + matmul
         assert y.shape == (70, w.out_features)
+        # the tuner's "dq" choice: the same product through the dequantized layer
+        x = torch.randn(70, w.in_features)
+        y = kernels.fused_matmul(x, w, kind="dq", fp32=True)
+        assert y.dtype == torch.float32 and torch.allclose(y, x @ ref, rtol=1e-5, atol=1e-4)
+        paths.add(("dq", False, w.group > 0))
 assert not bad, bad
-assert len(paths) == 6, paths  # mv and mm (with and without planes), grouped and act-order
+assert len(paths) == 8, paths  # mv, mm (with and without planes), dq; grouped and act-order
 print("triton kernels equal", len(FORMATS))
 """
 

@@ -430,7 +430,11 @@ DEFAULT_CONFIG = (64, 4)  # BLOCK_N, programs per multiprocessor to aim for (K s
 # what :func:`tune` chose: (layer key, row bucket) -> (kind, BLOCK_N, per SM, stages, warps)
 _TUNED: dict[tuple, tuple] = {}
 TIMINGS: dict[tuple, dict] = {}  # every configuration :func:`tune` timed (microseconds)
-ROW_BUCKETS = (1, 16, 32, 64)  # the row counts tuned; more rows use the 64-row choice
+# the row counts tuned; more rows use the last choice. 256: the fused serving step that
+# carries new prompts (up to 256 prompt tokens beside the decoding rows), where tiles that
+# dequantize in registers cost in proportion to the rows and "dq" (dequantize the layer
+# once into a scratch buffer, then cuBLAS) may win
+ROW_BUCKETS = (1, 16, 32, 64, 256)
 
 
 def _processors(device: torch.device) -> int:
@@ -507,8 +511,10 @@ def swapped_applies(w: PackedWeight, block_k: int) -> bool:
 
 def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
                  kind: str | None = None, fp32: bool = False):  # fmt: skip
-    """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row) or "mm"
-    (tensor cores, any ``M``). ``config``: (BLOCK_N, programs per multiprocessor[,
+    """``x [M, K] @ W -> [M, N]`` by a fused kernel: ``kind`` "mv" (one row), "mm"
+    (tensor cores, any ``M``), "mt" (:func:`_swapped`) or "dq" (not fused: the layer
+    dequantized into a temporary buffer, then ``x @ W``; its fp32 output is the product
+    rounded to ``x``'s dtype). ``config``: (BLOCK_N, programs per multiprocessor[,
     num_stages[, num_warps[, BLOCK_M[, plane-ordered x]]]]) (BLOCK_M 0: 16, 32 or 64 by
     ``M``), else what :func:`tune` chose for this row count, else a default. ``fp32``:
     return the fp32 sums (no rounding to ``x``'s
@@ -522,6 +528,9 @@ def fused_matmul(x: torch.Tensor, w: PackedWeight, config: tuple | None = None,
         if usable and (kind is None or kind == tuned[0]):
             kind, config = tuned[0], tuned[1:]
     kind = kind or ("mv" if m == 1 else "mm")
+    if kind == "dq":  # the whole layer dequantized in x's dtype, then a dense product
+        y = x @ dequantize(w, x.dtype)
+        return y.float() if fp32 else y
     config = tuple(config or DEFAULT_CONFIG)
     block_n, per_sm = config[0], config[1]
     stages = config[2] if len(config) > 2 else (2 if (w.bits == 3 or not w.group) else 3)
@@ -672,13 +681,16 @@ MT_CANDIDATES = (
     # 64 rows (a step carrying new prompts; not in that search) in two 32-row tiles
     ("mt", 128, 1, 3, 4, 32, 1, 256),
 )
+# from 64 rows: dequantize the layer, then cuBLAS (qmatmul's path above FUSED_MAX_M)
+DQ_CANDIDATES = (("dq",),)
 
 
 def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
          buckets: tuple[int, ...] = ROW_BUCKETS) -> dict:  # fmt: skip
     """Pick the kernel, BLOCK_N, K split, pipelining depth and warps for each distinct layer
     shape and row bucket (1: the one-row kernel or 16-row tiles, whichever is faster;
-    16/32/64: tiles of that many rows; the swapped-operand tiles where they apply),
+    16/32/64/256: tiles of up to 64 rows; the swapped-operand tiles where they apply; from
+    64 rows also dequantize-then-cuBLAS),
     timing each configuration over up to 8 layers of that shape (distinct memory, as in a
     forward) inside a CUDA graph. Call before
     capturing the decode graphs. A configuration the GPU cannot run (too much shared
@@ -700,6 +712,8 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
             mm = MM_CANDIDATES if planes else GATHER_CANDIDATES
             if x.dtype == torch.float16:
                 mm = mm + tuple(c for c in MT_CANDIDATES if swapped_applies(group[0], c[-1]))
+            if rows >= 64:
+                mm = mm + DQ_CANDIDATES
             for cand in (*MV_CANDIDATES, *mm) if rows == 1 else mm:
                 if rows <= 16 and cand[0] == "mm" and cand[5] == 0:
                     continue  # BLOCK_M 0 picks 16 here: the same as 16
