@@ -11,7 +11,12 @@ with its KV budget) and drives the engine directly, without HTTP:
 - batch 8: eight equal requests at once; generated tokens / wall seconds;
 - 32 mixed: long requests start first, then medium and short ones arrive while the long
   ones decode; aggregate tokens/s, and p50/p95 end-to-end latency of the short requests,
-  against the same short requests run alone (continuous batching keeps these close);
+  against the same short requests run alone (continuous batching keeps these close); a
+  burst of 32 requests in all, of which the 8 long ones decode alone most of the time;
+- 32 concurrent (``--clients 32``): 32 clients each keep one request of a mixed length
+  in flight (closed loop, a new request as soon as the last ended) for
+  ``--concurrent-seconds``; aggregate decode tokens/s while all are busy, short requests'
+  p50/p95 latency;
 - ``--hf-reference``: transformers' own ``generate`` on the dequantized model in the
   serving dtype (fp16 on a GPU), batch 1 and 8, the same token counts.
 
@@ -67,13 +72,16 @@ TINY = dict(
 
 
 class Job:
-    def __init__(self, prompt: list[int], tokens: int, kind: str = "") -> None:
+    def __init__(self, prompt: list[int], tokens: int, kind: str = "", ticks=None) -> None:
         self.kind, self.done, self.count = kind, threading.Event(), 0
+        self.ticks = ticks  # a list to append (time, new tokens) to, or None
         self.request = Request(
             prompt, Sampling(max_tokens=tokens, temperature=0, ignore_eos=True), self._emit
         )
 
     def _emit(self, chunk: Chunk) -> None:
+        if self.ticks is not None and chunk.tokens > self.count:
+            self.ticks.append((time.monotonic(), chunk.tokens - self.count))
         self.count = chunk.tokens
         if chunk.finish_reason is not None:
             self.finished = time.monotonic()
@@ -95,6 +103,56 @@ def run(engine: Engine, jobs: list[Job], gaps: list[float] | None = None) -> flo
     for job in jobs:
         job.done.wait()
     return time.monotonic() - start
+
+
+def concurrent(engine: Engine, args, vocab: int, seed: int) -> dict:
+    """``args.clients`` clients, each keeping one request in flight (a new one as soon as
+    its last ended: a closed loop, as load generators run a fixed concurrency) for
+    ``args.concurrent_seconds``; lengths mixed as in the burst (a quarter long, half medium,
+    a quarter short), prompts of half to twice ``--prompt-tokens``. Aggregate decode
+    throughput: tokens generated between the first second and the end (every client busy),
+    per second; short requests' end-to-end latency p50/p95; what is left in flight at the
+    end is cancelled."""
+    medium = max(args.short, args.long // 4)
+    kinds = [("long", args.long), ("medium", medium), ("medium", medium), ("short", args.short)]
+    ticks: list[tuple[float, int]] = []
+    finished: list[Job] = []
+    start = time.monotonic()
+    end = start + args.concurrent_seconds
+    live: dict[int, Job] = {}
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        while time.monotonic() < end:
+            kind, tokens = rng.choice(kinds)
+            n = rng.randint(max(1, args.prompt_tokens // 2), args.prompt_tokens * 2)
+            job = Job([rng.randrange(3, vocab) for _ in range(n)], tokens, kind, ticks)
+            job.request.arrived = job.request.times.arrived = time.monotonic()
+            live[i] = job
+            engine.submit(job.request)
+            job.done.wait()
+            if job.request.times.tokens == tokens:  # ran to its length (not cancelled)
+                finished.append(job)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    for th in threads:
+        th.start()
+    time.sleep(max(0.0, end - time.monotonic()))
+    for job in list(live.values()):
+        job.request.cancelled.set()
+    for th in threads:
+        th.join()
+    window = (start + min(1.0, args.concurrent_seconds / 4), end)
+    tokens = sum(n for at, n in ticks if window[0] <= at < window[1])
+    short = [j.latency for j in finished if j.kind == "short"]
+    out = {
+        f"concurrent{args.clients}_tokens_per_s": round(tokens / (window[1] - window[0]), 2),
+        f"concurrent{args.clients}_requests_finished": len(finished),
+    }
+    if short:
+        out[f"concurrent{args.clients}_short_p50_s"] = round(pct(short, 0.5), 3)
+        out[f"concurrent{args.clients}_short_p95_s"] = round(pct(short, 0.95), 3)
+    return out
 
 
 def pct(values: list[float], q: float) -> float:
@@ -437,6 +495,14 @@ def measure(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
     results["mixed32_over_batch1"] = round(
         results["mixed32_tokens_per_s"] / results["batch1_decode_tokens_per_s"], 2
     )
+    if args.clients:
+        found = concurrent(engine, args, vocab, rng.randrange(1 << 30))
+        results.update(found)
+        results[f"concurrent{args.clients}_over_batch1"] = round(
+            found[f"concurrent{args.clients}_tokens_per_s"]
+            / results["batch1_decode_tokens_per_s"],
+            2,
+        )
     return results
 
 
@@ -464,6 +530,12 @@ def main() -> None:
     p.add_argument("--short", type=int, default=16, help="max_tokens of the short requests")
     p.add_argument("--long", type=int, default=512, help="max_tokens of the long requests")
     p.add_argument("--gap", type=float, default=0.02, help="seconds between arrivals")
+    p.add_argument(
+        "--clients", type=int, default=32, help="closed-loop clients (0: not measured)"
+    )
+    p.add_argument(
+        "--concurrent-seconds", type=float, default=8.0, help="how long the clients run"
+    )
     p.add_argument("--hf-reference", action="store_true")
     p.add_argument("--profile", action="store_true", help="also where a step's time goes")
     p.add_argument(
