@@ -499,8 +499,7 @@ def measure(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         found = concurrent(engine, args, vocab, rng.randrange(1 << 30))
         results.update(found)
         results[f"concurrent{args.clients}_over_batch1"] = round(
-            found[f"concurrent{args.clients}_tokens_per_s"]
-            / results["batch1_decode_tokens_per_s"],
+            found[f"concurrent{args.clients}_tokens_per_s"] / results["batch1_decode_tokens_per_s"],
             2,
         )
     return results
@@ -530,12 +529,8 @@ def main() -> None:
     p.add_argument("--short", type=int, default=16, help="max_tokens of the short requests")
     p.add_argument("--long", type=int, default=512, help="max_tokens of the long requests")
     p.add_argument("--gap", type=float, default=0.02, help="seconds between arrivals")
-    p.add_argument(
-        "--clients", type=int, default=32, help="closed-loop clients (0: not measured)"
-    )
-    p.add_argument(
-        "--concurrent-seconds", type=float, default=8.0, help="how long the clients run"
-    )
+    p.add_argument("--clients", type=int, default=32, help="closed-loop clients (0: not measured)")
+    p.add_argument("--concurrent-seconds", type=float, default=8.0, help="how long the clients run")
     p.add_argument("--hf-reference", action="store_true")
     p.add_argument("--profile", action="store_true", help="also where a step's time goes")
     p.add_argument(
