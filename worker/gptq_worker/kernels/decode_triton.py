@@ -41,8 +41,10 @@ if triton is not None:
         hf = h.to(tl.float32)
         var = tl.sum(hf * hf, axis=0) / N
         xn = (hf * tl.rsqrt(var + eps)).to(h_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + c, mask=m, other=0.0)
-        tl.store(x_ptr + r * N + c, (w * xn).to(x_ptr.dtype.element_ty), mask=m)
+        # the weight's product in fp32: exact for two fp16 or bf16 factors, so rounded once
+        # it is torch's fp16/bf16 product (and Triton's interpreter has no bf16 arithmetic)
+        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(x_ptr + r * N + c, (w * xn.to(tl.float32)).to(x_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _rope_kv_kernel(qkv_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr,

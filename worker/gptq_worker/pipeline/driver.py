@@ -42,6 +42,7 @@ from gptq_worker.format.pack import (
 from gptq_worker.pipeline.capture import Activations, forward_layer_in_place, layer_output
 from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
 from gptq_worker.pipeline.mover import LayerMover, Phases
+from gptq_worker.pipeline.norms import fuse_norms
 from gptq_worker.pipeline.split import LayerSplit, forward_from
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
@@ -64,6 +65,10 @@ class EngineOptions:
     hessian_precision: str = "tensor-core"  # or "fp32"
     solver: str = "auto"  # "torch", "triton", or auto: Triton on CUDA
     fuse: bool = True  # modules that share a Hessian and settings are solved as one matrix
+    # the layers' RMSNorms in one kernel on a GPU (norms.py); GPTQ_WORKER_FUSED_NORMS=0: not
+    fused_norms: bool = field(
+        default_factory=lambda: os.environ.get("GPTQ_WORKER_FUSED_NORMS", "1") != "0"
+    )
     profile: bool = field(default_factory=lambda: os.environ.get("GPTQ_WORKER_PROFILE") == "1")
 
 
@@ -280,13 +285,16 @@ def quantize_layers(
     """
     options = options or EngineOptions()
     mover = LayerMover(device, source)
+    unfuse: list[Callable[[], None]] = []  # the fused norms of the layer being computed
     try:
         packed = _quantize_layers(
             model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
-            options, mover, on_released,
+            options, mover, on_released, unfuse,
         )  # fmt: skip
         return packed if source is None else state.packed()
     finally:
+        for restore in unfuse:  # a failed layer's modules as they were
+            restore()
         try:
             mover.drain()
         finally:
@@ -295,8 +303,9 @@ def quantize_layers(
 
 def _quantize_layers(
     model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover,
-    on_released=None,
+    on_released=None, unfuse=None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
+    unfuse = [] if unfuse is None else unfuse
     phases = Phases(device, options.profile)
     fmt = cfg.checkpoint_format
     layers = model.get_submodule(arch.layers)
@@ -314,6 +323,8 @@ def _quantize_layers(
         names = {n: f"{prefix}.{n}" for g in arch.groups for n in g}
         with phases("move"):
             mover.ready(fetched, layer)
+        if options.fused_norms:
+            unfuse.append(fuse_norms(layer))
         if i + 1 < len(layers):
             fetched = mover.fetch(layers[i + 1], i + 1)  # copied in while this is computed
         if evaluation is not None:  # original weights: the "before" stream
@@ -406,6 +417,8 @@ def _quantize_layers(
                 forward_layer_in_place(layer, acts.hidden, acts, i)
         if evaluation is not None:
             evaluation.after_layer(layer, i)
+        while unfuse:  # the layer's modules as the caller gave them
+            unfuse.pop()()
 
         quantized = {full for full in names.values() if full in settings}
 
