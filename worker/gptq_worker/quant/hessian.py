@@ -64,8 +64,7 @@ class Hessian:
         for a, rows in enumerate(self.blocks):
             for cols in self.blocks[: a + 1]:  # the lower triangle of blocks
                 if fast:
-                    xr, xc = x[:, rows].t(), x[:, cols]
-                    self.sum[rows, cols] += torch.mm(xr, xc, out_dtype=torch.float32)
+                    _add_product(self.sum[rows, cols], x[:, rows].t(), x[:, cols])
                 else:
                     self.sum[rows, cols].addmm_(x[:, rows].t(), x[:, cols])
 
@@ -114,12 +113,43 @@ class AsymmetricHessian(Hessian):
         x = x.reshape(-1, x.shape[-1])
         dx = x_fp.reshape(-1, x_fp.shape[-1]) - x  # [tokens, in]
         if self.fast and x.dtype in (torch.float16, torch.bfloat16):
-            self.cross += torch.mm(dx.t(), x, out_dtype=torch.float32)
+            _add_product(self.cross, dx.t(), x)
         else:
             self.cross.addmm_(dx.float().t(), x.float())
 
     def cross_result(self) -> torch.Tensor:
         return self.cross.mul_(2 / max(self.count, 1))
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` for fp16/bf16 ``a``, ``b`` into fp32 ``out`` (possibly a block of a
+    larger matrix) on the tensor cores: in the product's epilogue where this torch's
+    ``addmm(..., out_dtype=)`` writes such a block in place (one pass over ``out`` instead
+    of a temporary product and an addition reading both), else product, then addition."""
+    if _has_addmm_dtype(out.device.index or 0):
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out += torch.mm(a, b, out_dtype=torch.float32)
+
+
+@functools.cache
+def _has_addmm_dtype(device: int) -> bool:
+    """Whether ``torch.addmm(C, A, B, out_dtype=float32, out=C)`` adds into a column block of
+    a larger fp32 matrix correctly on this torch and GPU (asked once per process): checked
+    against product-then-addition on a small case."""
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        a = torch.randn(64, 48, device=f"cuda:{device}", generator=gen).half()
+        b = torch.randn(48, 96, device=f"cuda:{device}", generator=gen).half()
+        base = torch.randn(64, 160, device=f"cuda:{device}", generator=gen)
+        want = base.clone()
+        want[:, 32:128] += torch.mm(a, b, out_dtype=torch.float32)
+        got = base.clone()
+        block = got[:, 32:128]
+        torch.addmm(block, a, b, out_dtype=torch.float32, out=block)
+        return bool(torch.allclose(got, want, rtol=1e-5, atol=1e-5))
+    except Exception:  # no such overload, or no kernel for it: the two-step path
+        return False
 
 
 @functools.cache
