@@ -271,13 +271,14 @@ def test_cpu_int4_kernel_that_disagrees_is_not_used(monkeypatch):
     assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-def test_widened_3bit_layer_is_the_same_layer(act_order):
-    """3-bit codes held as 4-bit words (for the GPU's 4-bit kernels): the same dequantized
-    weight bit for bit, the same products, a third more bytes for the codes."""
+@pytest.mark.parametrize(("bits", "act_order"), [(3, False), (3, True), (2, False)])
+def test_widened_layer_is_the_same_layer(bits, act_order):
+    """2/3-bit codes held as 4-bit words (for the GPU's 4-bit kernels): the same dequantized
+    weight bit for bit, the same products, a third (3 bits) or all (2 bits) of the codes'
+    bytes more."""
     from gptq_worker.format.pack import dequantize_packed
 
-    layer = _int4_layer(act_order, bits=3)
+    layer = _int4_layer(act_order, bits=bits)
     weight = layer.dequantized_weight(torch.float32)
     x = torch.randn(3, 256)
     with torch.no_grad():
@@ -285,7 +286,7 @@ def test_widened_3bit_layer_is_the_same_layer(act_order):
     old = layer.qweight.numel() * 4
     added = layer.widen()
     assert layer.bits == 4 and layer.qweight.shape == (256 // 8, 128)
-    assert added == old // 3 == layer.qweight.numel() * 4 - old
+    assert added == old * (4 - bits) // bits == layer.qweight.numel() * 4 - old
     assert torch.equal(layer.dequantized_weight(torch.float32), weight)
     # qzeros repacked too: what reads the module's packed tensors reads the same weight
     reread = dequantize_packed(
@@ -297,35 +298,39 @@ def test_widened_3bit_layer_is_the_same_layer(act_order):
     assert layer.widen() == 0  # 4 bits now: nothing to do
 
 
-def test_3bit_codes_are_widened_only_where_memory_allows(monkeypatch):
+def test_codes_are_widened_only_where_memory_allows(monkeypatch):
     from gptq_worker.serve import model as serve_model
 
     def layers():
         return [_int4_layer(False, bits=3), _int4_layer(False, bits=4)]
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setenv("GPTQ_SERVE_WIDEN_3BIT", "auto")
-    assert serve_model.widen_3bit(layers(), cpu, torch.float32) == 0  # no fused kernels here
+    monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", "auto")
+    assert serve_model.widen_codes(layers(), cpu, torch.float32) == 0  # no fused kernels here
     monkeypatch.setattr(serve_model.kernels, "triton", object())  # as on a GPU with Triton
     extra = 256 * 128 // 8
     card = 1 << 30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card // 2, card))
     found = layers()
-    assert serve_model.widen_3bit(found, gpu, torch.float16) == extra
+    assert serve_model.widen_codes(found, gpu, torch.float16) == extra
     assert [m.bits for m in found] == [4, 4]
-    assert serve_model.widen_3bit(layers(), gpu, torch.float32) == 0  # the torch path
+    assert serve_model.widen_codes(layers(), gpu, torch.float32) == 0  # the torch path
     # a model quantized to 3 bits to fit: the extra bytes past a quarter of what is free
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * extra, card))
     kept = layers()
-    assert serve_model.widen_3bit(kept, gpu, torch.float16) == 0
+    assert serve_model.widen_codes(kept, gpu, torch.float16) == 0
     assert kept[0].bits == 3
-    monkeypatch.setenv("GPTQ_SERVE_WIDEN_3BIT", "1")  # always
-    assert serve_model.widen_3bit(layers(), cpu, torch.float32) == extra
-    monkeypatch.setenv("GPTQ_SERVE_WIDEN_3BIT", "0")  # never
-    assert serve_model.widen_3bit(layers(), gpu, torch.float16) == 0
-    monkeypatch.setenv("GPTQ_SERVE_WIDEN_3BIT", "yes")
+    monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", "1")  # always
+    assert serve_model.widen_codes(layers(), cpu, torch.float32) == extra
+    monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", "0")  # never
+    assert serve_model.widen_codes(layers(), gpu, torch.float16) == 0
+    two = [_int4_layer(False, bits=2)]  # twice the codes' bytes: 256 * 128 / 4 more
+    monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", "auto")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (card // 2, card))
+    assert serve_model.widen_codes(two, gpu, torch.float16) == 2 * extra
+    monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", "yes")
     with pytest.raises(ValueError, match="auto, 0 or 1"):
-        serve_model.widen_3bit(layers(), gpu, torch.float16)
+        serve_model.widen_codes(layers(), gpu, torch.float16)
 
 
 def test_a_widened_3bit_checkpoint_serves_the_same_tokens(
@@ -338,7 +343,7 @@ def test_a_widened_3bit_checkpoint_serves_the_same_tokens(
     ids = tokenizer("def parse(self, text):").input_ids
     tokens = {}
     for setting in ("0", "1"):
-        monkeypatch.setenv("GPTQ_SERVE_WIDEN_3BIT", setting)
+        monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", setting)
         loaded = load(out, "m", "cpu", max_batch=2, max_queue=4)
         try:
             assert ("codes_in_memory" in loaded.info) == (setting == "1")

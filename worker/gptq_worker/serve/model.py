@@ -76,14 +76,15 @@ class QuantLinear(nn.Module):
         return w.t()
 
     def widen(self) -> int:
-        """Hold 3-bit codes as 4-bit words: the same codes, zero points and scales, so the
-        same weight, in the layout the GPU's fastest kernels read (4-bit planes; 3-bit
-        values straddle words, which the kernels must gather). Costs a third more memory
-        for the codes; returns the bytes added (0: not a 3-bit layer)."""
-        if self.bits != 3:
+        """Hold 2- or 3-bit codes as 4-bit words: the same codes, zero points and scales,
+        so the same weight, in the layout the GPU's fastest kernels read (4-bit planes; 3-bit
+        values straddle words and 2-bit ones have no plane kernel, so the kernels gather
+        them). Costs a third (3 bits) or all (2 bits) of the codes' memory more; returns the
+        bytes added (0: not a 2/3-bit layer)."""
+        if self.bits not in (2, 3):
             return 0
         before = self.qweight.numel() * self.qweight.element_size()
-        zeros = unpack_qzeros(self.qzeros, 3, self.out_features, self.fmt)
+        zeros = unpack_qzeros(self.qzeros, self.bits, self.out_features, self.fmt)
         self.qweight = pack_rows(self.codes(), 4)
         self.qzeros = pack_qzeros(zeros, 4, self.fmt)  # what reads qzeros reads it at 4 bits
         self.bits = 4
@@ -242,39 +243,42 @@ def _is_tied(model: nn.Module, key: str) -> bool:
     )
 
 
-WIDEN_MAX_SHARE_OF_FREE = 0.25  # auto: widen 3-bit codes when the extra bytes fit in ...
+WIDEN_MAX_SHARE_OF_FREE = 0.25  # auto: widen 2/3-bit codes when the extra bytes fit in ...
 WIDEN_MAX_SHARE_OF_CARD = 0.05  # ... a quarter of the free memory and a twentieth of the card
 
 
-def widen_3bit(layers: list[QuantLinear], device: torch.device, dtype: torch.dtype) -> int:
-    """Hold the 3-bit layers' codes as 4-bit words (:meth:`QuantLinear.widen`) where that
-    buys speed and memory allows; returns the bytes added (0: not widened).
+def widen_codes(layers: list[QuantLinear], device: torch.device, dtype: torch.dtype) -> int:
+    """Hold the 2- and 3-bit layers' codes as 4-bit words (:meth:`QuantLinear.widen`) where
+    that buys speed and memory allows; returns the bytes added (0: not widened).
 
-    ``GPTQ_SERVE_WIDEN_3BIT``: ``auto`` (the default) widens on a GPU with the fused kernels
-    (fp16/bf16) when the extra bytes (an eighth of a byte per weight) stay within
-    :data:`WIDEN_MAX_SHARE_OF_FREE` of the free memory and :data:`WIDEN_MAX_SHARE_OF_CARD`
-    of the card, so a model that was quantized to 3 bits to fit keeps its footprint;
-    ``1`` always, ``0`` never. The weights are the same either way."""
-    three = [m for m in layers if m.bits == 3]
-    setting = os.environ.get("GPTQ_SERVE_WIDEN_3BIT", "auto")
+    ``GPTQ_SERVE_WIDEN_CODES``: ``auto`` (the default) widens on a GPU with the fused
+    kernels (fp16/bf16) when the extra bytes (an eighth of a byte per weight at 3 bits, a
+    quarter at 2) stay within :data:`WIDEN_MAX_SHARE_OF_FREE` of the free memory and
+    :data:`WIDEN_MAX_SHARE_OF_CARD` of the card, so a model that was quantized to few bits
+    to fit keeps its footprint; ``1`` always, ``0`` never. The weights are the same either
+    way."""
+    narrow = [m for m in layers if m.bits in (2, 3)]
+    setting = os.environ.get("GPTQ_SERVE_WIDEN_CODES", "auto")
     if setting not in ("auto", "0", "1"):
-        raise ValueError(f"GPTQ_SERVE_WIDEN_3BIT must be auto, 0 or 1, not {setting!r}")
-    if not three or setting == "0":
+        raise ValueError(f"GPTQ_SERVE_WIDEN_CODES must be auto, 0 or 1, not {setting!r}")
+    if not narrow or setting == "0":
         return 0
     if setting == "auto":
         if device.type != "cuda" or kernels.triton is None or dtype == torch.float32:
             return 0
-        extra = sum(m.qweight.numel() * m.qweight.element_size() // 3 for m in three)
+        extra = sum(
+            m.qweight.numel() * m.qweight.element_size() * (4 - m.bits) // m.bits for m in narrow
+        )
         free, total = torch.cuda.mem_get_info(device)
         if extra > min(free * WIDEN_MAX_SHARE_OF_FREE, total * WIDEN_MAX_SHARE_OF_CARD):
             log.info(
-                "3-bit codes kept as they are: widening them would take %.0f MiB of %.0f free",
+                "2/3-bit codes kept as they are: widening them would take %.0f MiB of %.0f free",
                 extra / 2**20,
                 free / 2**20,
             )
             return 0
-    added = sum(m.widen() for m in three)
-    log.info("3-bit codes held as 4-bit words for the fused kernels: +%.0f MiB", added / 2**20)
+    added = sum(m.widen() for m in narrow)
+    log.info("2/3-bit codes held as 4-bit words for the fused kernels: +%.0f MiB", added / 2**20)
     return added
 
 
@@ -330,7 +334,7 @@ def load(
     model = load_quantized_model(directory, dtype, str(dev), trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    widened = widen_3bit(layers, dev, dtype)  # before the KV cache is sized from free memory
+    widened = widen_codes(layers, dev, dtype)  # before the KV cache is sized from free memory
     packed = sum(m.packed_bytes() for m in layers)
     fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
     info = {
@@ -358,5 +362,7 @@ def load(
     info["runtime"] = engine.runtime + (" (CUDA graphs)" if engine.runtime == "static" and
                                         dev.type == "cuda" else "")  # fmt: skip
     if widened:
-        info["codes_in_memory"] = f"3-bit codes held as 4-bit words (+{widened / 2**20:.0f} MiB)"
+        info["codes_in_memory"] = (
+            f"{qcfg.bits}-bit codes held as 4-bit words (+{widened / 2**20:.0f} MiB)"
+        )
     return Loaded(engine, tokenizer, name, info, packed, fp16, int(time.time()))
