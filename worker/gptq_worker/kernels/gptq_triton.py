@@ -714,6 +714,11 @@ def tune(weights: list[PackedWeight], dtype: torch.dtype = torch.float16,
                 mm = mm + tuple(c for c in MT_CANDIDATES if swapped_applies(group[0], c[-1]))
             if rows >= 64:
                 mm = mm + DQ_CANDIDATES
+            below = _TUNED.get((*key0, 64))
+            if rows > 64 and below is not None:
+                # the tiles' cost grows with the rows alike: the 64-row winner against "dq"
+                # (timing every tile at 256 rows would add seconds to every load)
+                mm = tuple(dict.fromkeys((below, *DQ_CANDIDATES)))
             for cand in (*MV_CANDIDATES, *mm) if rows == 1 else mm:
                 if rows <= 16 and cand[0] == "mm" and cand[5] == 0:
                     continue  # BLOCK_M 0 picks 16 here: the same as 16
