@@ -155,11 +155,13 @@ from gptq_worker.serve.static import StaticBatch
 
 torch.manual_seed(0)
 model = load_quantized_model(sys.argv[1])
-p1, p2, p3 = [3, 17, 42, 9, 250, 11], [5, 6, 7], [99, 100, 101, 102, 103]
+# p1 is longer than the split attention's 64-column chunk of a 128-column cache: its row
+# attends over two chunks joined
+p1, p2, p3 = [3, 17, 42, 9, 250, 11] * 12, [5, 6, 7], [99, 100, 101, 102, 103]
 
 
 def run(fused, mixed):
-    b = StaticBatch(model, torch.device("cpu"), 0, rows=3, capacity=64, graphs=False)
+    b = StaticBatch(model, torch.device("cpu"), 0, rows=3, capacity=128, graphs=False)
     b.fused = fused
     logits, start = b.prefill([p1])
     row = Row(None, None, None, length=len(p1))
@@ -173,6 +175,11 @@ def run(fused, mixed):
         new, start = b.prefill([p2, p3])
     assert start == 1 and row.length == len(p1) + 1
     return torch.cat([dec, new]).float()
+
+
+from gptq_worker.kernels import decode_triton
+
+assert decode_triton.split_chunk(128) == 64
 
 
 reference = run(False, False)  # the eager prefill and the torch decode step
@@ -276,9 +283,24 @@ ar = torch.arange(rows)
 assert torch.allclose(q, rq, atol=1e-5)
 assert torch.allclose(keys[ar, :, pos], rk, atol=1e-5)
 assert torch.equal(values[ar, :, pos], rv)
-out = torch.empty(rows, H * hd)
-D.attention(q, keys, values, pos, out, hd**-0.5)
-assert torch.allclose(out, D.attention_reference(q, keys, values, pos, hd**-0.5), atol=1e-5)
+import os
+assert D.split_chunk(S) == 64  # a 200-column cache: 4 chunks
+for split in ("1", "0"):  # context split across programs and joined; one program per head
+    os.environ["GPTQ_SERVE_SPLIT_ATTENTION"] = split
+    out = torch.empty(rows, H * hd)
+    D.attention(q, keys, values, pos, out, hd**-0.5)
+    want = D.attention_reference(q, keys, values, pos, hd**-0.5)
+    assert torch.allclose(out, want, atol=1e-5), split
+os.environ["GPTQ_SERVE_SPLIT_ATTENTION"] = "1"
+# positions at and around chunk boundaries, the last column, slots other than the rows
+pos2 = torch.tensor([63, 64, 127, 128, 199, 1])
+q2 = torch.randn(len(pos2), H, hd)
+slots = torch.tensor([2, 0, 1, 2, 0, 1])
+out = torch.empty(len(pos2), H * hd)
+D.attention(q2, keys, values, pos2, out, hd**-0.5, slots)
+want = D.attention_reference(q2, keys, values, pos2, hd**-0.5, slots)
+assert torch.allclose(out, want, atol=1e-5)
+assert D.split_chunk(64) == 0 and D.split_chunk(8192) == 256  # one chunk; at most 32
 gu = torch.randn(rows, 2 * I)
 o = torch.empty(rows, I)
 D.silu_mul(gu, o)

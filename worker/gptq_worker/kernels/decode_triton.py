@@ -6,7 +6,8 @@ CUDA graph):
 - :func:`rope_kv`: RoPE on q and k of the fused qkv output, k and v written into the
   static cache at each row's position;
 - :func:`attention`: grouped-query attention of one new token per row over its cache up
-  to its own position (online softmax, tensor cores for the G query heads of a KV head);
+  to its own position (online softmax, tensor cores for the G query heads of a KV head;
+  the context split into chunks across programs, then joined, where the cache is long);
 - :func:`silu_mul`: ``silu(gate) * up`` of the fused gate/up output.
 
 Each has a torch reference (``*_reference``) with the same meaning; the CPU tests run the
@@ -15,6 +16,8 @@ whole fused decode step with the torch step.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -115,6 +118,73 @@ if triton is not None:
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
 
     @triton.jit
+    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr,
+                                scale, sqb, sqh, skb, skh, skl, H, SPLITS,
+                                G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
+                                BLOCK_L: tl.constexpr, CHUNK: tl.constexpr):  # fmt: skip
+        # one chunk of CHUNK cache columns of one token's KV head: the online softmax's
+        # running max, sum and weighted values over that chunk (nothing where the chunk
+        # starts past the token's position); _attention_combine_kernel joins the chunks
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        s = tl.program_id(2)
+        pos = tl.load(pos_ptr + b)
+        start = s * CHUNK
+        if start <= pos:
+            slot = tl.load(slot_ptr + b)
+            g = tl.arange(0, GP)
+            d = tl.arange(0, HD)
+            gm = g < G
+            heads = kvh * G + g
+            q = tl.load(
+                q_ptr + b * sqb + heads[:, None] * sqh + d[None, :], mask=gm[:, None], other=0.0
+            )
+            m_i = tl.full((GP,), float("-inf"), dtype=tl.float32)
+            l_i = tl.zeros((GP,), dtype=tl.float32)
+            acc = tl.zeros((GP, HD), dtype=tl.float32)
+            base = slot * skb + kvh * skh
+            end = tl.minimum(start + CHUNK, pos + 1)
+            for l0 in range(start, end, BLOCK_L):
+                cols = l0 + tl.arange(0, BLOCK_L)
+                valid = cols < end
+                offs = base + cols[:, None] * skl + d[None, :]
+                k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+                sc = tl.dot(q, tl.trans(k)) * scale
+                sc = tl.where(valid[None, :], sc, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+                alpha = tl.exp(m_i - m_new)
+                p = tl.exp(sc - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            part = (b * H + heads) * SPLITS + s
+            tl.store(m_ptr + part, m_i, mask=gm)
+            tl.store(l_ptr + part, l_i, mask=gm)
+            tl.store(acc_ptr + part[:, None] * HD + d[None, :], acc, mask=gm[:, None])
+
+    @triton.jit
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, sob, H, SPLITS,
+                                  HD: tl.constexpr, SP: tl.constexpr,
+                                  CHUNK: tl.constexpr):  # fmt: skip
+        # one token's query head from its chunks, each weighted by exp(its max - the max
+        # over the chunks); only the chunks up to the token's position
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        pos = tl.load(pos_ptr + b)
+        s = tl.arange(0, SP)
+        sm = s < (pos // CHUNK + 1)
+        part = (b * H + h) * SPLITS + s
+        m = tl.load(m_ptr + part, mask=sm, other=float("-inf"))
+        top = tl.max(m, axis=0)  # finite: chunk 0 always holds column 0
+        w = tl.where(sm, tl.exp(m - top), 0.0)
+        total = tl.sum(tl.load(l_ptr + part, mask=sm, other=0.0) * w, axis=0)
+        d = tl.arange(0, HD)
+        acc = tl.load(acc_ptr + part[:, None] * HD + d[None, :], mask=sm[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], axis=0) / total
+        tl.store(out_ptr + b * sob + h * HD + d, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, INTER, BLOCK: tl.constexpr):
         r = tl.program_id(0)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -155,15 +225,52 @@ def rope_kv(qkv, q, keys, values, cos, sin, positions, heads: int, kv_heads: int
     )  # fmt: skip
 
 
+def split_chunk(capacity: int) -> int:
+    """Cache columns per program of the split attention for a cache of ``capacity``
+    columns (at most :data:`MAX_SPLITS` chunks, at least 64 columns each), or 0: one
+    program per token and KV head (``GPTQ_SERVE_SPLIT_ATTENTION=0``, or a cache of one
+    chunk)."""
+    if os.environ.get("GPTQ_SERVE_SPLIT_ATTENTION", "1") == "0":
+        return 0
+    chunk = max(64, triton.next_power_of_2(triton.cdiv(capacity, MAX_SPLITS)))
+    return chunk if capacity > chunk else 0
+
+
+MAX_SPLITS = 32
+
+
 def attention(q, keys, values, positions, out, scale: float, slots=None) -> None:
     """``out [tokens, H*hd]``: each token's query heads over its cache row's (``slots[t]``,
     default ``t``) columns ``0..pos``: one new token of a decoding row, or one of a prompt
-    whose earlier tokens' keys are already written."""
+    whose earlier tokens' keys are already written.
+
+    With a cache of more than one chunk (:func:`split_chunk`) the columns are split
+    across programs (one per token, KV head and chunk; chunks past a token's position do
+    nothing) and a second kernel joins the chunks: a token's attention then takes about
+    one chunk's time instead of one program walking its whole context, which at one row
+    (8 programs for Llama-3-8B's 8 KV heads) leaves most of the GPU idle."""
     rows, heads, hd = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     if slots is None:
         slots = torch.arange(rows, device=q.device, dtype=positions.dtype)
+    chunk = split_chunk(keys.shape[2])
+    if chunk:
+        splits = triton.cdiv(keys.shape[2], chunk)
+        m = torch.empty((rows, heads, splits), device=q.device, dtype=torch.float32)
+        total = torch.empty_like(m)
+        acc = torch.empty((rows, heads, splits, hd), device=q.device, dtype=torch.float32)
+        _attention_split_kernel[(rows, kv_heads, splits)](
+            q, keys, values, positions, slots, m, total, acc, scale, q.stride(0), q.stride(1),
+            keys.stride(0), keys.stride(1), keys.stride(2), heads, splits, G=group,
+            GP=max(16, triton.next_power_of_2(group)), HD=hd, BLOCK_L=64, CHUNK=chunk,
+            num_warps=4,
+        )  # fmt: skip
+        _attention_combine_kernel[(rows, heads)](
+            m, total, acc, positions, out, out.stride(0), heads, splits, HD=hd,
+            SP=triton.next_power_of_2(splits), CHUNK=chunk, num_warps=4,
+        )  # fmt: skip
+        return
     _attention_kernel[(rows, kv_heads)](
         q, keys, values, positions, slots, out, scale, q.stride(0), q.stride(1), keys.stride(0),
         keys.stride(1), keys.stride(2), out.stride(0), G=group,
