@@ -679,3 +679,16 @@ def test_a_window_as_long_as_the_context_is_full_attention():
 
     assert unsupported(tiny_model("mistral", 300, sliding_window=1024)) is None  # context 1024
     assert unsupported(tiny_model("qwen2", 300, sliding_window=16)) is None  # not in use
+
+
+def test_the_fused_step_knows_transformers_silu(served_checkpoint):
+    """transformers' ACT2FN gives its own SiLUActivation (not torch.nn.SiLU): the fused step
+    must still take its silu_mul kernel for it (it fell back to three torch ops before)."""
+    from transformers.activations import ACT2FN
+
+    from gptq_worker.serve.static import _Layer, is_silu
+
+    assert is_silu(ACT2FN["silu"]) and is_silu(torch.nn.SiLU())
+    assert not is_silu(ACT2FN["gelu"]) and not is_silu(torch.nn.Identity())
+    model = load_quantized_model(served_checkpoint)
+    assert _Layer(model.model.layers[0]).silu

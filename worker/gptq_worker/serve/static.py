@@ -176,10 +176,22 @@ class _Layer:
         self.gate_up = Linear([mlp.gate_proj, mlp.up_proj])
         self.down = Linear([mlp.down_proj])
         self.act = mlp.act_fn
-        self.silu = isinstance(mlp.act_fn, torch.nn.SiLU)
+        self.silu = is_silu(mlp.act_fn)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         # Qwen3: an RMSNorm over each head of q and of k, before RoPE
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+
+
+def is_silu(act) -> bool:
+    """Whether the MLP's activation module computes SiLU (then the fused step runs the
+    ``silu_mul`` kernel): asked of its values, not its class, since transformers' ``ACT2FN``
+    gives its own ``SiLUActivation`` (5.17 and 5.24), not ``torch.nn.SiLU``."""
+    probe = torch.linspace(-12.0, 12.0, 97)
+    try:
+        with torch.no_grad():
+            return bool(torch.equal(act(probe), F.silu(probe)))
+    except Exception:  # an activation that cannot take a CPU float tensor
+        return False
 
 
 def _eps(norm) -> float:
