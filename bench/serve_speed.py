@@ -404,6 +404,17 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
             batch.out_index.copy_(torch.arange(rows, device=engine.device) % bucket)
             graph, _ = batch._graph(bucket, batch.length_buckets[-1])
             steps[bucket] = round(_event_ms(graph.replay), 3)
+        # one row's step by its context (the attention's share grows with it)
+        by_context = {}
+        for position in (100, 500, 1000, 2000, 4000):
+            if position >= batch.capacity:
+                continue
+            batch.slot_of[:1] = 0
+            batch.positions[:1] = position
+            batch.out_index.zero_()
+            graph, _ = batch._graph(1, batch.length_buckets[-1])
+            by_context[position] = round(_event_ms(graph.replay), 3)
+        out["step_gpu_ms_one_row_by_context"] = by_context
         batch.positions.zero_()
         batch.slot_of.fill_(batch.scratch)
     out["step_gpu_ms_by_tokens"] = steps
