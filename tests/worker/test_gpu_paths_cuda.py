@@ -53,7 +53,7 @@ def test_fused_norm_on_the_gpu_rounds_as_transformers_does(dtype):
     restore = norms.fuse_norms(module)
     got = module.norm(x)
     restore()
-    assert norms._agrees[LlamaRMSNorm]
+    assert norms._agrees[(LlamaRMSNorm, dtype)]
     assert (got == want).float().mean().item() > 0.99
     eps = torch.finfo(dtype).eps
     assert torch.allclose(got.float(), want.float(), rtol=2 * eps, atol=2 * eps)

@@ -35,7 +35,7 @@ for cls in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm):
     before = len(calls)
     got = layer.norm(x)
     assert len(calls) > before, (cls.__name__, "the kernel did not run")
-    assert norms._agrees[cls], cls.__name__
+    assert norms._agrees[(cls, torch.float16)], cls.__name__
     eps = torch.finfo(torch.float16).eps
     assert got.dtype == want.dtype and got.shape == want.shape
     assert torch.allclose(got.float(), want.float(), rtol=2 * eps, atol=2 * eps), cls
@@ -71,7 +71,7 @@ x = torch.randn(3, 96).half()
 want = layer.norm(x)
 norms.fuse_norms(layer)
 assert torch.equal(layer.norm(x), want)  # checked, refused, its own forward
-assert norms._agrees[LlamaRMSNorm] is False
+assert norms._agrees[(LlamaRMSNorm, torch.float16)] is False
 print("fused norms equal", len(calls))
 """
 

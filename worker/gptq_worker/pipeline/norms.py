@@ -15,9 +15,10 @@ of the layer's 2.1 s.
 ``kernels/decode_triton.add_rms`` (one read of the input, one write of the output; the
 same arithmetic: fp32 sum of squares, ``rsqrt``, downcast, times the weight in the input's
 dtype), taken where the input is a CUDA fp16/bf16 tensor of the weight's dtype. The first
-call for each class compares it with the class's own forward on the first rows and keeps
-the class's forward from then on if they differ by more than rounding (a transformers
-release that changed the norm's arithmetic falls back; it does not change results).
+call for each class and dtype compares it with the class's own forward on the first rows
+and keeps the class's forward from then on if they differ by more than rounding (a
+transformers release that changed the norm's arithmetic falls back; it does not change
+results).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
-CHECK_ROWS = 64  # rows of the first input each class is checked on
-_agrees: dict[type, bool] = {}  # class -> whether the kernel gave its forward's values
+CHECK_ROWS = 64  # rows of the first input each class (and dtype) is checked on
+_agrees: dict[tuple[type, torch.dtype], bool] = {}  # whether the kernel gave the class's values
 
 
 def _eps(norm: nn.Module) -> float:
@@ -64,22 +65,23 @@ def _kernel(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _agrees_with_class(norm: nn.Module, x: torch.Tensor) -> bool:
     cls = type(norm)
-    if cls not in _agrees:
+    key = (cls, x.dtype)  # per dtype: fp16 and bf16 round differently
+    if key not in _agrees:
         sample = x.reshape(-1, x.shape[-1])[:CHECK_ROWS]
         want = cls.forward(norm, sample).float()
         got = _kernel(norm, sample).float()
         eps = torch.finfo(x.dtype).eps
-        _agrees[cls] = bool(
+        _agrees[key] = bool(
             want.shape == got.shape and torch.allclose(got, want, rtol=2 * eps, atol=2 * eps)
         )
-        if not _agrees[cls]:
+        if not _agrees[key]:
             log.warning(
                 "%s: the fused RMSNorm differs from this transformers' forward (max %.3g); "
                 "its own forward is used",
                 cls.__name__,
                 (got - want).abs().max().item() if want.shape == got.shape else float("nan"),
             )
-    return _agrees[cls]
+    return _agrees[key]
 
 
 def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

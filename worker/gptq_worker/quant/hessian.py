@@ -138,7 +138,7 @@ def _has_addmm_dtype(device: int) -> bool:
     a larger fp32 matrix correctly on this torch and GPU (asked once per process): checked
     against product-then-addition on a small case."""
     try:
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=f"cuda:{device}").manual_seed(0)
         a = torch.randn(64, 48, device=f"cuda:{device}", generator=gen).half()
         b = torch.randn(48, 96, device=f"cuda:{device}", generator=gen).half()
         base = torch.randn(64, 160, device=f"cuda:{device}", generator=gen)
