@@ -309,9 +309,9 @@ def test_codes_are_widened_only_where_memory_allows(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     extra = 256 * 128 // 8
     monkeypatch.setenv("GPTQ_SERVE_WIDEN_CODES", "auto")
-    monkeypatch.setattr(batch, "_available_host_bytes", lambda: 1 << 30)
+    monkeypatch.setattr(batch, "available_host_bytes", lambda: 1 << 30)
     assert serve_model.widen_codes(layers(), cpu, torch.float32) == extra  # host memory: ample
-    monkeypatch.setattr(batch, "_available_host_bytes", lambda: 3 * extra)
+    monkeypatch.setattr(batch, "available_host_bytes", lambda: 3 * extra)
     assert serve_model.widen_codes(layers(), cpu, torch.float32) == 0  # past a quarter of it
     monkeypatch.setattr(serve_model.kernels, "triton", object())  # as on a GPU with Triton
     card = 1 << 30

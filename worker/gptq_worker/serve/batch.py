@@ -196,11 +196,11 @@ def auto_kv_tokens(device: torch.device, token_bytes: int) -> int:
         free, total = torch.cuda.mem_get_info(device)
         spare = free - max(1 << 30, total // 10)
     else:
-        spare = _available_host_bytes() // 2
+        spare = available_host_bytes() // 2
     return max(0, spare) // token_bytes
 
 
-def _available_host_bytes() -> int:
+def available_host_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

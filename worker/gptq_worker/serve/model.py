@@ -275,9 +275,9 @@ def widen_codes(layers: list[QuantLinear], device: torch.device, dtype: torch.dt
             free, total = torch.cuda.mem_get_info(device)
             room = min(free * WIDEN_MAX_SHARE_OF_FREE, total * WIDEN_MAX_SHARE_OF_CARD)
         else:
-            from gptq_worker.serve.batch import _available_host_bytes
+            from gptq_worker.serve.batch import available_host_bytes
 
-            free = _available_host_bytes()
+            free = available_host_bytes()
             room = free * WIDEN_MAX_SHARE_OF_FREE
         if extra > room:
             log.info(
