@@ -80,6 +80,22 @@ if triton is not None:
             tl.store(dst + HALF + d, x2.to(v_ptr.dtype.element_ty))
 
     @triton.jit
+    def _attend_block(q, k_ptr, v_ptr, base, cols, valid, d, skl, scale, m_i, l_i, acc):
+        # one block of cache columns folded into the online softmax of the G query heads:
+        # scores on the tensor cores, running max and sum rescaled, values accumulated
+        offs = base + cols[:, None] * skl + d[None, :]
+        k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, slot_ptr, out_ptr, scale,
                           sqb, sqh, skb, skh, skl, sob,
                           G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr,
@@ -102,17 +118,8 @@ if triton is not None:
         for l0 in range(0, pos + 1, BLOCK_L):
             cols = l0 + tl.arange(0, BLOCK_L)
             valid = cols <= pos
-            offs = base + cols[:, None] * skl + d[None, :]
-            k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, base, cols, valid, d, skl, scale,
+                                          m_i, l_i, acc)  # fmt: skip
         out = acc / l_i[:, None]
         dst = out_ptr + b * sob + heads[:, None] * HD + d[None, :]
         tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
@@ -147,17 +154,8 @@ if triton is not None:
             for l0 in range(start, end, BLOCK_L):
                 cols = l0 + tl.arange(0, BLOCK_L)
                 valid = cols < end
-                offs = base + cols[:, None] * skl + d[None, :]
-                k = tl.load(k_ptr + offs, mask=valid[:, None], other=0.0)
-                sc = tl.dot(q, tl.trans(k)) * scale
-                sc = tl.where(valid[None, :], sc, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(sc - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_ptr + offs, mask=valid[:, None], other=0.0)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _attend_block(q, k_ptr, v_ptr, base, cols, valid, d, skl,
+                                              scale, m_i, l_i, acc)  # fmt: skip
             part = (b * H + heads) * SPLITS + s
             tl.store(m_ptr + part, m_i, mask=gm)
             tl.store(l_ptr + part, l_i, mask=gm)
