@@ -227,6 +227,7 @@ class Engine:
         self._thread.join(timeout=30)
 
     # -- the loop ---------------------------------------------------------------------
+    @torch.inference_mode()  # the whole loop: no step may record an autograd graph
     def _loop(self) -> None:
         batch = self._batch
         while True:

@@ -220,7 +220,10 @@ def load_quantized_model(
     ]
     if still_missing:
         raise ValueError(f"checkpoint lacks tensors: {still_missing}")
-    return model.to(device).eval()
+    # a served model needs no gradients: with them, a forward outside inference mode
+    # records an autograd graph, and an in-place write into a cache chains every such
+    # graph onto the cache for as long as it lives
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _no_init():

@@ -326,7 +326,6 @@ class StaticBatch:
         """Whether rows of ``(length, growth)`` all fit: a slot each, each within capacity."""
         return len(shapes) <= self.max_rows and all(a + b <= self.capacity for a, b in shapes)
 
-    @torch.inference_mode()
     def _qk_norm(self, layer: _Layer, qkv: torch.Tensor) -> torch.Tensor:
         """``qkv`` with each head of q and k normalised by the layer's q/k norms (Qwen3),
         as transformers does before RoPE; unchanged where the layer has none."""
@@ -339,6 +338,7 @@ class StaticBatch:
         parts = (q.reshape(*lead, nq), k.reshape(*lead, nk), qkv[..., nq + nk :])
         return torch.cat([t.to(qkv.dtype) for t in parts], -1)
 
+    @torch.inference_mode()
     def prefill(self, prompts: list[list[int]]):
         """Run ``prompts`` into the slots after the running rows; returns their last
         positions' logits and where they start (for :meth:`join`)."""
