@@ -343,6 +343,17 @@ def machine() -> dict:
     return out
 
 
+def _allocated_gib() -> float:
+    return round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0.0
+
+
+def _note(memory: dict, stage: str) -> None:
+    """Live CUDA memory after a part of the profile, kept and printed at once (a later
+    part that fails still leaves it in the log)."""
+    memory[stage] = _allocated_gib()
+    print(f"profile memory after {stage}: {memory[stage]} GiB", flush=True)
+
+
 def _event_ms(fn, repeats: int = 20) -> float:
     fn()
     torch.cuda.synchronize()
@@ -363,6 +374,9 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
     ones, the GPU time of one fused step (graph replay) per token bucket, and the engine's
     wall time per step with n equal requests (the difference is the host's share)."""
     out: dict = {}
+    memory: dict = {}  # live CUDA memory after each part
+    _note(memory, "start")
+    out["memory_allocated_gib"] = memory
     batch = engine._batch
     timings = {str(k): {str(c): t for c, t in v.items()} for k, v in kernels.TIMINGS.items()}
     out["tuner_timings_us"] = timings
@@ -391,6 +405,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
                     f"{t * 1e6:.1f} us, {nbytes / t / 1e12:.2f} TB/s"
                 )
     out["dequant_fp16_vs_fp32"] = half
+    _note(memory, "dequant")
     # one fused step's GPU time per token bucket (graph replay; tokens at position ~300)
     steps = {}
     if batch.fused and batch.graphs:
@@ -404,6 +419,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
             batch.out_index.copy_(torch.arange(rows, device=engine.device) % bucket)
             graph, _ = batch._graph(bucket, batch.length_buckets[-1])
             steps[bucket] = round(_event_ms(graph.replay), 3)
+            _note(memory, f"graph_{bucket}")
         # one row's step by its context (the attention's share grows with it)
         by_context = {}
         for position in (100, 500, 1000, 2000, 4000):
@@ -418,6 +434,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         batch.positions.zero_()
         batch.slot_of.fill_(batch.scratch)
     out["step_gpu_ms_by_tokens"] = steps
+    _note(memory, "step_graphs")
     # the engine's wall time per step with n equal requests (64 tokens each)
     wall = {}
     for n in (1, 8, 16, 32):
@@ -427,6 +444,7 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
         while batch.rows:  # the last rows leave just after their last chunk
             time.sleep(0.01)
     out["engine_wall_ms_per_step_by_rows"] = wall
+    _note(memory, "engine_runs")
     # the same with every step waiting for its tokens (no overlap of host and GPU)
     saved, engine.overlap = engine.overlap, False
     waiting = {}
@@ -438,11 +456,13 @@ def profile(args, engine: Engine, vocab: int, rng: random.Random) -> dict:
             time.sleep(0.01)
     engine.overlap = saved
     out["engine_wall_ms_per_step_by_rows_no_overlap"] = waiting
+    _note(memory, "engine_runs_no_overlap")
     # prefill alone: one prompt (fused step, graph) and eight
     pre = {}
     for n, count in ((16, 1), (64, 1), (32, 8), (300, 1)):
         prompts = [[rng.randrange(3, vocab) for _ in range(n)] for _ in range(count)]
         pre[f"{count}x{n}"] = round(_event_ms(lambda p=prompts: batch.prefill(p), 5), 2)
+        _note(memory, f"prefill_{count}x{n}")
     out["prefill_ms"] = pre
     return out
 
@@ -577,6 +597,7 @@ def main() -> None:
             info = {**loaded.info, **machine(), "shape": args.shape, "vocab": len(tokenizer)}
             info.update(label=label, kv_cache_tokens=engine.kv_cache_tokens,
                         build_s=round(built, 1), load_s=round(time.monotonic() - t0, 1),
+                        memory_allocated_gib=_allocated_gib(),
                         tuned={str(k): v for k, v in engine.tuned.items()})  # fmt: skip
             emit(args, {"setup": info})
             rng = random.Random(0)
@@ -587,19 +608,21 @@ def main() -> None:
                 check_static(engine, [rng.randrange(3, len(tokenizer)) for _ in range(40)])
             )
             emit(args, {"label": label, "checks": checks})
+            results = measure(args, engine, len(tokenizer), rng)
+            results["memory_allocated_gib"] = _allocated_gib()
             profiled = args.profile_configs is None or f"{bits}:{'sym' if sym else 'asym'}" in (
                 args.profile_configs.split(",")
             )
             if args.profile and profiled:
                 try:
                     found = profile(args, engine, len(tokenizer), rng)
-                except Exception as err:  # the profile is extra: the measurements still run
+                except Exception as err:  # the profile is extra: the measurements are in
                     import traceback
 
                     traceback.print_exc()
                     found = {"error": f"{type(err).__name__}: {err}"}
-                emit(args, {"label": label, "profile": found})
-            results = measure(args, engine, len(tokenizer), rng)
+                emit(args, {"label": label, "profile": found})  # after the measurements: it
+                # captures graphs and runs steps of its own that they should not inherit
             engine.stop()
             if args.dynamic_batch1:
                 dyn = Engine(engine.model, tokenizer, engine.device, max_batch=1,
