@@ -138,6 +138,17 @@ class Peaks:
         self.thread.join()
 
 
+def whole_model_bytes(prefix_bytes: int, shape: dict, layers: int) -> int:
+    """The fp16 bytes of the model with all ``layers`` decoder layers, from those of a
+    prefix of ``shape["num_hidden_layers"]``: the parts outside the layers (embeddings,
+    ``lm_head`` unless tied, final norm) once, the rest scaled to the full count."""
+    hidden, vocab = shape["hidden_size"], shape["vocab_size"]
+    tied = shape.get("tie_word_embeddings", False)
+    outside = 2 * (vocab * hidden * (1 if tied else 2) + hidden)
+    per_layer = (prefix_bytes - outside) / shape["num_hidden_layers"]
+    return round(outside + per_layer * layers)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=SHAPES, default="llama-3-8b")
@@ -239,6 +250,7 @@ def main() -> None:
     for e in layers:
         layer_s.append(round(e["time"] - prev, 3))
         prev = e["time"]
+    full_bytes = whole_model_bytes(weight_bytes, shape, SHAPES[args.shape]["num_hidden_layers"])
     result = {
         "shape": args.shape,
         "layers": shape["num_hidden_layers"],
@@ -259,10 +271,12 @@ def main() -> None:
         "s_per_layer_median": sorted(layer_s)[len(layer_s) // 2] if layer_s else None,
         "layer_s": layer_s,
         "peak_rss_gib": round(peaks.rss / 2**30, 2),
-        # what the operator would request for this model (gptq_compat.sizing), and the line
-        # through earlier measurements that the worker checks its memory limit against
-        "sizing_expected_peak_gib": round(expected_peak_bytes(weight_bytes) / 2**30, 2),
-        "sizing_request": worker_memory(weight_bytes),
+        # what the operator would request for the whole model (gptq_compat.sizing; for a
+        # prefix of layers, the size of all of them: the peak does not grow with the layer
+        # count, the formula does), and the line the worker checks its memory limit against
+        "sizing_model_gb": round(full_bytes / 1e9, 2),
+        "sizing_expected_peak_gib": round(expected_peak_bytes(full_bytes) / 2**30, 2),
+        "sizing_request": worker_memory(full_bytes),
         "peak_gpu_tensors_gib": done.get("peak_gpu_gib"),
         "peak_gpu_used_gib": round(peaks.gpu_used / 2**30, 2) if peaks.gpu_used else None,
         "page_cache_dropped": args.drop_caches,

@@ -13,14 +13,14 @@ from __future__ import annotations
 import math
 
 GIB = 2**30
-FIXED_BYTES = 6.8 * GIB  # the runtime and calibration: the line's intercept
+FIXED_BYTES = 7.0 * GIB  # the runtime and calibration: the line's intercept
 BYTES_PER_MODEL_BYTE = 1 / 21  # layers and embeddings held at once, per byte of model
 HEADROOM = 1.25
 
 
 def expected_peak_bytes(model_bytes: int) -> int:
     """Peak host RSS of ``gptq-worker quantize`` on a GPU, streaming a model whose
-    safetensors weights take ``model_bytes``: ``6.8 GiB + model_bytes / 21`` (the line
+    safetensors weights take ``model_bytes``: ``7.0 GiB + model_bytes / 21`` (the line
     through the two measurements below, without headroom)."""
     if model_bytes < 0:
         raise ValueError(f"model size must not be negative, got {model_bytes}")
@@ -29,15 +29,16 @@ def expected_peak_bytes(model_bytes: int) -> int:
 
 def worker_memory_bytes(model_bytes: int) -> int:
     """Memory to request for ``gptq-worker quantize`` on a model whose
-    safetensors weights take ``model_bytes``: ``1.25 * (6.8 GiB + model_bytes / 21)``,
+    safetensors weights take ``model_bytes``: ``1.25 * (7.0 GiB + model_bytes / 21)``,
     rounded up to whole GiB.
 
     The line goes just above the peak RSS measured end to end on one H200
-    (bench/results/speed-e2e-*-h200-2026-12-01-s6.txt): 7.50 GiB for an 8B Llama (16.06 GB
-    of fp16 weights), 13.02 GiB for a 70B one (141.1 GB; the peak does not grow with the
-    layer count), and 25% is added for allocator and page-cache slack: 10 GiB for 8B,
-    17 GiB for 70B. ``hf://`` models are downloaded and then streamed the same way;
-    models without safetensors files are loaded whole and need about their own size more.
+    (bench/results/speed-e2e-*-h200-2026-12-0[12]*.txt): 7.50 GiB for an 8B Llama (16.06 GB
+    of fp16 weights), 13.18 GiB for a 70B one (141.1 GB; the peak does not grow with the
+    layer count; 13.02 the day before), and 25% is added for allocator and page-cache
+    slack: 10 GiB for 8B, 17 GiB for 70B. ``hf://`` models are downloaded and then
+    streamed the same way; models without safetensors files are loaded whole and need
+    about their own size more.
     """
     return math.ceil(HEADROOM * expected_peak_bytes(model_bytes) / GIB) * GIB
 
