@@ -96,20 +96,18 @@ def solve_block_triton(
 
     def padded(t: torch.Tensor, n: int = rows) -> torch.Tensor:
         out = torch.zeros(n, B, dtype=torch.float32, device=t.device)
-        out[:, : t.shape[1]] = t
+        out[: t.shape[0], : t.shape[1]] = t
         return out
 
-    if b == B:  # the usual case: no copies
+    # the kernel reads rows < b of Hinv and P, columns < b (masked): past b, padding only
+    if b == B:  # the usual case: the block's tensors as they are (a copy where strided)
         W, Sp, Zp = W1.contiguous(), S.contiguous(), Z.contiguous()
+        Hp = Hinv1.contiguous()
+        Pp = Hp if P1 is None else P1.contiguous()  # Hp: a placeholder the kernel does not read
     else:
         W, Sp, Zp = padded(W1), padded(S), padded(Z)
-    Hp = torch.zeros(B, B, dtype=torch.float32, device=Hinv1.device)
-    Hp[:b, :b] = Hinv1
-    Hp[range(b, B), range(b, B)] = 1.0  # never read: columns past b are masked
-    Pp = Hp  # a placeholder the kernel does not read
-    if P1 is not None:
-        Pp = torch.zeros(B, B, dtype=torch.float32, device=Hinv1.device)
-        Pp[:b, :b] = P1
+        Hp = padded(Hinv1, B)
+        Pp = Hp if P1 is None else padded(P1, B)
     Q, C, E = (torch.empty(rows, B, dtype=torch.float32, device=W1.device) for _ in range(3))
     grid = (triton.cdiv(rows, block_rows),)
     _gptq_block_kernel[grid](
