@@ -69,3 +69,20 @@ def test_dequantize_then_cublas_is_the_product():
     want = x.float() @ expected.t().to(GPU).half().float()
     assert got.dtype == torch.float32
     assert ((got - want).norm() / want.norm()).item() < 2e-3
+
+
+def test_the_device_memory_metric_reads_torchs_allocator():
+    from prometheus_client import generate_latest
+
+    from gptq_worker.serve.metrics import ServeMetrics
+
+    metrics = ServeMetrics("m")
+    assert metrics.watch_device(GPU)
+    held = torch.empty(64 << 20, dtype=torch.uint8, device=GPU)
+    text = generate_latest(metrics.registry).decode()
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith('gptq_serve_device_memory_bytes{kind="allocated"}')
+    )
+    assert float(line.split()[-1]) >= held.numel()

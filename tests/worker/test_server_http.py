@@ -256,6 +256,9 @@ def test_metrics_count_requests_and_tokens(server, reference):
     packed = after[("gptq_serve_model_weight_bytes", (("form", "packed"),))]
     fp16 = after[("gptq_serve_model_weight_bytes", (("form", "fp16"),))]
     assert 0.25 < packed / fp16 < 0.35
+    # the process's memory (a leak shows as a rising line); no device series on a CPU
+    assert after[("process_resident_memory_bytes", ())] > 100 * 2**20
+    assert not any(name == "gptq_serve_device_memory_bytes" for name, _ in after)
 
 
 def _stream_in_background(server: Served, payload: dict):

@@ -100,6 +100,7 @@ class Server:
         self.metrics.info.info(loaded.info)
         self.metrics.weight_bytes.labels("packed").set(loaded.packed_bytes)
         self.metrics.weight_bytes.labels("fp16").set(loaded.fp16_bytes)
+        self.metrics.watch_device(loaded.engine.device)
 
     @web.middleware
     async def _observe(self, request: web.Request, handler) -> web.StreamResponse:

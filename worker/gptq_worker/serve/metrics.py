@@ -21,7 +21,12 @@ names, types and labels against the installed vLLM source.
 
 Metrics with no vLLM counterpart keep our prefix: HTTP requests by endpoint and status
 (``gptq_serve_requests_total``, ``gptq_serve_request_duration_seconds``, errors included)
-and what was loaded (``gptq_serve_model_weight_bytes``, ``gptq_serve_model_info``).
+and what was loaded (``gptq_serve_model_weight_bytes``, ``gptq_serve_model_info``), and
+the accelerator's memory as torch's allocator holds it
+(``gptq_serve_device_memory_bytes{kind=allocated|reserved}``, read at each scrape; on a GPU
+only). The process's own (``process_resident_memory_bytes``, CPU seconds, open files) come
+from prometheus_client's ``ProcessCollector``, as on vLLM's default registry. Memory that
+grows while the load does not is what these are for: a leak shows as a rising line.
 """
 
 from __future__ import annotations
@@ -29,7 +34,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 
 HTTP_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # seconds: interactive first tokens up to minutes behind a queue
@@ -102,6 +114,14 @@ class ServeMetrics:
             registry=r,
         )
         self.info = Info("gptq_serve_model", "The model being served", registry=r)
+        self.device_memory = Gauge(
+            "gptq_serve_device_memory_bytes",
+            "Accelerator memory held by torch's allocator: in live tensors (allocated) and "
+            "cached (reserved)",
+            ["kind"],
+            registry=r,
+        )
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the rest
 
         # -- the engine, under vLLM's names --------------------------------------------
         self.running = gauge("vllm:num_requests_running", "Requests in the running batch.")
@@ -177,6 +197,22 @@ class ServeMetrics:
             "Time from the first token to the last.",
             REQUEST_BUCKETS,
         )
+
+    def watch_device(self, device) -> bool:
+        """Report ``device``'s allocator memory at each scrape; False where there is none
+        to report (a CPU: the process's resident memory covers it)."""
+        import torch
+
+        device = torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return False
+        self.device_memory.labels("allocated").set_function(
+            lambda: torch.cuda.memory_allocated(device)
+        )
+        self.device_memory.labels("reserved").set_function(
+            lambda: torch.cuda.memory_reserved(device)
+        )
+        return True
 
     # -- called from the engine thread (prometheus_client is thread-safe) ------------------
     def prefilled(self, prompt_tokens: int) -> None:
