@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One round of every GPU measurement the docs quote, on one machine, into one folder:
+# the CUDA-only tests, the serving bench (8B shape, 4-bit sym/asym, 3-bit, fp16 reference,
+# profile), the engine end to end from disk (default and --plain), in memory, and one
+# layer's trace. Each step has a time limit and its own log, so one that fails or hangs
+# leaves the others. Run from the repository root on a machine with a CUDA GPU:
+#
+#   bash bench/gpu_round.sh OUT_DIR [STEP...]
+#
+# STEP: tests serve e2e e2e-plain speed trace e2e-70b (default: all but e2e-70b, about
+# 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
+# bench/results/ with the machine, date and commit in a header line.
+set -u
+out=${1:?usage: bash bench/gpu_round.sh OUT_DIR [STEP...]}
+shift
+steps=${*:-tests serve e2e e2e-plain speed trace}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+{
+    date -u +%FT%TZ
+    git rev-parse --short HEAD 2>/dev/null || echo "(no git)"
+    nvidia-smi --query-gpu=name,memory.total,power.limit --format=csv,noheader 2>&1
+    python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" 2>&1
+    nproc
+} > "$out/env.txt"
+
+run() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$out/steps.txt"
+}
+
+for step in $steps; do
+    case $step in
+        tests) run cuda-tests 300 python3 -m pytest -q -p no:cacheprovider \
+            tests/worker/test_gpu_paths_cuda.py tests/worker/test_transfers_cuda.py ;;
+        serve) run serve 360 python3 bench/serve_speed.py --shape llama-3-8b \
+            --configs 4:sym,4:asym,3:sym --hf-reference --profile --profile-configs 4:sym \
+            --json "$out/serve.jsonl" ;;
+        e2e) run e2e 200 python3 bench/e2e.py --shape llama-3-8b --dir /tmp/gpu-round-e2e \
+            --verbose --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
+        e2e-plain) run e2e-plain 200 python3 bench/e2e.py --shape llama-3-8b --plain \
+            --dir /tmp/gpu-round-e2e --verbose --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
+        speed) run speed 150 python3 bench/speed.py --shape llama-3-8b ;;
+        trace) run trace 150 python3 bench/layer_trace.py --shape llama-3-8b --layers 3 --cprofile ;;
+        e2e-70b) run e2e-70b 300 python3 bench/e2e.py --shape llama-3-70b --layers 4 \
+            --dir /tmp/gpu-round-e2e70 --verbose --bytecode-cache /tmp/gpu-round-pyc ;;
+        *) echo "unknown step $step" >&2; exit 2 ;;
+    esac
+done
+rm -rf /tmp/gpu-round-e2e /tmp/gpu-round-e2e70
+cat "$out/steps.txt"
