@@ -99,15 +99,12 @@ def solve_block_triton(
         out[: t.shape[0], : t.shape[1]] = t
         return out
 
-    # the kernel reads rows < b of Hinv and P, columns < b (masked): past b, padding only
-    if b == B:  # the usual case: the block's tensors as they are (a copy where strided)
-        W, Sp, Zp = W1.contiguous(), S.contiguous(), Z.contiguous()
-        Hp = Hinv1.contiguous()
-        Pp = Hp if P1 is None else P1.contiguous()  # Hp: a placeholder the kernel does not read
-    else:
-        W, Sp, Zp = padded(W1), padded(S), padded(Z)
-        Hp = padded(Hinv1, B)
-        Pp = Hp if P1 is None else padded(P1, B)
+    # the kernel reads rows < b of Hinv and P, columns < b (masked): past b, padding only.
+    # The usual case (b == B) takes the block's tensors as they are (a copy where strided)
+    fit = (lambda t, n=rows: t.contiguous()) if b == B else padded
+    W, Sp, Zp = fit(W1), fit(S), fit(Z)
+    Hp = fit(Hinv1, B)
+    Pp = Hp if P1 is None else fit(P1, B)  # Hp: a placeholder the kernel does not read
     Q, C, E = (torch.empty(rows, B, dtype=torch.float32, device=W1.device) for _ in range(3))
     grid = (triton.cdiv(rows, block_rows),)
     _gptq_block_kernel[grid](
