@@ -54,13 +54,17 @@ def main() -> None:
                 kw = dict(bits=4, group_size=128, sym=True, desc_act=act, solver=solver)
                 key = f"{solver}{'_act' if act else ''}_s"
                 row[key] = round(timed(partial(gptq_quantize, W, H, **kw), 2), 4)
-        block = W[:, :128].contiguous()
-        S = torch.full_like(block, 0.05)
-        Z = torch.full_like(block, 8.0)
+        scales = torch.full((1, rows), 0.05, device=dev)
+        zeros = torch.full((1, rows), 8.0, device=dev)
+        groups = torch.zeros(128, dtype=torch.int64, device=dev)
         U = torch.linalg.cholesky(torch.linalg.inv(H[:128, :128]), upper=True)
+        Q, C, E = (torch.empty(rows, 128, device=dev) for _ in range(3))
         for block_rows in (8, 16, 32, 64):
             losses = torch.zeros(rows, device=dev)
-            run = partial(solve_block_triton, block, U, S, Z, 15, losses, block_rows=block_rows)
+            run = partial(
+                solve_block_triton, W[:, :128], U, scales, zeros, groups, 15, losses, Q, C, E,
+                block_rows=block_rows,
+            )  # fmt: skip
             row[f"block_ms_r{block_rows}"] = round(1000 * timed(run), 3)
         print(json.dumps(row), flush=True)
 

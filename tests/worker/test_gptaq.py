@@ -112,8 +112,11 @@ def column_by_column(W, H, D, alpha, bits, sym):
     return Q
 
 
-def test_blocked_solve_equals_the_column_by_column_update():
-    X, Xq, W = streams(2, n=256)
+@pytest.mark.parametrize("n", [256, 600], ids=["one-product", "three-products"])
+def test_blocked_solve_equals_the_column_by_column_update(n):
+    """Lazy batches of 64 columns; GPTAQ's correction rows formed 4 blocks at a time: one
+    product for 256 columns, three (the last narrower, ending in a 24-column block) for 600."""
+    X, Xq, W = streams(2, n=n, tokens=2 * n + 512)
     H, D = terms(X, Xq)
     got = gptq_quantize(
         W, H, bits=4, group_size=-1, sym=True, solver="torch", dXXT=D, gptaq_alpha=1.0,

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 
 FP16_TINY = torch.finfo(torch.float16).tiny
+# GPTAQ's correction rows are formed this many 128-column blocks at a time: 512 rows keep
+# the fp32 products efficient (the 8B down_proj's were 128 x 14336 x 14336 per block) at
+# a few percent more arithmetic (the rows of a group's later blocks multiply zeros over
+# its earlier blocks' columns)
+GPTAQ_BLOCKS_PER_PRODUCT = 4
 
 
 class HessianNotPositiveDefinite(ValueError):
@@ -120,14 +125,15 @@ def inverse_hessian_cholesky(
         L.diagonal().add_(damp * mean_diag)
         info = torch.empty((), dtype=torch.int32, device=L.device)
         L, info = torch.linalg.cholesky_ex(L, out=(L, info))
-        if info == 0:
-            Linv = lower_inverse(L)
-            del L
-            U = Linv.flip(0, 1)
-            del Linv
-            if torch.isfinite(U).all():
-                return U, damp
+        # the inverse is formed before the factorisation's status is read: one wait for the
+        # GPU instead of two (a failed factor's inverse is wasted work, and rare)
+        Linv = lower_inverse(L)
         del L
+        U = Linv.flip(0, 1)
+        del Linv
+        if bool((info == 0) & torch.isfinite(U).all()):
+            return U, damp
+        del U
         damp += damp_increment
     raise HessianNotPositiveDefinite(
         f"Hessian is not positive definite even with damp_percent {damp:.4f}; the calibration "
@@ -239,12 +245,14 @@ def gptq_quantize(
     W = W.detach().float().clone()
     H = H.detach().float().clone()
 
-    dead = torch.diag(H) == 0  # inputs never seen: their weights cannot matter
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    # inputs never seen: their weights cannot matter. masked_fill_, not boolean indexing,
+    # which would wait for the GPU to find the indices
+    dead = torch.diag(H) == 0
+    H.diagonal().masked_fill_(dead, 1)
+    W.masked_fill_(dead[None, :], 0)
     if dXXT is not None:
         dXXT = dXXT.detach().float().clone()
-        dXXT[:, dead] = 0
+        dXXT.masked_fill_(dead[None, :], 0)
 
     groups = 1 if group_size == -1 else in_features // group_size
     dev = W.device
@@ -256,7 +264,7 @@ def gptq_quantize(
         return p
 
     if group_size == -1:
-        params = record(0, find_params(W, bits, sym, mse, min_zero))
+        record(0, find_params(W, bits, sym, mse, min_zero))
     elif static_groups and mse == 0:  # from the unpermuted, not yet updated weights
         # min-max parameters are exact per row, so all groups are found in one call
         p = find_params(
@@ -284,20 +292,28 @@ def gptq_quantize(
     del H
     if split_products:  # the lazy-batch and GPTAQ products as 3xTF32 (matmul); off: fp32
         Hinv = tf32_parts(Hinv)
-    # GPTAQ's correction is formed one block of rows at a time (gptaq_correction_rows):
-    # a third of the arithmetic of the whole [in, in] product, and no [in, in] buffer for it
-    Q = torch.zeros_like(W)
-    codes = torch.zeros_like(W)
+    # every column is written by the block solver: no need to clear these
+    Q = torch.empty_like(W)
+    codes = torch.empty_like(W)
     losses = torch.zeros(out_features, device=dev)
     solve_block = _block_solver(solver, W)
-    column_group = None
-    if group_size != -1:
-        # the group whose parameters each (possibly permuted) column uses
+    # the group whose parameters each (possibly permuted) column uses
+    if group_size == -1:
+        column_group = torch.zeros(in_features, dtype=torch.int64, device=dev)
+    else:
         order = perm if (perm is not None and static_groups) else torch.arange(in_features)
         column_group = (order.to(dev) // group_size).long()
+    # the block's errors and (GPTAQ) its columns before quantization, reused block to block
+    E = torch.empty(out_features, block_size, device=dev)
+    V = torch.empty_like(E) if dXXT is not None else None
+    # GPTAQ's correction does not depend on W: its rows are formed for several blocks at
+    # once (fewer, larger products), a few MB at a time (gptaq_correction_rows)
+    P_rows, p1 = None, 0
+    p_chunk = block_size * GPTAQ_BLOCKS_PER_PRODUCT
 
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
+        b = i2 - i1
         if group_size != -1 and not static_groups:
             # Groups starting in this block take their parameters from W, which carries
             # earlier blocks' updates but not this block's, as the reference does (it reads
@@ -312,30 +328,28 @@ def gptq_quantize(
                 g0 = starts[0] // group_size
                 scales[g0 : g0 + len(starts)] = p.scale.view(len(starts), out_features)
                 zeros[g0 : g0 + len(starts)] = p.zero.view(len(starts), out_features)
-        if group_size == -1:
-            S = params.scale[:, None].expand(-1, i2 - i1)
-            Z = params.zero[:, None].expand(-1, i2 - i1)
-        else:
-            g = column_group[i1:i2]
-            S, Z = scales[g].t(), zeros[g].t()  # [out, b]
-        W1 = W[:, i1:i2].clone()  # [out, b]
         blk, after = slice(i1, i2), slice(i2, None)
-        Hinv1 = _whole(Hinv, blk, blk)
-        S, Z = S.contiguous(), Z.contiguous()
-        if dXXT is None:
-            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses)
-            W[:, i2:] -= matmul(Err1, _block(Hinv, blk, after))
-        else:
-            P1 = gptaq_correction_rows(dXXT, Hinv, gptaq_alpha, i1, i2)  # P[i1:i2, i1:]
-            Q1, C1, Err1 = solve_block(W1, Hinv1, S, Z, maxq, losses, P1[:, : i2 - i1])
-            # each column as it was just before it was quantized: w = q + err * d
-            Wpre1 = Q1 + Err1 * torch.diagonal(Hinv1)[None, :]  # [out, b]
-            P_after = P1[:, i2 - i1 :]
-            if not isinstance(Hinv, torch.Tensor):
-                P_after = tf32_parts(P_after)
-            W[:, i2:] -= matmul(Err1, _block(Hinv, blk, after)) - matmul(Wpre1, P_after)
-            del P1, P_after
-        Q[:, i1:i2], codes[:, i1:i2] = Q1, C1
+        E1, V1, P1 = E[:, :b], None, None
+        if dXXT is not None:
+            if P_rows is None or i2 > p1 + P_rows.shape[0]:
+                p1 = i1
+                P_rows = gptaq_correction_rows(
+                    dXXT, Hinv, gptaq_alpha, i1, min(i1 + p_chunk, in_features)
+                )
+            P1 = P_rows[i1 - p1 : i2 - p1, i1 - p1 :]  # P[i1:i2, i1:]
+            V1 = V[:, :b]
+        solve_block(
+            W[:, blk], _whole(Hinv, blk, blk), scales, zeros, column_group[blk], maxq, losses,
+            Q[:, blk], codes[:, blk], E1, V1, None if P1 is None else P1[:, :b],
+        )  # fmt: skip
+        if i2 < in_features:  # the rest of W, in place: W -= E U[blk, after] - V P[blk, after]
+            _add_product(W[:, after], E1, _block(Hinv, blk, after), -1.0)
+            if P1 is not None:
+                P_after = P1[:, b:]
+                if not isinstance(Hinv, torch.Tensor):
+                    P_after = tf32_parts(P_after)
+                _add_product(W[:, after], V1, P_after, 1.0)
+        del P1
 
     if group_size == -1:
         g_idx = torch.zeros(in_features, dtype=torch.int32, device=dev)
@@ -441,24 +455,32 @@ def gptaq_correction_rows(
 def solve_block_torch(
     W1: torch.Tensor,
     Hinv1: torch.Tensor,
-    S: torch.Tensor,
-    Z: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    groups: torch.Tensor,
     maxq: int,
     losses: torch.Tensor,
+    Q1: torch.Tensor,
+    C1: torch.Tensor,
+    E1: torch.Tensor,
+    V1: torch.Tensor | None = None,
     P1: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One block of Algorithm 1, column by column: (dequantized, codes, errors).
+) -> None:
+    """One block of Algorithm 1, column by column, into the caller's matrices.
 
-    ``W1`` (``[out, b]``) is updated in place; each column ``i`` uses scale ``S[:, i]`` and
-    zero ``Z[:, i]``; ``losses`` (``[out]``) gets the block's loss added. ``P1``
-    (``[b, b]``, strictly upper triangular) adds GPTAQ's term: column ``i``'s value before
-    quantization, times ``P1[i, i:]``, moves the later columns towards ``W X``.
+    ``W1`` (``[out, b]``, not modified) holds the block's columns; column ``i`` uses the
+    scale and zero of group ``groups[i]`` (rows of ``scales`` and ``zeros``, ``[groups,
+    out]``). Writes the dequantized weights to ``Q1``, the codes to ``C1``, the errors
+    divided by the pivots to ``E1`` (all ``[out, b]``) and adds the block's loss to
+    ``losses`` (``[out]``). ``P1`` (``[b, b]``, strictly upper triangular) adds GPTAQ's
+    term: column ``i``'s value before quantization (written to ``V1``), times
+    ``P1[i, i:]``, moves the later columns towards ``W X``.
     """
-    Q1, C1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+    W1 = W1.clone()
     for i in range(W1.shape[1]):
         w = W1[:, i]
         d = Hinv1[i, i]
-        s, z = S[:, i], Z[:, i]
+        s, z = scales[groups[i]], zeros[groups[i]]
         q = quantize(w, s, z, maxq)
         dq = dequantize(q, s, z)
         diff = w - dq
@@ -467,9 +489,19 @@ def solve_block_torch(
         if P1 is None:
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
         else:
+            V1[:, i] = w  # before the update below, which changes column i too
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :] - w[:, None] * P1[i, i:][None, :]
-        Q1[:, i], C1[:, i], Err1[:, i] = dq, q, err
-    return Q1, C1, Err1
+        Q1[:, i], C1[:, i], E1[:, i] = dq, q, err
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: Factor, alpha: float) -> None:
+    """``out += alpha * a @ b`` in place (``out`` may be a column block of a larger matrix:
+    no temporary product where ``b`` is a tensor); ``b`` as TF32 parts goes through
+    :func:`matmul`."""
+    if isinstance(b, torch.Tensor):
+        out.addmm_(a, b, alpha=alpha)
+    else:
+        out.add_(matmul(a, b), alpha=alpha)
 
 
 def _block_solver(solver: str, W: torch.Tensor):

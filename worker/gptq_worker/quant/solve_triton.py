@@ -4,9 +4,15 @@ Rows of ``W`` are independent given ``H^-1``: each program owns ``BLOCK_R`` rows
 block and walks its columns in order, keeping the rows in registers. Per column it
 quantizes with that column's scale and zero, divides the error by the pivot and spreads it
 over the later columns of the block. The arithmetic is the torch loop's
-(:func:`gptq_worker.gptq.solve_block_torch`), step for step: IEEE division (``div_rn``),
-round half to even, and no fused multiply-add (``enable_fp_fusion=False``), so both give
-the same bits.
+(:func:`gptq_worker.quant.gptq.solve_block_torch`), step for step: IEEE division
+(``div_rn``), round half to even, and no fused multiply-add (``enable_fp_fusion=False``),
+so both give the same bits.
+
+The kernel reads and writes the solve's own matrices through their row strides (the
+block's columns of ``W``, ``Q`` and the codes, the block's rows of ``H^-1``'s factor and
+GPTAQ's correction) and each column's scale and zero from the per-group tables, so a block
+costs one launch and no copies: on an H200 the copies and padding around each launch had
+cost more host time than the kernel ran (bench/README.md).
 
 ``TRITON_INTERPRET=1`` runs the same kernel on CPU tensors (the CI equality test does).
 """
@@ -28,99 +34,111 @@ def _round_half_even(x):
 
 @triton.jit
 def _gptq_block_kernel(
-    W_ptr,  # [rows, B] fp32, updated in place (the block's working weights)
-    Hinv_ptr,  # [B, B] fp32, upper Cholesky factor of the block
-    S_ptr,  # [rows, B] fp32 scale of each column
-    Z_ptr,  # [rows, B] fp32 zero of each column
-    Q_ptr,  # [rows, B] fp32 out: dequantized weights
-    C_ptr,  # [rows, B] fp32 out: codes
-    E_ptr,  # [rows, B] fp32 out: errors divided by the pivot
+    W_ptr, sw,  # [rows, cols] fp32, the block's working weights (read only), row stride
+    H_ptr, sh,  # [cols, cols] fp32, the block of H^-1's upper Cholesky factor, row stride
+    S_ptr,  # [groups, rows] fp32 scale of each group
+    Z_ptr,  # [groups, rows] fp32 zero of each group
+    G_ptr,  # [cols] int64, the group of each column
+    Q_ptr, sq,  # [rows, cols] fp32 out: dequantized weights
+    C_ptr, sc,  # [rows, cols] fp32 out: codes
+    E_ptr, se,  # [rows, cols] fp32 out: errors divided by the pivot
+    V_ptr, sv,  # [rows, cols] fp32 out: each column just before it was quantized (HAS_P)
+    P_ptr, sp,  # [cols, cols] fp32, GPTAQ's correction of the block (read only when HAS_P)
     L_ptr,  # [rows] fp32 out: this block's loss per row (added)
-    P_ptr,  # [B, B] fp32, GPTAQ's correction of the block (read only when HAS_P)
     rows,
     cols,
     maxq,
     B: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_P: tl.constexpr,
-):
+):  # fmt: skip
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, B)
     rmask = r < rows
     cmask = c < cols
-    tile = r[:, None] * B + c[None, :]
+    r64 = r.to(tl.int64)  # row offsets of the largest matrices pass 2^31 elements
     mask = rmask[:, None] & cmask[None, :]
-    W = tl.load(W_ptr + tile, mask=mask, other=0.0)
+    W = tl.load(W_ptr + r64[:, None] * sw + c[None, :], mask=mask, other=0.0)
     loss = tl.load(L_ptr + r, mask=rmask, other=0.0)
     for i in range(0, cols):
         w = tl.sum(tl.where(c[None, :] == i, W, 0.0), axis=1)
-        s = tl.load(S_ptr + r * B + i, mask=rmask, other=1.0)
-        z = tl.load(Z_ptr + r * B + i, mask=rmask, other=0.0)
-        d = tl.load(Hinv_ptr + i * B + i)
+        g = tl.load(G_ptr + i)
+        s = tl.load(S_ptr + g * rows + r, mask=rmask, other=1.0)
+        z = tl.load(Z_ptr + g * rows + r, mask=rmask, other=0.0)
+        d = tl.load(H_ptr + i * sh + i)
         q = _round_half_even(tl.math.div_rn(w, s)) + z
         q = tl.minimum(tl.maximum(q, 0.0), maxq)
         dq = s * (q - z)
         diff = w - dq
         loss += tl.math.div_rn(diff * diff, d * d) * 0.5
         err = tl.math.div_rn(diff, d)
-        h = tl.load(Hinv_ptr + i * B + c, mask=(c >= i) & cmask, other=0.0)
+        h = tl.load(H_ptr + i * sh + c, mask=(c >= i) & cmask, other=0.0)
         if HAS_P:  # the torch loop's ``err * h - w * p``, in the same order
-            p = tl.load(P_ptr + i * B + c, mask=(c >= i) & cmask, other=0.0)
+            p = tl.load(P_ptr + i * sp + c, mask=(c >= i) & cmask, other=0.0)
             W = W - (err[:, None] * h[None, :] - w[:, None] * p[None, :])
+            tl.store(V_ptr + r64 * sv + i, w, mask=rmask)
         else:
             W = W - err[:, None] * h[None, :]
-        tl.store(Q_ptr + r * B + i, dq, mask=rmask)
-        tl.store(C_ptr + r * B + i, q, mask=rmask)
-        tl.store(E_ptr + r * B + i, err, mask=rmask)
+        tl.store(Q_ptr + r64 * sq + i, dq, mask=rmask)
+        tl.store(C_ptr + r64 * sc + i, q, mask=rmask)
+        tl.store(E_ptr + r64 * se + i, err, mask=rmask)
     tl.store(L_ptr + r, loss, mask=rmask)
 
 
 def solve_block_triton(
     W1: torch.Tensor,
     Hinv1: torch.Tensor,
-    S: torch.Tensor,
-    Z: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    groups: torch.Tensor,
     maxq: int,
     losses: torch.Tensor,
+    Q1: torch.Tensor,
+    C1: torch.Tensor,
+    E1: torch.Tensor,
+    V1: torch.Tensor | None = None,
     P1: torch.Tensor | None = None,
     block_rows: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequantized, codes, errors) of the block; ``losses`` ``[rows]`` is added to in place.
+) -> None:
+    """One block of the solve, in one launch; the interface of
+    :func:`gptq_worker.quant.gptq.solve_block_torch`.
 
-    ``W1``, ``S``, ``Z`` are ``[rows, b]``, ``Hinv1`` and GPTAQ's ``P1`` (optional) are
-    ``[b, b]``, all fp32; ``b`` <= 128.
+    ``W1``, ``Q1``, ``C1``, ``E1``, ``V1`` are ``[rows, b]``, ``Hinv1`` and ``P1`` ``[b, b]``,
+    each with unit column stride (views into larger matrices are fine); ``scales`` and
+    ``zeros`` ``[groups, rows]`` contiguous, ``groups`` ``[b]`` int64; all fp32 but
+    ``groups``; ``b`` <= 128.
     """
     rows, b = W1.shape
-    B = max(16, triton.next_power_of_2(b))
-
-    def padded(t: torch.Tensor, n: int = rows) -> torch.Tensor:
-        out = torch.zeros(n, B, dtype=torch.float32, device=t.device)
-        out[: t.shape[0], : t.shape[1]] = t
-        return out
-
-    # the kernel reads rows < b of Hinv and P, columns < b (masked): past b, padding only.
-    # The usual case (b == B) takes the block's tensors as they are (a copy where strided)
-    fit = (lambda t, n=rows: t.contiguous()) if b == B else padded
-    W, Sp, Zp = fit(W1), fit(S), fit(Z)
-    Hp = fit(Hinv1, B)
-    Pp = Hp if P1 is None else fit(P1, B)  # Hp: a placeholder the kernel does not read
-    Q, C, E = (torch.empty(rows, B, dtype=torch.float32, device=W1.device) for _ in range(3))
+    mats = (W1, Hinv1, Q1, C1, E1) + ((V1, P1) if P1 is not None else ())
+    tables = scales.is_contiguous() and zeros.is_contiguous()
+    if any(t.stride(1) != 1 for t in mats) or not tables:
+        raise ValueError("solve_block_triton needs unit column strides and contiguous tables")
+    V1, P1 = (E1, Hinv1) if P1 is None else (V1, P1)  # placeholders the kernel does not read
     grid = (triton.cdiv(rows, block_rows),)
     _gptq_block_kernel[grid](
-        W, Hp, Sp, Zp, Q, C, E, losses, Pp, rows, b, float(maxq),
-        B=B, BLOCK_R=block_rows, HAS_P=P1 is not None, enable_fp_fusion=False,
+        W1, W1.stride(0), Hinv1, Hinv1.stride(0), scales, zeros, groups,
+        Q1, Q1.stride(0), C1, C1.stride(0), E1, E1.stride(0), V1, V1.stride(0),
+        P1, P1.stride(0), losses, rows, b, float(maxq),
+        B=max(16, triton.next_power_of_2(b)), BLOCK_R=block_rows, HAS_P=P1 is not Hinv1,
+        enable_fp_fusion=False,
     )  # fmt: skip
-    return Q[:, :b], C[:, :b], E[:, :b]
 
 
 def warm_up(device: torch.device) -> None:
     """Compile the kernel now, both variants (plain, and with GPTAQ's ``P``: about 2 s each
-    on a cold cache), e.g. in a thread during capture."""
-    rows, b = 16, 128
-    W = torch.zeros(rows, b, device=device)
-    H = torch.eye(b, device=device)
-    ones = torch.ones(rows, b, device=device)
-    for P in (None, torch.zeros(b, b, device=device)):
-        solve_block_triton(W.clone(), H, ones, ones, 15, torch.zeros(rows, device=device), P)
+    on a cold cache), e.g. in a thread during capture. The shapes have the alignment of a
+    real model's (strides and pointers multiples of 16), which Triton specializes on."""
+    rows, b, n = 16, 128, 256
+    W = torch.zeros(rows, n, device=device)
+    H = torch.eye(n, device=device)
+    ones = torch.ones(1, rows, device=device)
+    groups = torch.zeros(n, dtype=torch.int64, device=device)
+    out = [torch.empty(rows, n, device=device) for _ in range(4)]
+    for P in (None, torch.zeros(b, n, device=device)):
+        solve_block_triton(
+            W[:, b:], H[b:, b:], ones, ones, groups[b:], 15, torch.zeros(rows, device=device),
+            out[0][:, b:], out[1][:, b:], out[2][:, :b], out[3][:, :b],
+            None if P is None else P[:, :b],
+        )  # fmt: skip
     torch.cuda.synchronize(device)
