@@ -7,7 +7,8 @@
 #
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
-# STEP: tests serve e2e e2e-plain speed trace e2e-70b (default: all but e2e-70b, about
+# STEP: tests serve e2e e2e-plain speed trace solve e2e-70b (default: all but solve and
+# e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
 # bench/results/ with the machine, date and commit in a header line.
 set -u
@@ -45,6 +46,7 @@ for step in $steps; do
             --dir /tmp/gpu-round-e2e --verbose --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
         speed) run speed 150 python3 bench/speed.py --shape llama-3-8b ;;
         trace) run trace 150 python3 bench/layer_trace.py --shape llama-3-8b --layers 3 --cprofile ;;
+        solve) run solve 150 python3 bench/solve.py ;;
         e2e-70b) run e2e-70b 300 python3 bench/e2e.py --shape llama-3-70b --layers 4 \
             --dir /tmp/gpu-round-e2e70 --verbose --bytecode-cache /tmp/gpu-round-pyc ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
