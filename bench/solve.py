@@ -57,7 +57,7 @@ def main() -> None:
         scales = torch.full((1, rows), 0.05, device=dev)
         zeros = torch.full((1, rows), 8.0, device=dev)
         groups = torch.zeros(128, dtype=torch.int64, device=dev)
-        U = torch.linalg.cholesky(torch.linalg.inv(H[:128, :128]), upper=True)
+        U = torch.linalg.cholesky(torch.linalg.inv(H[:128, :128]), upper=True).contiguous()
         Q, C, E = (torch.empty(rows, 128, device=dev) for _ in range(3))
         for block_rows in (8, 16, 32, 64):
             losses = torch.zeros(rows, device=dev)
