@@ -142,9 +142,10 @@ def test_correction_rows_are_the_rows_of_the_whole_correction():
     assert torch.count_nonzero(P.tril()) == 0
     for i1 in range(0, 200, 64):
         i2 = min(i1 + 64, 200)
-        rows = gptaq_correction_rows(D, U, 0.25, i1, i2)
-        assert rows.shape == (i2 - i1, 200 - i1)
-        torch.testing.assert_close(rows, P[i1:i2, i1:], rtol=1e-9, atol=1e-12)
+        for width in (None, 32, 50):  # whole, or triangular blocks of 32 or 50 columns
+            rows = gptaq_correction_rows(D, U, 0.25, i1, i2, width=width)
+            assert rows.shape == (i2 - i1, 200 - i1)
+            torch.testing.assert_close(rows, P[i1:i2, i1:], rtol=1e-9, atol=1e-12)
         assert torch.count_nonzero(P[i1:i2, :i1]) == 0
 
 
