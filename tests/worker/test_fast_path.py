@@ -225,3 +225,19 @@ def test_lower_inverse_by_halves_equals_the_solve_against_the_identity():
         ref = torch.linalg.inv(L.double())
         assert torch.equal(got.triu(1), torch.zeros_like(got.triu(1)))
         assert float((got.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_the_solver_finds_groups_only_where_a_block_holds_them():
+    """Which runs compile the kernel's group-finding variant at start-up."""
+    from gptq_worker.pipeline.driver import solver_finds_groups
+
+    assert solver_finds_groups(QuantizeConfig()) is None  # static groups by default
+    plain = dict(desc_act=False, static_groups=False, gptaq=False)
+    assert solver_finds_groups(QuantizeConfig(**plain)) == (128, True, False)
+    assert solver_finds_groups(QuantizeConfig(**plain, group_size=32, sym=False)) == (
+        32, False, False,
+    )  # fmt: skip
+    assert solver_finds_groups(QuantizeConfig(**plain, group_size=256)) is None  # spans blocks
+    assert solver_finds_groups(QuantizeConfig(**plain, group_size=-1)) is None
+    assert solver_finds_groups(QuantizeConfig(**plain, mse=2.4)) is None  # grid search
+    assert solver_finds_groups(QuantizeConfig(**plain, method="rtn")) is None

@@ -9,6 +9,10 @@ show as a difference here.
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,11 +76,21 @@ def test_in_memory_layer_round_trip_and_packed_copies_keep_their_bits():
         assert got[k].device.type == "cpu" and torch.equal(got[k], v.cpu())
 
 
-def test_solver_compiles_in_a_child_process():
+@pytest.mark.parametrize("find", [None, (128, True, False), (32, False, True)])
+def test_solver_compiles_in_a_child_process(find):
+    """The child's command runs (its failures are otherwise silent: the run then compiles in
+    its own process), for the base variants and each kind of group-finding one."""
+    from gptq_worker.pipeline.driver import _CHILD
     from gptq_worker.quant.solve_triton import warm_up
 
-    _compile_in_child(GPU)
-    warm_up(GPU)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(GPU), json.dumps(find)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    _compile_in_child(GPU, find)
+    warm_up(GPU, find)
 
 
 def test_capture_on_the_gpu_gives_back_the_host_parameters():

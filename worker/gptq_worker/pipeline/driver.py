@@ -16,6 +16,7 @@ one sequence whose steps share the layer's state; the steps themselves live in
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -184,16 +185,22 @@ def restore_weight(
 
 @torch.no_grad()
 def warm_up_solver(
-    device: torch.device, options: EngineOptions, in_child: bool = False
+    device: torch.device,
+    options: EngineOptions,
+    in_child: bool = False,
+    cfg: QuantizeConfig | None = None,
 ) -> threading.Thread | None:
     """Compile the Triton solve in the background while calibration inputs are captured.
 
     ``in_child``: compile in a child process first (:func:`_compile_in_child`), for a caller
     with seconds of other work to overlap (the ``quantize`` command, which opens the model
     meanwhile); the child's own start (importing torch) is seconds too, so where only the
-    capture overlaps (a model already in memory) the thread compiles in this process."""
+    capture overlaps (a model already in memory) the thread compiles in this process.
+    ``cfg``: also the kernel's variant that finds group parameters, where its settings
+    have the block solver find them (:func:`solver_finds_groups`)."""
     if device.type != "cuda" or options.solver == "torch":
         return None
+    find = solver_finds_groups(cfg) if cfg is not None else None
     try:
         from gptq_worker.quant.solve_triton import warm_up
     except ImportError:
@@ -202,8 +209,8 @@ def warm_up_solver(
     def run() -> None:
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
             if in_child:
-                _compile_in_child(device)
-            warm_up(device)  # a hit in Triton's cache when the child compiled
+                _compile_in_child(device, find)
+            warm_up(device, find)  # a hit in Triton's cache when the child compiled
             _load_libraries(device)
 
     key = str(device)
@@ -214,6 +221,16 @@ def warm_up_solver(
 
 
 _WARMING: dict[str, threading.Thread] = {}
+
+
+def solver_finds_groups(cfg: QuantizeConfig) -> tuple[int, bool, bool] | None:
+    """``(group size, sym, gptaq)`` where ``cfg``'s own settings have the block solver find
+    each block's group parameters (:func:`gptq_worker.quant.gptq.gptq_quantize`), else None."""
+    if cfg.method == Method.RTN or cfg.static_groups or cfg.mse or cfg.group_size == -1:
+        return None
+    if 128 % cfg.group_size:
+        return None
+    return cfg.group_size, cfg.sym, cfg.gptaq
 
 
 def _load_libraries(device: torch.device) -> None:
@@ -230,12 +247,15 @@ def _load_libraries(device: torch.device) -> None:
 
 
 _CHILD = (
-    "import sys, torch; from gptq_worker.quant.solve_triton import warm_up; "
-    "warm_up(torch.device(sys.argv[1]))"
+    "import sys, json, torch; from gptq_worker.quant.solve_triton import warm_up; "
+    "find = json.loads(sys.argv[2]); "
+    "warm_up(torch.device(sys.argv[1]), None if find is None else tuple(find))"
 )
 
 
-def _compile_in_child(device: torch.device, timeout: float = 120.0) -> None:
+def _compile_in_child(
+    device: torch.device, find: tuple[int, bool, bool] | None = None, timeout: float = 120.0
+) -> None:
     """Compile the Triton kernels in a child process, into Triton's on-disk cache.
 
     Compiling in this process, on a thread, competes for the interpreter's lock with the
@@ -249,7 +269,7 @@ def _compile_in_child(device: torch.device, timeout: float = 120.0) -> None:
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # find this gptq_worker
     subprocess.run(
         # imported by its name: Triton's cache key includes the kernel's module
-        [sys.executable, "-c", _CHILD, str(device)],
+        [sys.executable, "-c", _CHILD, str(device), json.dumps(find)],
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

@@ -280,7 +280,8 @@ def _quantize(
             check_fits(model_bytes, memory_limit())
         report_model_size(model_bytes)
     # the Triton kernels compile in a child process while the model is opened
-    warm_up_solver(device, EngineOptions(hessian_precision=cfg.hessian_precision), in_child=True)
+    options = EngineOptions(hessian_precision=cfg.hessian_precision)
+    warm_up_solver(device, options, in_child=True, cfg=cfg.quantization)
     model, tokenizer, layers = open_model(model_dir, dtype, cfg.trust_remote_code)
     log.info("model and tokenizer opened, %s", _since())
     progress = None
@@ -354,7 +355,7 @@ def quantize_model(
     the caller finishes it.
     """
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
-    warming = warm_up_solver(device, options)  # compiles while the inputs are prepared
+    warming = warm_up_solver(device, options, cfg=cfg.quantization)  # while inputs are prepared
     arch = architecture_for(model)
     settings = plan(model, arch, cfg.quantization)
     nsamples, seqlen = cfg.calibration.resolved()

@@ -311,11 +311,17 @@ def gptq_quantize(
     # once (fewer, larger products), a few MB at a time (gptaq_correction_rows)
     P_rows, p1 = None, 0
     p_chunk = block_size * GPTAQ_BLOCKS_PER_PRODUCT
+    # groups found block by block from the updated W: where they fit in a block and need no
+    # grid search, the block solver finds them (one launch on a GPU instead of ~20)
+    find_in_block = (
+        group_size != -1 and not static_groups and mse == 0 and block_size % group_size == 0
+    )
+    find = None
 
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         b = i2 - i1
-        if group_size != -1 and not static_groups:
+        if group_size != -1 and not static_groups and not find_in_block:
             # Groups starting in this block take their parameters from W, which carries
             # earlier blocks' updates but not this block's, as the reference does (it reads
             # W at the group's first column, and W is only updated between blocks). Measured
@@ -330,6 +336,8 @@ def gptq_quantize(
                 scales[g0 : g0 + len(starts)] = p.scale.view(len(starts), out_features)
                 zeros[g0 : g0 + len(starts)] = p.zero.view(len(starts), out_features)
         blk, after = slice(i1, i2), slice(i2, None)
+        if find_in_block:  # the groups of this block, found by the block solver from W
+            find = (i1 // group_size, group_size, bits, sym, min_zero)
         E1, V1, P1 = E[:, :b], None, None
         if dXXT is not None:
             if P_rows is None or i2 > p1 + P_rows.shape[0]:
@@ -341,7 +349,7 @@ def gptq_quantize(
             V1 = V[:, :b]
         solve_block(
             W[:, blk], _whole(Hinv, blk, blk), scales, zeros, column_group[blk], maxq, losses,
-            Q[:, blk], codes[:, blk], E1, V1, None if P1 is None else P1[:, :b],
+            Q[:, blk], codes[:, blk], E1, V1, None if P1 is None else P1[:, :b], find,
         )  # fmt: skip
         if i2 < in_features:  # the rest of W, in place: W -= E U[blk, after] - V P[blk, after]
             _add_product(W[:, after], E1, _block(Hinv, blk, after), -1.0)
@@ -495,6 +503,7 @@ def solve_block_torch(
     E1: torch.Tensor,
     V1: torch.Tensor | None = None,
     P1: torch.Tensor | None = None,
+    find: tuple[int, int, int, bool, int] | None = None,
 ) -> None:
     """One block of Algorithm 1, column by column, into the caller's matrices.
 
@@ -504,8 +513,19 @@ def solve_block_torch(
     divided by the pivots to ``E1`` (all ``[out, b]``) and adds the block's loss to
     ``losses`` (``[out]``). ``P1`` (``[b, b]``, strictly upper triangular) adds GPTAQ's
     term: column ``i``'s value before quantization (written to ``V1``), times
-    ``P1[i, i:]``, moves the later columns towards ``W X``.
+    ``P1[i, i:]``, moves the later columns towards ``W X``. ``find`` (``(first group, group
+    size, bits, sym, min_zero)``, the group size dividing ``b``): first the min-max
+    parameters of the block's groups, from ``W1``, into ``scales`` and ``zeros``.
     """
+    if find is not None:
+        g0, size, bits, sym, min_zero = find
+        n = W1.shape[1] // size
+        p = find_params(
+            W1.reshape(W1.shape[0], n, size).transpose(0, 1).reshape(-1, size),
+            bits, sym, 0.0, min_zero,
+        )  # fmt: skip
+        scales[g0 : g0 + n] = p.scale.view(n, -1)
+        zeros[g0 : g0 + n] = p.zero.view(n, -1)
     W1 = W1.clone()
     for i in range(W1.shape[1]):
         w = W1[:, i]

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+FP16_TINY = tl.constexpr(torch.finfo(torch.float16).tiny)
+
 
 @triton.jit
 def _round_half_even(x):
@@ -48,9 +50,14 @@ def _gptq_block_kernel(
     rows,
     cols,
     maxq,
+    g0,  # FIND: the group of the block's first column
+    min_zero,  # FIND: the smallest zero point (1 for v1 asymmetric checkpoints)
     B: tl.constexpr,
     BLOCK_R: tl.constexpr,
     HAS_P: tl.constexpr,
+    FIND: tl.constexpr,  # the block's groups' scales and zeros from its columns first
+    GS: tl.constexpr,  # FIND: the group size, dividing the block
+    SYM: tl.constexpr,  # FIND: symmetric
 ):  # fmt: skip
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -61,6 +68,28 @@ def _gptq_block_kernel(
     mask = rmask[:, None] & cmask[None, :]
     W = tl.load(W_ptr + r64[:, None] * sw + c[None, :], mask=mask, other=0.0)
     loss = tl.load(L_ptr + r, mask=rmask, other=0.0)
+    if FIND:  # min-max parameters, as gptq.find_params computes them (no grid search)
+        for k in tl.static_range(B // GS):
+            here = (c >= k * GS) & (c < (k + 1) * GS) & cmask
+            xmin = tl.minimum(tl.min(tl.where(here[None, :], W, float("inf")), axis=1), 0.0)
+            xmax = tl.maximum(tl.max(tl.where(here[None, :], W, float("-inf")), axis=1), 0.0)
+            if SYM:
+                xmax = tl.maximum(tl.abs(xmin), xmax)
+                xmin = tl.where(xmin < 0, -xmax, xmin)
+            flat = (xmin == 0) & (xmax == 0)
+            xmin = tl.where(flat, -1.0, xmin)
+            xmax = tl.where(flat, 1.0, xmax)
+            scale = tl.maximum(tl.math.div_rn(xmax - xmin, maxq), FP16_TINY)
+            scale = scale.to(tl.float16).to(tl.float32)  # round to nearest even, as .half()
+            if SYM:
+                zero = tl.zeros_like(scale) + (maxq + 1.0) * 0.5
+            else:
+                zero = _round_half_even(tl.math.div_rn(-xmin, scale))
+                zero = tl.minimum(tl.maximum(zero, min_zero), maxq)
+            there = rmask & (k * GS < cols)
+            tl.store(S_ptr + (g0 + k) * rows + r, scale, mask=there)
+            tl.store(Z_ptr + (g0 + k) * rows + r, zero, mask=there)
+        tl.debug_barrier()  # the column loop reads them back from the tables
     for i in range(0, cols):
         w = tl.sum(tl.where(c[None, :] == i, W, 0.0), axis=1)
         g = tl.load(G_ptr + i)
@@ -99,6 +128,7 @@ def solve_block_triton(
     E1: torch.Tensor,
     V1: torch.Tensor | None = None,
     P1: torch.Tensor | None = None,
+    find: tuple[int, int, int, bool, int] | None = None,
     block_rows: int = 8,
 ) -> None:
     """One block of the solve, in one launch; the interface of
@@ -110,7 +140,10 @@ def solve_block_triton(
     ``groups``; ``b`` <= 128. ``block_rows``: rows per program. 8 was the faster on an H200
     for Llama-3-8B's q/k/v, o and down (0.19 against 0.21 ms a block at 4096 rows with 16),
     16 for gate/up (0.56 against 0.61 ms at 28672 rows), 8 in all per layer
-    (bench/solve.py); one size, so one compile per variant at start-up.
+    (bench/solve.py); one size, so one compile per variant at start-up. ``find``
+    (``(first group, group size, bits, sym, min_zero)``, the group size dividing ``b``): the
+    min-max scales and zeros of the block's groups are found from ``W1`` first and written
+    to the tables, as :func:`gptq_worker.quant.gptq.find_params` would.
     """
     rows, b = W1.shape
     mats = (W1, Hinv1, Q1, C1, E1) + ((V1, P1) if P1 is not None else ())
@@ -123,25 +156,33 @@ def solve_block_triton(
         W1, W1.stride(0), Hinv1, Hinv1.stride(0), scales, zeros, groups,
         Q1, Q1.stride(0), C1, C1.stride(0), E1, E1.stride(0), V1, V1.stride(0),
         P1, P1.stride(0), losses, rows, b, float(maxq),
+        0 if find is None else find[0], 0.0 if find is None else float(find[4]),
         B=max(16, triton.next_power_of_2(b)), BLOCK_R=block_rows, HAS_P=P1 is not Hinv1,
-        enable_fp_fusion=False,
+        FIND=find is not None, GS=16 if find is None else find[1],
+        SYM=find is not None and find[3], enable_fp_fusion=False,
     )  # fmt: skip
 
 
-def warm_up(device: torch.device) -> None:
+def warm_up(device: torch.device, find: tuple[int, bool, bool] | None = None) -> None:
     """Compile the kernel now, both variants (plain, and with GPTAQ's ``P``: about 2 s each
-    on a cold cache), e.g. in a thread during capture. The shapes have the alignment of a
-    real model's (strides and pointers multiples of 16), which Triton specializes on."""
+    on a cold cache), e.g. in a thread during capture; ``find`` (``(group size, sym,
+    gptaq)``, a run whose groups are found block by block): that variant too. The shapes
+    have the alignment of a real model's (strides and pointers multiples of 16), which
+    Triton specializes on."""
     rows, b, n = 16, 128, 256
     W = torch.zeros(rows, n, device=device)
     H = torch.eye(n, device=device)
-    ones = torch.ones(1, rows, device=device)
-    groups = torch.zeros(n, dtype=torch.int64, device=device)
+    groups = torch.arange(n, device=device) // (n if find is None else find[0])
+    tables = [torch.ones(len(groups), rows, device=device) for _ in range(2)]
     out = [torch.empty(rows, n, device=device) for _ in range(4)]
-    for P in (None, torch.zeros(b, n, device=device)):
+    variants = [(False, None), (True, None)]
+    if find is not None:
+        variants.append((find[2], (b // find[0], find[0], 4, find[1], 0)))
+    for gptaq, how in variants:
+        P = torch.zeros(b, n, device=device) if gptaq else None
         solve_block_triton(
-            W[:, b:], H[b:, b:], ones, ones, groups[b:], 15, torch.zeros(rows, device=device),
+            W[:, b:], H[b:, b:], *tables, groups[b:], 15, torch.zeros(rows, device=device),
             out[0][:, b:], out[1][:, b:], out[2][:, :b], out[3][:, :b],
-            None if P is None else P[:, :b],
+            None if P is None else P[:, :b], how,
         )  # fmt: skip
     torch.cuda.synchronize(device)
