@@ -118,6 +118,13 @@ def main() -> None:
         help="also cProfile the layer after the traced one (needs --layers >= trace-layer + 2): "
         "the host's time by function",
     )
+    p.add_argument(
+        "--first-layer",
+        action="store_true",
+        help="trace and cProfile the first layer instead (from the start of quantize_layers, "
+        "after the inputs are captured and the solver compiled), to see what it does that "
+        "later layers do not",
+    )
     p.add_argument("--workdir", default="/tmp/gptq-trace")
     args = p.parse_args()
 
@@ -128,6 +135,7 @@ def main() -> None:
 
     shape = dict(SHAPES[args.shape], num_hidden_layers=args.layers)
     result: dict = {"shape": args.shape, "layers": args.layers, "plain": args.plain}
+    result["traced_layer"] = 0 if args.first_layer else args.trace_layer
     if args.parts:
         result["parts"] = parts(shape)
         print(json.dumps(result["parts"]), flush=True)
@@ -160,8 +168,29 @@ def main() -> None:
     marks: dict[str, float] = {}
     host = cProfile.Profile()
 
+    if args.first_layer:
+        import gptq_worker.pipeline.run as run_module
+
+        layers_from = run_module.quantize_layers
+
+        def traced(*a, **k):
+            torch.cuda.synchronize()
+            prof.start()
+            marks["start"] = marks["host_start"] = time.perf_counter()
+            host.enable()
+            return layers_from(*a, **k)
+
+        run_module.quantize_layers = traced
+
     def on_layer(i: int) -> None:
         torch.cuda.synchronize()
+        if args.first_layer:
+            if i == 0:
+                host.disable()
+                marks["end"] = time.perf_counter()
+                marks["host_s"] = marks["end"] - marks["host_start"]
+                prof.stop()
+            return
         if i == args.trace_layer - 1:
             prof.start()
             marks["start"] = time.perf_counter()
@@ -211,6 +240,8 @@ def main() -> None:
         result["cprofiled_layer_wall_s"] = round(marks["host_s"], 4)
         out = io.StringIO()
         pstats.Stats(host, stream=out).sort_stats("tottime").print_stats(30)
+        if args.first_layer:
+            pstats.Stats(host, stream=out).sort_stats("cumulative").print_stats(40)
         print(out.getvalue())
     print(json.dumps(result), flush=True)
 

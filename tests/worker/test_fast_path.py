@@ -144,6 +144,8 @@ TRITON_CHECK = textwrap.dedent(
         (32, 384, 128, True, True, 4, True),
         (40, 200, -1, False, False, 2, False),  # a last block narrower than 128
         (16, 512, 256, False, False, 8, True),  # groups spanning two blocks
+        (24, 1152, 128, True, True, 4, True),  # two panels of 8 blocks (act-order)
+        (24, 1152, 64, False, False, 3, False),  # two panels, groups found in the kernel
     ]
     g = torch.Generator().manual_seed(0)
     for out, n, gs, act, static, bits, sym in cases:

@@ -112,10 +112,11 @@ def column_by_column(W, H, D, alpha, bits, sym):
     return Q
 
 
-@pytest.mark.parametrize("n", [256, 600], ids=["one-product", "three-products"])
+@pytest.mark.parametrize("n", [256, 600], ids=["one-panel", "two-panels"])
 def test_blocked_solve_equals_the_column_by_column_update(n):
-    """Lazy batches of 64 columns; GPTAQ's correction rows formed 4 blocks at a time: one
-    product for 256 columns, three (the last narrower, ending in a 24-column block) for 600."""
+    """Lazy batches of 64 columns in panels of 8 blocks (the columns after a panel updated
+    once per panel, GPTAQ's correction rows formed per panel): one panel for 256 columns,
+    two for 600 (the second narrower, ending in a 24-column block)."""
     X, Xq, W = streams(2, n=n, tokens=2 * n + 512)
     H, D = terms(X, Xq)
     got = gptq_quantize(

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import torch
 
 FP16_TINY = torch.finfo(torch.float16).tiny
-# GPTAQ's correction rows are formed this many 128-column blocks at a time: 512 rows keep
-# the fp32 products efficient (the 8B down_proj's were 128 x 14336 x 14336 per block) at
-# a few percent more arithmetic (the rows of a group's later blocks multiply zeros over
-# its earlier blocks' columns)
-GPTAQ_BLOCKS_PER_PRODUCT = 4
+# The solve's panels, in 128-column blocks (gptq_quantize): the columns after a panel are
+# updated once per panel, and GPTAQ's correction rows are formed a panel at a time. 1024
+# rows keep those fp32 products deep enough to run efficiently (the 8B down_proj's were
+# 128 deep per block), at a few percent more arithmetic for the correction (a panel's
+# later rows multiply zeros over its earlier columns) and two [out, 1024] buffers
+BLOCKS_PER_PANEL = 8
 
 
 class HessianNotPositiveDefinite(ValueError):
@@ -304,13 +305,18 @@ def gptq_quantize(
     else:
         order = perm if (perm is not None and static_groups) else torch.arange(in_features)
         column_group = (order.to(dev) // group_size).long()
-    # the block's errors and (GPTAQ) its columns before quantization, reused block to block
-    E = torch.empty(out_features, block_size, device=dev)
+    # Two levels of lazy updates: the columns are taken in panels of BLOCKS_PER_PANEL
+    # blocks. After each block only the rest of its panel is updated; the columns after the
+    # panel get the whole panel's updates at once, from its errors gathered in ``E`` (and
+    # GPTAQ's pre-quantization columns in ``V``): the same sums, in products 8x deeper
+    # (fp32 on CUDA cores, more efficient deep than shallow). Groups found from the updated
+    # W (no static groups) must not cross a panel's end, which holds back the panel's
+    # updates from later columns until it is done: otherwise panels are single blocks.
+    panel = block_size * BLOCKS_PER_PANEL
+    if not (static_groups or group_size == -1 or panel % group_size == 0):
+        panel = block_size
+    E = torch.empty(out_features, panel, device=dev)
     V = torch.empty_like(E) if dXXT is not None else None
-    # GPTAQ's correction does not depend on W: its rows are formed for several blocks at
-    # once (fewer, larger products), a few MB at a time (gptaq_correction_rows)
-    P_rows, p1 = None, 0
-    p_chunk = block_size * GPTAQ_BLOCKS_PER_PRODUCT
     # groups found block by block from the updated W: where they fit in a block and need no
     # grid search, the block solver finds them (one launch on a GPU instead of ~20)
     find_in_block = (
@@ -318,47 +324,52 @@ def gptq_quantize(
     )
     find = None
 
-    for i1 in range(0, in_features, block_size):
-        i2 = min(i1 + block_size, in_features)
-        b = i2 - i1
-        if group_size != -1 and not static_groups and not find_in_block:
-            # Groups starting in this block take their parameters from W, which carries
-            # earlier blocks' updates but not this block's, as the reference does (it reads
-            # W at the group's first column, and W is only updated between blocks). Measured
-            # lower output error at 2-3 bits than fully updated weights, whose range the
-            # error feedback inflates. All of them can be found before the block's loop.
-            first = -(-i1 // group_size) * group_size
-            starts = list(range(first, i2, group_size))
-            if starts:
-                gs = torch.stack([W[:, c : c + group_size] for c in starts], 0)  # [n, out, gs]
-                p = find_params(gs.reshape(-1, group_size), bits, sym, mse, min_zero)
-                g0 = starts[0] // group_size
-                scales[g0 : g0 + len(starts)] = p.scale.view(len(starts), out_features)
-                zeros[g0 : g0 + len(starts)] = p.zero.view(len(starts), out_features)
-        blk, after = slice(i1, i2), slice(i2, None)
-        if find_in_block:  # the groups of this block, found by the block solver from W
-            find = (i1 // group_size, group_size, bits, sym, min_zero)
-        E1, V1, P1 = E[:, :b], None, None
-        if dXXT is not None:
-            if P_rows is None or i2 > p1 + P_rows.shape[0]:
-                p1 = i1
-                P_rows = gptaq_correction_rows(
-                    dXXT, Hinv, gptaq_alpha, i1, min(i1 + p_chunk, in_features)
-                )
-            P1 = P_rows[i1 - p1 : i2 - p1, i1 - p1 :]  # P[i1:i2, i1:]
-            V1 = V[:, :b]
-        solve_block(
-            W[:, blk], _whole(Hinv, blk, blk), scales, zeros, column_group[blk], maxq, losses,
-            Q[:, blk], codes[:, blk], E1, V1, None if P1 is None else P1[:, :b], find,
-        )  # fmt: skip
-        if i2 < in_features:  # the rest of W, in place: W -= E U[blk, after] - V P[blk, after]
-            _add_product(W[:, after], E1, _block(Hinv, blk, after), -1.0)
-            if P1 is not None:
-                P_after = P1[:, b:]
-                if not isinstance(Hinv, torch.Tensor):
-                    P_after = tf32_parts(P_after)
-                _add_product(W[:, after], V1, P_after, 1.0)
-        del P1
+    for s1 in range(0, in_features, panel):
+        s2 = min(s1 + panel, in_features)
+        # GPTAQ's correction does not depend on W: its rows for the whole panel in one go
+        # (gptaq_correction_rows; 59 MB for a panel of the 8B down_proj)
+        P_rows = None if dXXT is None else gptaq_correction_rows(dXXT, Hinv, gptaq_alpha, s1, s2)
+        for i1 in range(s1, s2, block_size):
+            i2 = min(i1 + block_size, s2)
+            b = i2 - i1
+            if group_size != -1 and not static_groups and not find_in_block:
+                # Groups starting in this block take their parameters from W, which carries
+                # earlier blocks' updates but not this block's, as the reference does (it
+                # reads W at the group's first column, and W is only updated between
+                # blocks). Measured lower output error at 2-3 bits than fully updated
+                # weights, whose range the error feedback inflates. All of them can be
+                # found before the block's loop.
+                first = -(-i1 // group_size) * group_size
+                starts = list(range(first, i2, group_size))
+                if starts:
+                    gs = torch.stack([W[:, c : c + group_size] for c in starts], 0)
+                    p = find_params(gs.reshape(-1, group_size), bits, sym, mse, min_zero)
+                    g0 = starts[0] // group_size
+                    scales[g0 : g0 + len(starts)] = p.scale.view(len(starts), out_features)
+                    zeros[g0 : g0 + len(starts)] = p.zero.view(len(starts), out_features)
+            blk, rest = slice(i1, i2), slice(i2, s2)  # rest: of the panel
+            if find_in_block:  # the groups of this block, found by the block solver from W
+                find = (i1 // group_size, group_size, bits, sym, min_zero)
+            E1, V1, P1 = E[:, i1 - s1 : i2 - s1], None, None
+            if P_rows is not None:
+                P1 = P_rows[i1 - s1 : i2 - s1, i1 - s1 :]  # P[i1:i2, i1:]
+                V1 = V[:, i1 - s1 : i2 - s1]
+            solve_block(
+                W[:, blk], _whole(Hinv, blk, blk), scales, zeros, column_group[blk], maxq,
+                losses, Q[:, blk], codes[:, blk], E1, V1, None if P1 is None else P1[:, :b],
+                find,
+            )  # fmt: skip
+            if i2 < s2:  # W -= E U[blk, rest] - V P[blk, rest], in place
+                _add_product(W[:, rest], E1, _block(Hinv, blk, rest), -1.0)
+                if P1 is not None:
+                    _add_product(W[:, rest], V1, _parts_like(Hinv, P1[:, b : s2 - i1]), 1.0)
+        if s2 < in_features:  # the columns after the panel, from all of its blocks
+            done, after = slice(s1, s2), slice(s2, None)
+            _add_product(W[:, after], E[:, : s2 - s1], _block(Hinv, done, after), -1.0)
+            if P_rows is not None:
+                P_after = _parts_like(Hinv, P_rows[:, s2 - s1 :])
+                _add_product(W[:, after], V[:, : s2 - s1], P_after, 1.0)
+        del P_rows
 
     if group_size == -1:
         g_idx = torch.zeros(in_features, dtype=torch.int32, device=dev)
@@ -542,6 +553,11 @@ def solve_block_torch(
             V1[:, i] = w  # before the update below, which changes column i too
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :] - w[:, None] * P1[i, i:][None, :]
         Q1[:, i], C1[:, i], E1[:, i] = dq, q, err
+
+
+def _parts_like(U: Factor, x: torch.Tensor) -> Factor:
+    """``x`` as :func:`tf32_parts` where the factor ``U`` comes that way."""
+    return x if isinstance(U, torch.Tensor) else tf32_parts(x)
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: Factor, alpha: float) -> None:
