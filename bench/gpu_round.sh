@@ -7,8 +7,8 @@
 #
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
-# STEP: tests serve e2e e2e-plain speed trace solve e2e-70b (default: all but solve and
-# e2e-70b, about
+# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first solve e2e-70b (default:
+# all but speed-plain, trace-first, solve and e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
 # bench/results/ with the machine, date and commit in a header line.
 set -u
@@ -45,7 +45,10 @@ for step in $steps; do
         e2e-plain) run e2e-plain 200 python3 bench/e2e.py --shape llama-3-8b --plain \
             --dir /tmp/gpu-round-e2e --verbose --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
         speed) run speed 150 python3 bench/speed.py --shape llama-3-8b ;;
+        speed-plain) run speed-plain 120 python3 bench/speed.py --shape llama-3-8b --plain ;;
         trace) run trace 150 python3 bench/layer_trace.py --shape llama-3-8b --layers 3 --cprofile ;;
+        trace-first) run trace-first 120 python3 bench/layer_trace.py --shape llama-3-8b \
+            --layers 2 --first-layer ;;
         solve) run solve 150 python3 bench/solve.py ;;
         e2e-70b) run e2e-70b 300 python3 bench/e2e.py --shape llama-3-70b --layers 4 \
             --dir /tmp/gpu-round-e2e70 --verbose --bytecode-cache /tmp/gpu-round-pyc ;;
