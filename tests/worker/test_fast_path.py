@@ -243,3 +243,17 @@ def test_the_solver_finds_groups_only_where_a_block_holds_them():
     assert solver_finds_groups(QuantizeConfig(**plain, group_size=-1)) is None
     assert solver_finds_groups(QuantizeConfig(**plain, mse=2.4)) is None  # grid search
     assert solver_finds_groups(QuantizeConfig(**plain, method="rtn")) is None
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"desc_act": False, "static_groups": False, "gptaq": False}, {"method": "rtn"},
+     {"bits": 3, "sym": False, "group_size": 64, "checkpoint_format": "gptq"}],
+    ids=["default", "plain", "rtn", "w3-asym-v1"],
+)  # fmt: skip
+def test_the_warm_up_rehearsal_runs_with_each_kind_of_settings(settings):
+    """The solve and packing the warm-up rehearses (to load the GPU's kernels before the
+    first layer) run with the run's own settings; on a CPU, through the torch loop."""
+    from gptq_worker.pipeline.driver import rehearse
+
+    rehearse(torch.device("cpu"), QuantizeConfig(**settings), EngineOptions(solver="torch"))

@@ -93,6 +93,13 @@ def test_solver_compiles_in_a_child_process(find):
     warm_up(GPU, find)
 
 
+def test_the_warm_up_rehearses_the_default_solve_on_the_gpu():
+    from gptq_compat.config import QuantizeConfig
+    from gptq_worker.pipeline.driver import EngineOptions, rehearse
+
+    rehearse(GPU, QuantizeConfig(), EngineOptions())
+
+
 def test_capture_on_the_gpu_gives_back_the_host_parameters():
     from gptq_worker.arch import architecture_for
     from gptq_worker.pipeline.capture import capture_inputs

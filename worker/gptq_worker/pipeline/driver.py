@@ -212,6 +212,8 @@ def warm_up_solver(
                 _compile_in_child(device, find)
             warm_up(device, find)  # a hit in Triton's cache when the child compiled
             _load_libraries(device)
+            if cfg is not None:
+                rehearse(device, cfg, options)
 
     key = str(device)
     if key not in _WARMING:  # once per process and device
@@ -244,6 +246,33 @@ def _load_libraries(device: torch.device) -> None:
     with contextlib.suppress(TypeError, RuntimeError):
         torch.mm(h, h, out_dtype=torch.float32)
     torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def rehearse(device: torch.device, cfg: QuantizeConfig, options: EngineOptions) -> None:
+    """Solve and pack one small matrix with the run's settings (and sort a vector the width
+    of a large MLP input), so that the GPU kernels they launch are loaded before the first
+    layer: CUDA loads a kernel's code at its first launch, and on an H200 the first layer's
+    act-order sorts alone waited 0.5 s for that while the GPU idled
+    (bench/results/speed-layer-trace-first-llama-3-8b-default-h200-2026-12-02.txt)."""
+    n = 4096  # a multiple of every usual group size
+    gen = torch.Generator(device=device).manual_seed(0)
+    A = torch.randn(n, 256, device=device, generator=gen)
+    H = A @ A.t() + torch.eye(n, device=device)
+    W = torch.randn(256, n, device=device, generator=gen)
+    dXXT = 0.01 * torch.randn(n, n, device=device, generator=gen) if cfg.gptaq else None
+    if cfg.method == Method.RTN:
+        H = dXXT = None
+    q = _solve(W, H, cfg, cfg, options.solver, dXXT)
+    packed_tensors("rehearsal", q, cfg.bits, cfg.checkpoint_format)
+    _ = q.loss
+    for width in (14336, 28672):  # the MLP inputs of 8B and 70B models: other sort kernels
+        perm = torch.argsort(
+            torch.rand(width, device=device, generator=gen), descending=True, stable=True
+        )
+        torch.argsort(perm)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 _CHILD = (
