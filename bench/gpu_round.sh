@@ -10,7 +10,8 @@
 # STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first solve e2e-70b (default:
 # all but speed-plain, trace-first, solve and e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
-# bench/results/ with the machine, date and commit in a header line.
+# bench/results/ with the machine, date and commit in a header line. GPU_ROUND_TAR=1: pack
+# OUT_DIR into OUT_DIR.tar.gz at the end (one file to bring back).
 set -u
 out=${1:?usage: bash bench/gpu_round.sh OUT_DIR [STEP...]}
 shift
@@ -57,3 +58,7 @@ for step in $steps; do
 done
 rm -rf /tmp/gpu-round-e2e /tmp/gpu-round-e2e70
 cat "$out/steps.txt"
+if [ "${GPU_ROUND_TAR:-0}" = 1 ]; then  # one file instead of one per step (for a transfer
+    # that brings back only a few files): OUT_DIR.tar.gz, the folder removed
+    tar czf "$out.tar.gz" -C "$(dirname "$out")" "$(basename "$out")" && rm -rf "$out"
+fi
