@@ -47,7 +47,12 @@ from gptq_worker.pipeline.norms import fuse_norms
 from gptq_worker.pipeline.split import LayerSplit, forward_from
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
-from gptq_worker.quant.gptq import QuantizedWeight, gptq_quantize, rtn_quantize
+from gptq_worker.quant.gptq import (
+    QuantizedWeight,
+    finds_groups_in_block,
+    gptq_quantize,
+    rtn_quantize,
+)
 from gptq_worker.quant.hessian import Hessian
 
 if TYPE_CHECKING:
@@ -228,9 +233,9 @@ _WARMING: dict[str, threading.Thread] = {}
 def solver_finds_groups(cfg: QuantizeConfig) -> tuple[int, bool, bool] | None:
     """``(group size, sym, gptaq)`` where ``cfg``'s own settings have the block solver find
     each block's group parameters (:func:`gptq_worker.quant.gptq.gptq_quantize`), else None."""
-    if cfg.method == Method.RTN or cfg.static_groups or cfg.mse or cfg.group_size == -1:
-        return None
-    if 128 % cfg.group_size:
+    if cfg.method == Method.RTN or not finds_groups_in_block(
+        cfg.group_size, cfg.static_groups, cfg.mse
+    ):
         return None
     return cfg.group_size, cfg.sym, cfg.gptaq
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -319,9 +319,7 @@ def gptq_quantize(
     V = torch.empty_like(E) if dXXT is not None else None
     # groups found block by block from the updated W: where they fit in a block and need no
     # grid search, the block solver finds them (one launch on a GPU instead of ~20)
-    find_in_block = (
-        group_size != -1 and not static_groups and mse == 0 and block_size % group_size == 0
-    )
+    find_in_block = finds_groups_in_block(group_size, static_groups, mse, block_size)
     find = None
 
     for s1 in range(0, in_features, panel):
@@ -342,11 +340,11 @@ def gptq_quantize(
                 first = -(-i1 // group_size) * group_size
                 starts = list(range(first, i2, group_size))
                 if starts:
-                    gs = torch.stack([W[:, c : c + group_size] for c in starts], 0)
-                    p = find_params(gs.reshape(-1, group_size), bits, sym, mse, min_zero)
-                    g0 = starts[0] // group_size
-                    scales[g0 : g0 + len(starts)] = p.scale.view(len(starts), out_features)
-                    zeros[g0 : g0 + len(starts)] = p.zero.view(len(starts), out_features)
+                    g0 = first // group_size
+                    record_groups(
+                        W, starts, group_size, bits, sym, mse, min_zero,
+                        scales[g0 : g0 + len(starts)], zeros[g0 : g0 + len(starts)],
+                    )  # fmt: skip
             blk, rest = slice(i1, i2), slice(i2, s2)  # rest: of the panel
             if find_in_block:  # the groups of this block, found by the block solver from W
                 find = (i1 // group_size, group_size, bits, sym, min_zero)
@@ -531,12 +529,10 @@ def solve_block_torch(
     if find is not None:
         g0, size, bits, sym, min_zero = find
         n = W1.shape[1] // size
-        p = find_params(
-            W1.reshape(W1.shape[0], n, size).transpose(0, 1).reshape(-1, size),
-            bits, sym, 0.0, min_zero,
-        )  # fmt: skip
-        scales[g0 : g0 + n] = p.scale.view(n, -1)
-        zeros[g0 : g0 + n] = p.zero.view(n, -1)
+        starts = range(0, n * size, size)
+        record_groups(
+            W1, starts, size, bits, sym, 0.0, min_zero, scales[g0 : g0 + n], zeros[g0 : g0 + n]
+        )
     W1 = W1.clone()
     for i in range(W1.shape[1]):
         w = W1[:, i]
@@ -553,6 +549,33 @@ def solve_block_torch(
             V1[:, i] = w  # before the update below, which changes column i too
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :] - w[:, None] * P1[i, i:][None, :]
         Q1[:, i], C1[:, i], E1[:, i] = dq, q, err
+
+
+def finds_groups_in_block(
+    group_size: int, static_groups: bool, mse: float, block_size: int = 128
+) -> bool:
+    """Whether the block solver finds the group parameters (:func:`gptq_quantize`): groups
+    found from the updated W, each inside one block, by min-max alone."""
+    return group_size != -1 and not static_groups and mse == 0 and block_size % group_size == 0
+
+
+def record_groups(
+    W: torch.Tensor,
+    starts: Sequence[int],
+    group_size: int,
+    bits: int,
+    sym: bool,
+    mse: float,
+    min_zero: int,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+) -> None:
+    """The parameters of the groups of ``W`` starting at columns ``starts``, from its columns
+    as they are now, into the rows of ``scales`` and ``zeros`` (``[len(starts), out]``)."""
+    gs = torch.stack([W[:, c : c + group_size] for c in starts], 0)  # [n, out, gs]
+    p = find_params(gs.reshape(-1, group_size), bits, sym, mse, min_zero)
+    scales.copy_(p.scale.view(len(starts), -1))
+    zeros.copy_(p.zero.view(len(starts), -1))
 
 
 def _parts_like(U: Factor, x: torch.Tensor) -> Factor:
