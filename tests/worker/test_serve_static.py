@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -420,6 +421,12 @@ def test_serving_records_no_autograd_graph_and_keeps_nothing(runtime, served_che
             for job in jobs:
                 assert job.done.wait(120) and len(job.tokens) == job.request.sampling.max_tokens
             del jobs
+            # a job is done when its last token is handed out, inside the engine's step:
+            # count once that step has ended (the engine idle), not while its tensors live
+            deadline = time.monotonic() + 30
+            while (engine.waiting or engine.running) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert not engine.waiting and not engine.running
             if runtime == "static":
                 assert engine._batch.kv.grad_fn is None and not engine._batch.kv.requires_grad
             counts.append(_live_tensors())
