@@ -7,7 +7,8 @@
 #
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
-# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first solve e2e-70b (default:
+# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first solve validate-profile
+# (after e2e) e2e-70b (default:
 # all but speed-plain, trace-first, solve and e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
 # bench/results/ with the machine, date and commit in a header line. GPU_ROUND_TAR=1: pack
@@ -51,6 +52,13 @@ for step in $steps; do
         trace-first) run trace-first 120 python3 bench/layer_trace.py --shape llama-3-8b \
             --layers 2 --first-layer ;;
         solve) run solve 150 python3 bench/solve.py ;;
+        validate-profile) run validate-profile 120 python3 -c "import cProfile, pstats, time
+from gptq_worker.format.validate import validate_checkpoint
+for i in range(2):
+    t = time.monotonic(); r = validate_checkpoint('/tmp/gpu-round-e2e/out')
+    print('validate', i, round(time.monotonic() - t, 3), 's, errors', r.errors)
+cProfile.run(\"validate_checkpoint('/tmp/gpu-round-e2e/out')\", '/tmp/vp')
+pstats.Stats('/tmp/vp').sort_stats('cumulative').print_stats(35)" ;;
         e2e-70b) run e2e-70b 300 python3 bench/e2e.py --shape llama-3-70b --layers 4 \
             --dir /tmp/gpu-round-e2e70 --verbose --bytecode-cache /tmp/gpu-round-pyc ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
