@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -421,11 +420,10 @@ def test_serving_records_no_autograd_graph_and_keeps_nothing(runtime, served_che
             for job in jobs:
                 assert job.done.wait(120) and len(job.tokens) == job.request.sampling.max_tokens
             del jobs
-            # a job is done when its last token is handed out, inside the engine's step:
-            # count once that step has ended (the engine idle), not while its tensors live
-            deadline = time.monotonic() + 30
-            while (engine.waiting or engine.running) and time.monotonic() < deadline:
-                time.sleep(0.01)
+            # a job is done when its last token is handed out, inside the engine's step
+            # (and `running` drops there too): count once that step has ended, not while
+            # its tensors live (CI saw [822, 822, 825] when the count raced the step)
+            assert engine.wait_idle(30)
             assert not engine.waiting and not engine.running
             if runtime == "static":
                 assert engine._batch.kv.grad_fn is None and not engine._batch.kv.requires_grad
@@ -433,6 +431,31 @@ def test_serving_records_no_autograd_graph_and_keeps_nothing(runtime, served_che
     finally:
         engine.stop()
     assert counts[2] <= counts[1], counts
+
+
+def test_live_tensor_count_waits_for_the_step_that_finished_the_round(
+    served_checkpoint, tok, monkeypatch
+):
+    """The count above once raced the engine's step (CI: [822, 822, 825]): the last job of a
+    round is done, and `running` is 0, while the step that finished it still holds its
+    logits. Made slow on the third round's last finish, that step must end before the
+    count (Engine.wait_idle); the earlier wait on `running` failed here ([163, 163, 169])."""
+    import time
+
+    from gptq_worker.serve import generate
+
+    emit, finished = generate.Engine._emit, []
+
+    def slow_emit(self, r, chunk):
+        emit(self, r, chunk)
+        if chunk.finish_reason is not None:
+            finished.append(r)
+            if len(finished) == 9:
+                time.sleep(0.3)
+
+    monkeypatch.setattr(generate.Engine, "_emit", slow_emit)
+    test_serving_records_no_autograd_graph_and_keeps_nothing("dynamic", served_checkpoint, tok)
+    assert len(finished) == 9
 
 
 def test_static_runtime_refuses_what_a_row_cannot_hold(served_checkpoint, tok):

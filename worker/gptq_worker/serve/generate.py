@@ -172,6 +172,7 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._draining = False
+        self._stepping = False  # the loop is between taking work and its step's end
         self._thread = threading.Thread(target=self._loop, name="gptq-engine", daemon=True)
         self._thread.start()
 
@@ -219,6 +220,15 @@ class Engine:
                 self._cv.wait(left)
         return True
 
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing waits, no row runs and the loop's last step has ended (its
+        tensors released). ``running`` drops when a request's last token is handed out,
+        inside that step; this waits for the step itself. False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(
+                lambda: not (self._waiting or self._batch.rows or self._stepping), timeout
+            )
+
     def stop(self) -> None:
         """End the engine thread; requests still waiting or running end "cancelled"."""
         with self._cv:
@@ -244,6 +254,7 @@ class Engine:
                     break
                 admitted = self._admit(batch)
                 self._running = len(batch.rows) + len(admitted)
+                self._stepping = True
             try:
                 if self._overlaps(batch, admitted):
                     self._overlap(batch, admitted)
@@ -262,8 +273,10 @@ class Engine:
                 batch.reset()
                 self._pending = None
             finally:
+                del admitted  # nothing of the step outlives it while the loop waits
                 with self._cv:
                     self._running, self._slots = len(batch.rows), batch.slots
+                    self._stepping = False
                     self._cv.notify_all()
         for r in left:
             self._emit(r, Chunk("", r.times.tokens, "cancelled"))
