@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from gptq_worker.cli import main
+from gptq_worker.format.tensorfiles import TensorFiles
+from gptq_worker.format.validate import all_finite
 from gptq_worker.pipeline.run import quantize
 
 from .conftest import worker_config
@@ -189,3 +193,53 @@ def test_json_report(copy_of, capsys):
     assert report["kernels"]["vllm/machete"]["loads"] is False
     assert report["kernels"]["builtin/torch"]["loads"] is True
     assert report["modules"] == 14
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_reads_the_bits_like_isfinite(dtype, bad):
+    """The bit test agrees with torch.isfinite on every float dtype, for a NaN or an
+    infinity of either sign in any piece (the last, partial one included), and passes
+    the largest finite values and negative zero."""
+    info = torch.finfo(dtype)
+    t = torch.randn(1000, dtype=torch.float32).to(dtype)
+    t[:4] = torch.tensor([info.max, -info.max, -0.0, info.tiny], dtype=dtype)
+    assert all_finite(t, chunk=64) and all_finite(t[::3], chunk=64)  # strided: a copy
+    assert all_finite(t[:0])
+    if bad is None:
+        return
+    for at in (0, 63, 64, 999):
+        u = t.clone()
+        u[at] = bad
+        assert not all_finite(u, chunk=64), at
+        assert all_finite(u, chunk=64) == bool(torch.isfinite(u).all())
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz],
+)
+def test_all_finite_on_float8(dtype):
+    """Every float8 bit pattern: all_finite agrees with isfinite of its float32 value."""
+    codes = torch.arange(256, dtype=torch.int16).to(torch.uint8).view(torch.int8)
+    for code in codes:
+        t = torch.zeros(5, dtype=torch.int8)
+        t[2] = code
+        t = t.view(dtype)
+        assert all_finite(t) == bool(torch.isfinite(t.float()).all()), (dtype, int(code))
+
+
+def test_map_chunks_sees_every_byte_in_whole_elements(tmp_path):
+    """A tensor read in pieces by several threads: the pieces, put together, are the
+    tensor, each a whole number of elements, and a NaN in the last piece is found."""
+    t = torch.arange(10_003, dtype=torch.float32)
+    t[-1] = float("nan")
+    save_file({"a": t, "b": torch.ones(3, dtype=torch.float16)}, tmp_path / "x.safetensors")
+    files = TensorFiles([tmp_path / "x.safetensors"])
+    with ThreadPoolExecutor(4) as pool:
+        pieces = files.map_chunks("a", lambda x: x.clone(), pool, chunk=4098)  # 1024.5 floats
+        assert [p.numel() for p in pieces[:-1]] == [1024] * (len(pieces) - 1)
+        assert torch.equal(torch.cat(pieces)[:-1], t[:-1]) and torch.cat(pieces)[-1].isnan()
+        assert files.map_chunks("a", all_finite, pool, chunk=4096)[:-1] == [True] * 9
+        assert not all(files.map_chunks("a", all_finite, pool, chunk=4096))
+        assert files.map_chunks("b", all_finite, pool) == [True]

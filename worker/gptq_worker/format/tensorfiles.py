@@ -21,9 +21,12 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
+
+T = TypeVar("T")
 
 DTYPES = {  # safetensors name -> torch dtype
     "BOOL": torch.bool,
@@ -102,6 +105,25 @@ class TensorFiles(Mapping):
                     part.result()
         return out.view(e.dtype).view(e.shape) if e.shape else out.view(e.dtype).reshape(())
 
+    def map_chunks(
+        self, key: str, fn: Callable[[torch.Tensor], T], pool: Executor, chunk: int = 64 << 20
+    ) -> list[T]:
+        """``fn`` of each ``chunk``-byte piece of tensor ``key`` (flat, in its dtype), each
+        piece read and passed to ``fn`` by one of the pool's threads: a scan of a large
+        tensor that never holds the whole of it. ``chunk`` is rounded down to whole
+        elements."""
+        e = self.entries[key]
+        size = e.dtype.itemsize
+        chunk = max(size, chunk - chunk % size)
+
+        def one(at: int) -> T:
+            n = min(chunk, e.nbytes - at)
+            buf = torch.empty(n, dtype=torch.uint8)
+            _pread(e, key, memoryview(buf.numpy()), 0, n, offset=at)
+            return fn(buf.view(e.dtype))
+
+        return [f.result() for f in [pool.submit(one, at) for at in range(0, e.nbytes, chunk)]]
+
     def read_into(self, key: str, out: torch.Tensor, staging: list[torch.Tensor]) -> None:
         """Copy tensor ``key``'s bytes into ``out`` (a CUDA ``uint8`` tensor of its size)
         through ``staging``, pinned host buffers used in turn: each chunk is read from the
@@ -151,12 +173,12 @@ class TensorFiles(Mapping):
         return len(self.entries)
 
 
-def _pread(e: Entry, key: str, view: memoryview, at: int, n: int) -> None:
-    """Bytes ``at:at + n`` of tensor ``e`` into ``view[at:at + n]``."""
+def _pread(e: Entry, key: str, view: memoryview, at: int, n: int, offset: int = 0) -> None:
+    """Bytes ``offset + at:offset + at + n`` of tensor ``e`` into ``view[at:at + n]``."""
     with open(e.path, "rb", buffering=0) as fh:
         done = 0
         while done < n:
-            got = os.preadv(fh.fileno(), [view[at + done : at + n]], e.start + at + done)
+            got = os.preadv(fh.fileno(), [view[at + done : at + n]], e.start + offset + at + done)
             if got <= 0:
                 raise OSError(f"{e.path} ended inside tensor {key}")
             done += got

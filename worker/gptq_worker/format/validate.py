@@ -23,7 +23,7 @@ from gptq_worker.format.checkpoint import (
     read_weight_map,
     shard_files,
 )
-from gptq_worker.format.pack import unpack_qzeros, values_per_chunk
+from gptq_worker.format.pack import pack_qzeros, unpack_qzeros, values_per_chunk
 from gptq_worker.format.structure import check_structure
 from gptq_worker.format.tensorfiles import TensorFiles, described
 
@@ -88,16 +88,18 @@ def validate_checkpoint(directory: str | Path) -> Report:
     if has_head and not cfg.lm_head:
         report.errors.append("lm_head is packed but the config says lm_head false")
     # only floating-point tensors can hold NaN: the packed integers (most of the bytes) are
-    # not read for this; large ones (embeddings, lm_head) are read by several threads
+    # not read for this; each tensor is read and scanned in pieces by several threads
     with ThreadPoolExecutor(8, thread_name_prefix="gptq-validate") as pool:
         for key in tensors:
             t = described(tensors, key)
             if t is None or not t.is_floating_point():
                 continue
-            t = tensors.read(key, pool) if isinstance(tensors, TensorFiles) else tensors[key]
-            if not torch.isfinite(t).all():
+            if isinstance(tensors, TensorFiles):
+                finite = all(tensors.map_chunks(key, all_finite, pool))
+            else:
+                finite = all_finite(tensors[key])
+            if not finite:
                 report.errors.append(f"{key}: contains NaN or Inf")
-            del t
     if cfg.checkpoint_format == CheckpointFormat.GPTQ and any(
         not m.settings.sym for m in report.modules
     ):
@@ -109,6 +111,34 @@ def validate_checkpoint(directory: str | Path) -> Report:
         v for e in DEFAULT.values() for v in judge(e, report.modules, cfg.checkpoint_format)
     ]
     return report
+
+
+# a float is NaN or Inf exactly when its exponent bits are all ones: with the sign bit
+# masked off, its bits read as an integer are then at least the exponent mask
+_EXPONENT = {
+    torch.float16: (torch.int16, 0x7FFF, 0x7C00),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
+    torch.float32: (torch.int32, 0x7FFF_FFFF, 0x7F80_0000),
+    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000),
+    torch.float8_e5m2: (torch.int8, 0x7F, 0x7C),
+    torch.float8_e4m3fn: (torch.int8, 0x7F, 0x7F),  # no infinity; S.1111.111 is NaN
+}
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether ``t`` holds no NaN or Inf. For the usual float dtypes this tests the bits
+    (an integer mask and a max, in pieces of ``chunk`` elements): several times faster
+    than ``torch.isfinite`` on the CPU, which converts half precision element by element
+    (a 1 GB fp16 embedding: about 2.8 s against 0.25 s on two cores)."""
+    spec = _EXPONENT.get(t.dtype)
+    if spec is None:  # e.g. the fnuz float8 kinds; torch has no CPU isfinite for them
+        return bool(torch.isfinite(t.float()).all())
+    as_int, mask, top = spec
+    flat = t.reshape(-1).view(as_int)
+    for at in range(0, flat.numel(), chunk):
+        if int((flat[at : at + chunk] & mask).max()) >= top:
+            return False
+    return True
 
 
 def _check_config_agreement(directory: Path, report: Report) -> None:
@@ -223,7 +253,7 @@ def _check_module(
     if len(report.errors) > errors_before:
         return
     _check_g_idx(prefix, g_idx, gs, groups, settings.desc_act, report)
-    if not torch.isfinite(scales).all():
+    if not all_finite(scales):
         report.errors.append(f"{prefix}.scales: contains NaN or Inf")
     _check_zeros(prefix, qzeros, bits, out_f, settings.sym, cfg.checkpoint_format, report)
     report.modules.append(QuantizedModule(prefix, in_f, out_f, settings))
@@ -273,8 +303,10 @@ def _check_zeros(
     if not sym:
         return  # any stored value is legal for asymmetric zero points
     mid = 2 ** (bits - 1)
-    zeros = unpack_qzeros(qzeros, bits, out_f, fmt)
-    if (zeros == mid).all():
+    # every group's packed row is the same words when all zero points are mid: compare
+    # words, and unpack only to tell which mistake it is
+    row = pack_qzeros(torch.full((1, out_f), mid, dtype=torch.int32), bits, fmt)
+    if torch.equal(qzeros, row.expand_as(qzeros)):
         return
     other = CheckpointFormat.GPTQ_V2 if fmt == CheckpointFormat.GPTQ else CheckpointFormat.GPTQ
     if (unpack_qzeros(qzeros, bits, out_f, other) == mid).all():
