@@ -35,6 +35,7 @@ from gptq_worker.memory import check_fits, memory_limit, weights_bytes
 from gptq_worker.pipeline.calibration import batches, calibration_samples, fingerprint
 from gptq_worker.pipeline.capture import capture_inputs
 from gptq_worker.pipeline.checkpoint_stream import CheckpointStream
+from gptq_worker.pipeline.clock import since
 from gptq_worker.pipeline.driver import EngineOptions, quantize_layers, warm_up_solver
 from gptq_worker.pipeline.plan import plan
 from gptq_worker.pipeline.source import StreamedLayers, open_streamed
@@ -43,11 +44,6 @@ from gptq_worker.progress.events import Progress
 from gptq_worker.progress.kube import report_model_size
 
 log = logging.getLogger(__name__)
-_IMPORTED = time.monotonic()  # for the steps' times in the log (``-v``)
-
-
-def _since() -> str:
-    return f"{time.monotonic() - _IMPORTED:.2f}s after import"
 
 
 class RunError(RuntimeError):
@@ -119,7 +115,7 @@ def open_model(
     streamed = open_streamed(source, dtype, trust_remote_code)
     if streamed is not None:
         model, layers = streamed
-        log.info("model opened (layers left on disk), %s", _since())
+        log.info("model opened (layers left on disk), %s", since())
         return model, _load_tokenizer(source, trust_remote_code, None), layers
     return (*load_model(source, dtype, trust_remote_code, revision), None)
 
@@ -252,7 +248,7 @@ def _quantize(
     cfg: WorkerConfig, output: Path, show_progress: bool, on_layer: Callable[[int], None] | None
 ) -> tuple[Path, Report]:
     started = time.monotonic()
-    log.info("run starts, %s", _since())
+    log.info("run starts, %s", since())
     for what, source in (("model", cfg.model), ("calibration data", cfg.calibration.dataset)):
         path = Path(source).expanduser().resolve() if source else None
         if (
@@ -283,7 +279,7 @@ def _quantize(
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
     warm_up_solver(device, options, in_child=True, cfg=cfg.quantization)
     model, tokenizer, layers = open_model(model_dir, dtype, cfg.trust_remote_code)
-    log.info("model and tokenizer opened, %s", _since())
+    log.info("model and tokenizer opened, %s", since())
     progress = None
     staging = work / "checkpoint"
     if staging.exists():
@@ -294,7 +290,7 @@ def _quantize(
         packed, progress, perplexity = quantize_model(
             model, tokenizer, cfg, device, work, show_progress, on_layer, layers, shards
         )
-        log.info("layers done, %s", _since())
+        log.info("layers done, %s", since())
         meta = {"perplexity": perplexity} if perplexity else None
         if shards is not None and shards.started:
             shards.finish(model, packed)
@@ -303,9 +299,9 @@ def _quantize(
             write_checkpoint(
                 staging, model, tokenizer, packed, cfg.quantization, cfg.max_shard_size, meta
             )
-        log.info("checkpoint written, %s", _since())
+        log.info("checkpoint written, %s", since())
         report = validate_checkpoint(staging)
-        log.info("checkpoint validated, %s", _since())
+        log.info("checkpoint validated, %s", since())
         if report.errors:
             raise RunError("the written checkpoint failed validation: " + "; ".join(report.errors))
         _publish(staging, output, work)
@@ -330,7 +326,7 @@ def _quantize(
         if progress is not None:
             progress.close()
     shutil.rmtree(work, ignore_errors=True)
-    log.info("published, work directory removed, %s", _since())
+    log.info("published, work directory removed, %s", since())
     return output, report
 
 
@@ -362,7 +358,7 @@ def quantize_model(
     samples = calibration_samples(
         cfg.calibration.dataset, tokenizer, nsamples, seqlen, cfg.calibration.seed
     )
-    log.info("calibration samples read, %s", _since())
+    log.info("calibration samples read, %s", since())
     layers = model.get_submodule(arch.layers)
     state = WorkState(
         work / "state",
@@ -407,10 +403,10 @@ def quantize_model(
                 device,
             )
         acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
-        log.info("calibration inputs captured, %s", _since())
+        log.info("calibration inputs captured, %s", since())
         if warming is not None:
             warming.join()
-        log.info("solver kernel ready, %s", _since())
+        log.info("solver kernel ready, %s", since())
         if shards is not None:
             shards.start(model, arch.layers, state.layer_file)
         packed = quantize_layers(
