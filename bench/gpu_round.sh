@@ -7,9 +7,10 @@
 #
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
-# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first solve validate-profile
+# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first trace-first-plain solve
+# validate-profile
 # (after e2e) e2e-70b (default:
-# all but speed-plain, trace-first, solve and e2e-70b, about
+# all but speed-plain, trace-first(-plain), solve, validate-profile and e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
 # bench/results/ with the machine, date and commit in a header line. GPU_ROUND_TAR=1: pack
 # OUT_DIR into OUT_DIR.tar.gz at the end (one file to bring back).
@@ -51,6 +52,8 @@ for step in $steps; do
         trace) run trace 150 python3 bench/layer_trace.py --shape llama-3-8b --layers 3 --cprofile ;;
         trace-first) run trace-first 120 python3 bench/layer_trace.py --shape llama-3-8b \
             --layers 2 --first-layer ;;
+        trace-first-plain) run trace-first-plain 120 python3 bench/layer_trace.py \
+            --shape llama-3-8b --plain --layers 2 --first-layer ;;
         solve) run solve 150 python3 bench/solve.py ;;
         validate-profile) run validate-profile 120 python3 -c "import cProfile, pstats, time
 from gptq_worker.format.validate import validate_checkpoint
