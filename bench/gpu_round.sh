@@ -8,9 +8,7 @@
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
 # STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first trace-first-plain solve
-# validate-profile
-# (after e2e) e2e-70b (default:
-# all but speed-plain, trace-first(-plain), solve, validate-profile and e2e-70b, about
+# validate-profile (after e2e or e2e-plain) e2e-70b (default: all but speed-plain, trace-first(-plain), solve, validate-profile and e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
 # bench/results/ with the machine, date and commit in a header line. GPU_ROUND_TAR=1: pack
 # OUT_DIR into OUT_DIR.tar.gz at the end (one file to bring back).
