@@ -8,7 +8,7 @@
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
 # STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first trace-first-plain solve
-# validate-profile (after e2e or e2e-plain) e2e-70b (default: all but speed-plain, trace-first(-plain), solve, validate-profile and e2e-70b, about
+# validate-profile (after e2e or e2e-plain) importtime e2e-70b (default: all but speed-plain, trace-first(-plain), solve, validate-profile and e2e-70b, about
 # 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
 # bench/results/ with the machine, date and commit in a header line. GPU_ROUND_TAR=1: pack
 # OUT_DIR into OUT_DIR.tar.gz at the end (one file to bring back).
@@ -60,6 +60,10 @@ for i in range(2):
     print('validate', i, round(time.monotonic() - t, 3), 's, errors', r.errors)
 cProfile.run(\"validate_checkpoint('/tmp/gpu-round-e2e/out')\", '/tmp/vp')
 pstats.Stats('/tmp/vp').sort_stats('cumulative').print_stats(35)" ;;
+        importtime) run importtime 120 bash -c "python3 -m pip list 2>/dev/null | grep -iE \
+            '^(scikit-learn|scipy|torchao|accelerate|torchvision|pandas|numba) '; \
+            python3 -X importtime -c 'import gptq_worker.pipeline.run, transformers.models.llama.modeling_llama' \
+            2> /tmp/importtime.txt; sort -t'|' -k2 -n -r /tmp/importtime.txt | head -60" ;;
         e2e-70b) run e2e-70b 300 python3 bench/e2e.py --shape llama-3-70b --layers 4 \
             --dir /tmp/gpu-round-e2e70 --verbose --bytecode-cache /tmp/gpu-round-pyc ;;
         *) echo "unknown step $step" >&2; exit 2 ;;
