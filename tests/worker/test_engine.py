@@ -250,6 +250,34 @@ def test_termination_message_carries_the_result(model_dir, tmp_path, calibration
     assert "not a multiple of group_size 48" in json.loads(message.read_text())["error"]
 
 
+def test_the_command_leaves_at_once_with_everything_said(model_dir, tmp_path, calibration_file):
+    """``python -m gptq_worker.cli quantize`` leaves the process without the interpreter's
+    teardown (cli.entry): what it printed to pipes, logged and wrote is all there, and a
+    failed run still says why and exits 2."""
+    import subprocess
+    import sys
+
+    message, progress = tmp_path / "termination-log", tmp_path / "progress.jsonl"
+    args = [
+        sys.executable, "-m", "gptq_worker.cli", "-v", "quantize", "--no-progress-bar",
+        "--model", str(model_dir("llama")), "--output", str(tmp_path / "out"),
+        "--calibration", str(calibration_file), "--nsamples", "4", "--seqlen", "64",
+        "--device", "cpu", "--termination-message", str(message),
+        "--progress-file", str(progress),
+    ]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith(f"wrote {tmp_path / 'out'}")  # a pipe: block-buffered
+    assert "published, work directory removed" in done.stderr.splitlines()[-1]
+    assert json.loads(message.read_text())["kernels"]
+    assert json.loads(progress.read_text().splitlines()[-1])["event"] == "done"
+    failed = subprocess.run(
+        [*args[:-4], "--output", str(tmp_path / "out2"), "--group-size", "48"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert failed.returncode == 2 and "not a multiple of group_size 48" in failed.stderr
+
+
 def test_evaluation_reads_what_calibration_reads(model_dir, tmp_path, corpus):
     """A quality gate without evalDataset scores the calibration dataset: the worker reads
     it as calibration does (here JSONL rows), not as a plain text file; a missing one is one

@@ -1,5 +1,3 @@
-import sys
+from gptq_worker.cli import entry
 
-from gptq_worker.cli import main
-
-sys.exit(main())
+entry()
