@@ -6,6 +6,7 @@ gives garbage output without any error in most serving engines.
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,14 @@ def _check_g_idx(
         report.errors.append(f"{prefix}.g_idx: groups do not each hold {gs} columns")
 
 
+@functools.lru_cache(maxsize=64)
+def _symmetric_row(bits: int, out_f: int, fmt: CheckpointFormat) -> torch.Tensor:
+    """One group's packed zero points when every one is the symmetric middle value (a
+    model has a few widths: packed once each, not once per module)."""
+    mid = 2 ** (bits - 1)
+    return pack_qzeros(torch.full((1, out_f), mid, dtype=torch.int32), bits, fmt)
+
+
 def _check_zeros(
     prefix: str,
     qzeros: torch.Tensor,
@@ -305,8 +314,7 @@ def _check_zeros(
     mid = 2 ** (bits - 1)
     # every group's packed row is the same words when all zero points are mid: compare
     # words, and unpack only to tell which mistake it is
-    row = pack_qzeros(torch.full((1, out_f), mid, dtype=torch.int32), bits, fmt)
-    if torch.equal(qzeros, row.expand_as(qzeros)):
+    if torch.equal(qzeros, _symmetric_row(bits, out_f, fmt).expand_as(qzeros)):
         return
     other = CheckpointFormat.GPTQ_V2 if fmt == CheckpointFormat.GPTQ else CheckpointFormat.GPTQ
     if (unpack_qzeros(qzeros, bits, out_f, other) == mid).all():
