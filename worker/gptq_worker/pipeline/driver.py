@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -202,7 +201,7 @@ def warm_up_solver(
 ) -> threading.Thread | None:
     """Compile the Triton solve in the background while calibration inputs are captured.
 
-    ``in_child``: compile in child processes first (:func:`_start_compiles`), for a caller
+    ``in_child``: compile in a child process first (:func:`_compile_in_child`), for a caller
     with seconds of other work to overlap (the ``quantize`` command, which opens the model
     meanwhile); the child's own start (importing torch) is seconds too, so where only the
     capture overlaps (a model already in memory) the thread compiles in this process.
@@ -218,14 +217,13 @@ def warm_up_solver(
 
     def run() -> None:
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
-            children = _start_compiles(device, find) if in_child else []
-            _load_libraries(device)  # while the children compile
-            log.info("warm-up: CUDA libraries loaded, %s", since())
-            if children:
-                _wait_compiles(children)
-                log.info("warm-up: kernels compiled in child processes, %s", since())
-            warm_up(device, find)  # hits in Triton's cache where the children compiled
+            if in_child:
+                _compile_in_child(device, find)
+                log.info("warm-up: kernels compiled in a child process, %s", since())
+            warm_up(device, find)  # a hit in Triton's cache when the child compiled
             log.info("warm-up: solver kernels loaded, %s", since())
+            _load_libraries(device)
+            log.info("warm-up: CUDA libraries loaded, %s", since())
             if cfg is not None:
                 rehearse(device, cfg, options)
                 log.info("warm-up: solve and packing rehearsed, %s", since())
@@ -293,52 +291,34 @@ def rehearse(device: torch.device, cfg: QuantizeConfig, options: EngineOptions) 
 _CHILD = (
     "import sys, json, torch; from gptq_worker.quant.solve_triton import warm_up; "
     "find = json.loads(sys.argv[2]); "
-    "warm_up(torch.device(sys.argv[1]), None if find is None else tuple(find), int(sys.argv[3]))"
+    "warm_up(torch.device(sys.argv[1]), None if find is None else tuple(find))"
 )
 
 
-def _start_compiles(
-    device: torch.device, find: tuple[int, bool, bool] | None = None
-) -> list[subprocess.Popen]:
-    """Compile the Triton kernels in child processes, one variant each, into Triton's
-    on-disk cache (:func:`_wait_compiles` waits for them).
+def _compile_in_child(
+    device: torch.device, find: tuple[int, bool, bool] | None = None, timeout: float = 120.0
+) -> None:
+    """Compile the Triton kernels in a child process, into Triton's on-disk cache.
 
     Compiling in this process, on a thread, competes for the interpreter's lock with the
     imports and the model's opening beside it: profiles of the command on an H200 showed
     about 4 s in torch's operator registration while transformers was imported, as long as
     the compile took, which is what a thread waiting for the lock looks like (not
     measured apart from the other startup changes: bench/README.md, third session). A child
-    has its own interpreter; one child a variant compiles them side by side (about 2 s
-    each on a cold cache, one after the other in a single child). If they fail (no
-    writable cache, no CUDA there), the caller compiles in this process as before."""
-    from gptq_worker.quant.solve_triton import warm_up_variants
-
+    has its own interpreter. If it fails (no writable cache, no CUDA there), the caller
+    compiles in this process as before."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # find this gptq_worker
-    return [
-        subprocess.Popen(
-            # imported by its name: Triton's cache key includes the kernel's module
-            [sys.executable, "-c", _CHILD, str(device), json.dumps(find), str(k)],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for k in range(warm_up_variants(find))
-    ]
-
-
-def _wait_compiles(children: list[subprocess.Popen], timeout: float = 120.0) -> list[int]:
-    """Wait for :func:`_start_compiles`'s children; one still running after ``timeout``
-    seconds in all is killed (the kernel then compiles in this process). Their exit codes."""
-    deadline = time.monotonic() + timeout
-    for child in children:
-        try:
-            child.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    return [child.returncode for child in children]
+    subprocess.run(
+        # imported by its name: Triton's cache key includes the kernel's module
+        [sys.executable, "-c", _CHILD, str(device), json.dumps(find)],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def quantize_layers(

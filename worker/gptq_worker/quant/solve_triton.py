@@ -163,20 +163,12 @@ def solve_block_triton(
     )  # fmt: skip
 
 
-def warm_up_variants(find: tuple[int, bool, bool] | None) -> int:
-    """How many kernel variants :func:`warm_up` compiles for ``find``."""
-    return 2 if find is None else 3
-
-
-def warm_up(
-    device: torch.device, find: tuple[int, bool, bool] | None = None, only: int | None = None
-) -> None:
+def warm_up(device: torch.device, find: tuple[int, bool, bool] | None = None) -> None:
     """Compile the kernel now, both variants (plain, and with GPTAQ's ``P``: about 2 s each
     on a cold cache), e.g. in a thread during capture; ``find`` (``(group size, sym,
-    gptaq)``, a run whose groups are found block by block): that variant too. ``only``:
-    just that one of them (by position), for a process that compiles one while others
-    compile the rest. The shapes have the alignment of a real model's (strides and
-    pointers multiples of 16), which Triton specializes on."""
+    gptaq)``, a run whose groups are found block by block): that variant too. The shapes
+    have the alignment of a real model's (strides and pointers multiples of 16), which
+    Triton specializes on."""
     rows, b, n = 16, 128, 256
     W = torch.zeros(rows, n, device=device)
     H = torch.eye(n, device=device)
@@ -186,8 +178,6 @@ def warm_up(
     variants = [(False, None), (True, None)]
     if find is not None:
         variants.append((find[2], (b // find[0], find[0], 4, find[1], 0)))
-    if only is not None:
-        variants = variants[only : only + 1]
     for gptaq, how in variants:
         P = torch.zeros(b, n, device=device) if gptaq else None
         solve_block_triton(
