@@ -8,6 +8,7 @@ calibration data, output path), always as one line that names the problem.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -90,7 +91,8 @@ def entry() -> None:
     args, _ = parser().parse_known_args()
     if getattr(args, "run", None) is quantize.run:
         for stream in (sys.stdout, sys.stderr):
-            stream.flush()
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
+                stream.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)
