@@ -7,11 +7,14 @@
 #
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
-# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first trace-first-plain solve
-# validate-profile (after e2e or e2e-plain) importtime e2e-70b (default: all but speed-plain, trace-first(-plain), solve, validate-profile and e2e-70b, about
-# 9 minutes on an H200 from a cold Triton cache). Copy what the docs quote into
-# bench/results/ with the machine, date and commit in a header line. GPU_ROUND_TAR=1: pack
-# OUT_DIR into OUT_DIR.tar.gz at the end (one file to bring back).
+# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first trace-first-plain
+# solve validate-profile (after e2e or e2e-plain) importtime image-like e2e-70b. Default:
+# tests serve e2e e2e-plain speed trace, about 9 minutes on an H200 from a cold Triton
+# cache. image-like uninstalls scikit-learn and SciPy for the steps after it: the worker
+# image has neither, and transformers imports them when present (on a device machine,
+# which is fresh each call). Copy what the docs quote into bench/results/ with the
+# machine, date and commit in a header line. GPU_ROUND_TAR=1: pack OUT_DIR into
+# OUT_DIR.tar.gz at the end (one file to bring back).
 set -u
 out=${1:?usage: bash bench/gpu_round.sh OUT_DIR [STEP...]}
 shift
@@ -60,6 +63,7 @@ for i in range(2):
     print('validate', i, round(time.monotonic() - t, 3), 's, errors', r.errors)
 cProfile.run(\"validate_checkpoint('/tmp/gpu-round-e2e/out')\", '/tmp/vp')
 pstats.Stats('/tmp/vp').sort_stats('cumulative').print_stats(35)" ;;
+        image-like) run image-like 120 python3 -m pip uninstall -y scikit-learn scipy ;;
         importtime) run importtime 120 bash -c "python3 -m pip list 2>/dev/null | grep -iE \
             '^(scikit-learn|scipy|torchao|accelerate|torchvision|pandas|numba) '; \
             python3 -X importtime -c 'import gptq_worker.pipeline.run, transformers.models.llama.modeling_llama' \
