@@ -56,7 +56,11 @@ EXIT_TERMINATED = 143
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    return run_parsed(parser().parse_args(argv))
+
+
+def run_parsed(args: argparse.Namespace) -> int:
+    """:func:`main` after the arguments are parsed."""
     # As a container's PID 1 the process would ignore SIGTERM (no default action there) and
     # run on until SIGKILL; with a handler it stops at once, like anywhere else.
     # (`serve` drains on SIGTERM with its own handler; the other commands are short)
@@ -87,8 +91,8 @@ def entry() -> None:
     (the end-to-end bench's wall against its "done" event), seconds a pod holds the GPU
     for nothing: by then the checkpoint is published, the progress file closed and every
     status patch sent (they are synchronous); the streams and the log are flushed here."""
-    code = main()
-    args, _ = parser().parse_known_args()
+    args = parser().parse_args()
+    code = run_parsed(args)
     if getattr(args, "run", None) is quantize.run:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe
