@@ -273,7 +273,6 @@ class Engine:
                 batch.reset()
                 self._pending = None
             finally:
-                del admitted  # nothing of the step outlives it while the loop waits
                 with self._cv:
                     self._running, self._slots = len(batch.rows), batch.slots
                     self._stepping = False
