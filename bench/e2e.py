@@ -284,6 +284,14 @@ def main() -> None:
         "sizing_request": worker_memory(full_bytes),
         "peak_gpu_tensors_gib": done.get("peak_gpu_gib"),
         "peak_gpu_used_gib": round(peaks.gpu_used / 2**30, 2) if peaks.gpu_used else None,
+        # GPTQ_WORKER_PROFILE=1: the phases of the first three layers (synchronized at each
+        # phase's end, so the layers are slower); the engine's switches that were set
+        **(
+            {"phases_s": [e["phases_s"] for e in layers[:3]]}
+            if layers and "phases_s" in layers[0]
+            else {}
+        ),
+        "engine_env": {k: v for k, v in os.environ.items() if k.startswith("GPTQ_WORKER_")},
         "page_cache_dropped": args.drop_caches,
         "bytecode_cache": bool(args.bytecode_cache),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

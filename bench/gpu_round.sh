@@ -7,8 +7,10 @@
 #
 #   bash bench/gpu_round.sh OUT_DIR [STEP...]
 #
-# STEP: tests serve e2e e2e-plain speed speed-plain trace trace-first trace-first-plain
-# solve validate-profile (after e2e or e2e-plain) importtime image-like e2e-70b. Default:
+# STEP: tests serve e2e e2e-plain e2e-plain-computed (the attention half computed in every
+# pass, not replayed) e2e-plain-phases (GPTQ_WORKER_PROFILE=1) speed speed-plain trace
+# trace-first trace-first-plain solve validate-profile (after e2e or e2e-plain) importtime
+# image-like e2e-70b; a step named twice logs to NAME.2.txt the second time. Default:
 # tests serve e2e e2e-plain speed trace, about 9 minutes on an H200 from a cold Triton
 # cache. image-like uninstalls scikit-learn and SciPy for the steps after it: the worker
 # image has neither, and transformers imports them when present (on a device machine,
@@ -29,9 +31,13 @@ export PYTHONUNBUFFERED=1
     nproc
 } > "$out/env.txt"
 
-run() {  # name, seconds, command...
-    local name=$1 limit=$2
+run() {  # name, seconds, command...; a step run again logs to NAME.2.txt, NAME.3.txt...
+    local name=$1 limit=$2 n=2
     shift 2
+    if [ -e "$out/$name.txt" ]; then
+        while [ -e "$out/$name.$n.txt" ]; do n=$((n + 1)); done
+        name=$name.$n
+    fi
     local t0=$SECONDS
     timeout "$limit" "$@" > "$out/$name.txt" 2>&1
     echo "$name rc=$? $((SECONDS - t0))s" | tee -a "$out/steps.txt"
@@ -48,6 +54,12 @@ for step in $steps; do
             --verbose --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
         e2e-plain) run e2e-plain 200 python3 bench/e2e.py --shape llama-3-8b --plain \
             --dir /tmp/gpu-round-e2e --verbose --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
+        e2e-plain-computed) GPTQ_WORKER_REPLAY_ATTENTION=0 run e2e-plain-computed 200 \
+            python3 bench/e2e.py --shape llama-3-8b --plain --dir /tmp/gpu-round-e2e --verbose \
+            --keep --reuse --bytecode-cache /tmp/gpu-round-pyc ;;
+        e2e-plain-phases) GPTQ_WORKER_PROFILE=1 run e2e-plain-phases 200 python3 bench/e2e.py \
+            --shape llama-3-8b --plain --dir /tmp/gpu-round-e2e --verbose --keep --reuse \
+            --bytecode-cache /tmp/gpu-round-pyc ;;
         speed) run speed 150 python3 bench/speed.py --shape llama-3-8b ;;
         speed-plain) run speed-plain 120 python3 bench/speed.py --shape llama-3-8b --plain ;;
         trace) run trace 150 python3 bench/layer_trace.py --shape llama-3-8b --layers 3 --cprofile ;;

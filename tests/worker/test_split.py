@@ -32,15 +32,18 @@ def calibration_ids(tokenizer, corpus) -> torch.Tensor:
     return torch.tensor(ids[: BATCHES * 2 * 48]).view(BATCHES * 2, 48)
 
 
-def run_engine(tmp_path, vocab, ids, model_type, **quantization):
-    """Packed tensors, the final hidden states, and o_proj forwards per layer and batch."""
+def run_engine(tmp_path, vocab, ids, model_type, counted="self_attn.o_proj", **quantization):
+    """Packed tensors, the final hidden states, and the forwards of module ``counted`` per
+    layer and batch."""
     model = tiny_model(model_type, vocab, hidden=128, layers=LAYERS, intermediate=256)
     arch = architecture_for(model)
     cfg = QuantizeConfig(**quantization)
     acts = capture_inputs(model, arch, list(ids.split(2)), CPU)
     calls = [0]
     for layer in model.get_submodule(arch.layers):
-        layer.self_attn.o_proj.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        layer.get_submodule(counted).register_forward_hook(
+            lambda *_: calls.__setitem__(0, calls[0] + 1)
+        )
     state = WorkState(tmp_path / f"state-{len(list(tmp_path.iterdir()))}", "test")
     state.open()
     packed = quantize_layers(
@@ -105,7 +108,77 @@ def test_o_proj_runs_twice_per_batch_with_gptaq(tmp_path, tokenizer, calibration
     """Default (GPTAQ, true-sequential): whole layers run o_proj five times per batch (the
     partly quantized stream in the gate/up and down passes and the final forward, the
     full-precision stream in the gate/up and down passes); split, twice: once per stream,
-    on the way to the residual between the halves. One more for the check on batch 0 of
-    the first layer (twice: the whole forward, then the attention half)."""
+    on the way to the residual between the halves. On batch 0 of the first layer, two more
+    for the split's check (the whole forward, then the attention half) and two for the
+    replay's (the attention half computed, then replayed)."""
     _, _, cut_calls = run_engine(tmp_path, len(tokenizer), calibration_ids, "llama")
-    assert cut_calls == pytest.approx(2 + 2 / (LAYERS * BATCHES))
+    assert cut_calls == pytest.approx(2 + 4 / (LAYERS * BATCHES))
+
+
+@pytest.mark.parametrize(
+    "quantization, streams",
+    [({"bits": 4, "group_size": 32}, 2), ({"bits": 4, "group_size": 32, "gptaq": False}, 1)],
+    ids=["default-gptaq", "plain"],
+)
+def test_attention_is_computed_once_per_stream_and_batch(
+    tmp_path, monkeypatch, tokenizer, calibration_ids, quantization, streams
+):
+    """q_proj (the start of the attention computation) runs once per stream and batch: in
+    the o_proj pass. The pass after it, which moves the partly quantized stream to the
+    residual, replays the attention half from o_proj's kept inputs. Computed again
+    (GPTQ_WORKER_REPLAY_ATTENTION=0) it runs once more per batch, and the bits are the same.
+    Batch 0 of the first layer adds the checks: two for the split, one for the replay."""
+    vocab, ids = len(tokenizer), calibration_ids
+    replayed, replayed_hidden, calls = run_engine(
+        tmp_path, vocab, ids, "llama", "self_attn.q_proj", **quantization
+    )
+    assert calls == pytest.approx(streams + 3 / (LAYERS * BATCHES))
+    monkeypatch.setenv("GPTQ_WORKER_REPLAY_ATTENTION", "0")
+    computed, computed_hidden, calls = run_engine(
+        tmp_path, vocab, ids, "llama", "self_attn.q_proj", **quantization
+    )
+    assert calls == pytest.approx(streams + 1 + 2 / (LAYERS * BATCHES))
+    assert replayed.keys() == computed.keys()
+    for key in computed:
+        assert torch.equal(replayed[key], computed[key]), key
+    assert torch.equal(replayed_hidden, computed_hidden)
+
+
+def test_a_wrong_replay_is_caught(tmp_path, monkeypatch, tokenizer, calibration_ids):
+    """An attention module that does more after o_proj (here: halves its output) cannot be
+    replayed from o_proj's inputs: the check on the first layer compares bits and says no,
+    and the engine computes the attention half in every pass, writing the checkpoint it
+    writes without a replay."""
+    from transformers.models.llama import modeling_llama
+
+    vocab, ids = len(tokenizer), calibration_ids
+    model = tiny_model("llama", vocab, hidden=128, layers=LAYERS, intermediate=256)
+    arch = architecture_for(model)
+    acts = capture_inputs(model, arch, list(ids.split(2)), CPU)
+    layer = model.get_submodule(arch.layers)[0]
+    kept: list[torch.Tensor] = []
+    layer.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: kept.append(a[0]))
+    layer(acts.hidden[0], *acts.args[0][0], **acts.kwargs[0][0])
+    split = LayerSplit.for_model(model)
+    assert split.replays(layer, acts.hidden[0], acts.args[0][0], acts.kwargs[0][0], kept[0])
+    wrong = LayerSplit("self_attn", "post_attention_layernorm", "self_attn.v_proj")
+    assert not wrong.replays(layer, acts.hidden[0], acts.args[0][0], acts.kwargs[0][0], kept[0])
+
+    attention = modeling_llama.LlamaAttention.forward
+
+    def halved(self, *args, **kwargs):
+        out, weights = attention(self, *args, **kwargs)
+        return out * 0.5, weights
+
+    monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", halved)
+    assert not split.replays(layer, acts.hidden[0], acts.args[0][0], acts.kwargs[0][0], kept[0])
+    plain = {"bits": 4, "group_size": 32, "gptaq": False}
+    caught, caught_hidden, calls = run_engine(
+        tmp_path, vocab, ids, "llama", "self_attn.q_proj", **plain
+    )
+    assert calls == pytest.approx(2 + 3 / (LAYERS * BATCHES))  # computed in both passes
+    monkeypatch.setenv("GPTQ_WORKER_REPLAY_ATTENTION", "0")
+    computed, computed_hidden, _ = run_engine(tmp_path, vocab, ids, "llama", **plain)
+    for key in computed:
+        assert torch.equal(caught[key], computed[key]), key
+    assert torch.equal(caught_hidden, computed_hidden)

@@ -9,7 +9,6 @@ show as a difference here.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import subprocess
 import sys
@@ -76,21 +75,32 @@ def test_in_memory_layer_round_trip_and_packed_copies_keep_their_bits():
         assert got[k].device.type == "cpu" and torch.equal(got[k], v.cpu())
 
 
-@pytest.mark.parametrize("find", [None, (128, True, False), (32, False, True)])
-def test_solver_compiles_in_a_child_process(find):
+@pytest.mark.parametrize(
+    "find, norms",
+    [
+        (None, None),
+        ((128, True, False), (4096, torch.float16)),
+        ((32, False, True), (960, torch.bfloat16)),
+    ],
+)
+def test_solver_compiles_in_a_child_process(find, norms):
     """The child's command runs (its failures are otherwise silent: the run then compiles in
-    its own process), for the base variants and each kind of group-finding one."""
-    from gptq_worker.pipeline.driver import _CHILD
+    its own process), for the base variants and each kind of group-finding one, with and
+    without the fused norm's kernel."""
+    from gptq_worker.pipeline.driver import _child_argv
+    from gptq_worker.pipeline.norms import warm_up as warm_up_norms
     from gptq_worker.quant.solve_triton import warm_up
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(GPU), json.dumps(find)],
+        _child_argv(GPU, find, norms),
         env=env, capture_output=True, text=True, timeout=300, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    _compile_in_child(GPU, find)
+    _compile_in_child(GPU, find, norms)
     warm_up(GPU, find)
+    if norms is not None:
+        warm_up_norms(GPU, *norms)
 
 
 def test_the_warm_up_rehearses_the_default_solve_on_the_gpu():

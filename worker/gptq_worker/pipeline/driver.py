@@ -46,6 +46,7 @@ from gptq_worker.pipeline.clock import since
 from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
 from gptq_worker.pipeline.mover import LayerMover, Phases
 from gptq_worker.pipeline.norms import fuse_norms
+from gptq_worker.pipeline.norms import warm_up as warm_up_norms
 from gptq_worker.pipeline.split import LayerSplit, forward_from
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
@@ -78,6 +79,11 @@ class EngineOptions:
     # the layers' RMSNorms in one kernel on a GPU (norms.py); GPTQ_WORKER_FUSED_NORMS=0: not
     fused_norms: bool = field(
         default_factory=lambda: os.environ.get("GPTQ_WORKER_FUSED_NORMS", "1") != "0"
+    )
+    # the attention half replayed from o_proj's kept inputs in the pass that moves the
+    # stream to h_mid (split.py); GPTQ_WORKER_REPLAY_ATTENTION=0: computed again
+    replay_attention: bool = field(
+        default_factory=lambda: os.environ.get("GPTQ_WORKER_REPLAY_ATTENTION", "1") != "0"
     )
     profile: bool = field(default_factory=lambda: os.environ.get("GPTQ_WORKER_PROFILE") == "1")
 
@@ -198,6 +204,7 @@ def warm_up_solver(
     options: EngineOptions,
     in_child: bool = False,
     cfg: QuantizeConfig | None = None,
+    norms: tuple[int, torch.dtype] | None = None,
 ) -> threading.Thread | None:
     """Compile the Triton solve in the background while calibration inputs are captured.
 
@@ -206,10 +213,13 @@ def warm_up_solver(
     meanwhile); the child's own start (importing torch) is seconds too, so where only the
     capture overlaps (a model already in memory) the thread compiles in this process.
     ``cfg``: also the kernel's variant that finds group parameters, where its settings
-    have the block solver find them (:func:`solver_finds_groups`)."""
+    have the block solver find them (:func:`solver_finds_groups`). ``norms`` (the model's
+    hidden size and dtype): the fused RMSNorm's kernel too (``norms.py``), where
+    ``options`` fuse them."""
     if device.type != "cuda" or options.solver == "torch":
         return None
     find = solver_finds_groups(cfg) if cfg is not None else None
+    norms = norms if options.fused_norms else None
     try:
         from gptq_worker.quant.solve_triton import warm_up
     except ImportError:
@@ -218,9 +228,11 @@ def warm_up_solver(
     def run() -> None:
         with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
             if in_child:
-                _compile_in_child(device, find)
+                _compile_in_child(device, find, norms)
                 log.info("warm-up: kernels compiled in a child process, %s", since())
             warm_up(device, find)  # a hit in Triton's cache when the child compiled
+            if norms is not None:
+                warm_up_norms(device, *norms)
             log.info("warm-up: solver kernels loaded, %s", since())
             _load_libraries(device)
             log.info("warm-up: CUDA libraries loaded, %s", since())
@@ -290,13 +302,28 @@ def rehearse(device: torch.device, cfg: QuantizeConfig, options: EngineOptions) 
 
 _CHILD = (
     "import sys, json, torch; from gptq_worker.quant.solve_triton import warm_up; "
-    "find = json.loads(sys.argv[2]); "
-    "warm_up(torch.device(sys.argv[1]), None if find is None else tuple(find))"
+    "from gptq_worker.pipeline.norms import warm_up as warm_up_norms; "
+    "device = torch.device(sys.argv[1]); find, norms = json.loads(sys.argv[2]); "
+    "warm_up(device, None if find is None else tuple(find)); "
+    "norms is None or warm_up_norms(device, norms[0], getattr(torch, norms[1]))"
 )
 
 
+def _child_argv(
+    device: torch.device,
+    find: tuple[int, bool, bool] | None = None,
+    norms: tuple[int, torch.dtype] | None = None,
+) -> list[str]:
+    dtype = None if norms is None else str(norms[1]).removeprefix("torch.")
+    what = [find, None if norms is None else [norms[0], dtype]]
+    return [sys.executable, "-c", _CHILD, str(device), json.dumps(what)]
+
+
 def _compile_in_child(
-    device: torch.device, find: tuple[int, bool, bool] | None = None, timeout: float = 120.0
+    device: torch.device,
+    find: tuple[int, bool, bool] | None = None,
+    norms: tuple[int, torch.dtype] | None = None,
+    timeout: float = 120.0,
 ) -> None:
     """Compile the Triton kernels in a child process, into Triton's on-disk cache.
 
@@ -311,7 +338,7 @@ def _compile_in_child(
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # find this gptq_worker
     subprocess.run(
         # imported by its name: Triton's cache key includes the kernel's module
-        [sys.executable, "-c", _CHILD, str(device), json.dumps(find)],
+        _child_argv(device, find, norms),
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -379,6 +406,8 @@ def _quantize_layers(
     # this run computes; None: layers run whole
     split: LayerSplit | None = LayerSplit.for_model(model) if cfg.true_sequential else None
     split_checked = split is None
+    # None: not checked yet (split.py: the first layer that replays checks it)
+    replay_ok: bool | None = None if options.replay_attention else False
     fetched = mover.fetch(layers[0], 0)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
@@ -430,6 +459,7 @@ def _quantize_layers(
                         layer.get_submodule(short), full, layer_packed, settings[full].bits, fmt
                     )
         else:
+            kept: list[torch.Tensor | None] | None = None  # o_proj's inputs, per batch
             for p, groups in enumerate(passes):
                 # the partly quantized stream moves to h_mid in the first pass with no
                 # attention group: every attention group before it is quantized by now
@@ -438,6 +468,29 @@ def _quantize_layers(
                     and not q_at_mid
                     and not any(split.in_attention(n) for g in groups for n in g)
                 )
+                replay = kept if q_to_mid and kept and len(kept) == len(acts.hidden) else None
+                kept = None
+                if replay is not None and replay_ok is None:
+                    with phases("forward"):
+                        replay_ok = split.replays(
+                            layer, acts.hidden[0], acts.args[i][0], acts.kwargs[i][0], replay[0]
+                        )
+                    if not replay_ok:
+                        log.info("the attention half is computed in every pass (no replay)")
+                if not replay_ok:
+                    replay = None
+                keep = None
+                if (
+                    replay_ok is not False
+                    and cfg.method != Method.RTN
+                    and split is not None
+                    and split.output is not None
+                    and not q_at_mid
+                    and groups == [[split.output]]
+                    and p + 1 < len(passes)
+                    and not any(split.in_attention(n) for g in passes[p + 1] for n in g)
+                ):  # the next pass moves the stream to h_mid: replayed from these
+                    keep = (split.output, [])
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
@@ -455,8 +508,12 @@ def _quantize_layers(
                         at_mid=q_at_mid,
                         to_mid=q_to_mid,
                         fp_to_mid=p == fp_to_mid_pass,
+                        keep=keep,
+                        replay=replay,
                     )
                 )
+                kept = None if keep is None else keep[1]
+                del replay, keep
                 q_at_mid = q_at_mid or (q_to_mid and cfg.method != Method.RTN)
                 for group in groups:
                     H, dXXT = hessians.get(group[0], (None, None))

@@ -144,6 +144,8 @@ def collect_hessians(
     at_mid: bool = False,
     to_mid: bool = False,
     fp_to_mid: bool = False,
+    keep: tuple[str, list[torch.Tensor]] | None = None,
+    replay: list[torch.Tensor | None] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
 
@@ -157,6 +159,9 @@ def collect_hessians(
     and only the MLP half runs; ``to_mid``, each batch of ``acts.hidden`` is replaced by its
     ``h_mid`` on the way (the pass's groups must all be in the MLP half, so the attention
     half is final). ``fp_to_mid`` is :meth:`FullPrecisionStream.head_inputs`'s ``to_mid``.
+    ``keep=(head, kept)``: the inputs of that head module are appended to ``kept``, batch by
+    batch; ``replay`` (with ``to_mid``): such a list from the pass before, each batch's
+    attention half replayed from it (``split.py``) and its entry dropped once used.
     """
     hessians: dict[str, Hessian] = {}
     handles = []
@@ -170,6 +175,8 @@ def collect_hessians(
         def hook(
             _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
         ) -> None:
+            if keep is not None and head == keep[0]:
+                keep[1].append(inputs[0])
             with phases("hessian"):
                 if fp_stream is None:
                     hessians[head].add(inputs[0])
@@ -188,11 +195,15 @@ def collect_hessians(
                 def on_mid(t: torch.Tensor, b: int = b) -> None:
                     acts.hidden[b] = t
 
+                kept = None
+                if replay is not None:
+                    kept, replay[b] = replay[b], None  # freed as the batch moves on
                 with contextlib.suppress(StopForward):
                     forward_from(
                         layer, h, acts.args[index][b], acts.kwargs[index][b], split, at_mid,
-                        on_mid if to_mid and not at_mid else None,
+                        on_mid if to_mid and not at_mid else None, output_input=kept,
                     )  # fmt: skip
+                del kept
     finally:
         for handle in handles:
             handle.remove()

@@ -90,6 +90,21 @@ def _fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor
     return type(self).forward(self, hidden_states)
 
 
+def warm_up(device: torch.device, hidden: int, dtype: torch.dtype) -> None:
+    """Compile (or load from Triton's cache) the fused norm's kernel for rows of ``hidden``
+    values in ``dtype`` now, e.g. in the engine's warm-up: a worker pod starts with an empty
+    Triton cache, and the first layer's first norm would compile it otherwise."""
+    from gptq_worker.kernels import gptq_triton as kernels
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if kernels.triton is None or device.type != "cuda" or not half:
+        return
+    from gptq_worker.kernels import decode_triton
+
+    x = torch.ones(2, hidden, dtype=dtype, device=device)
+    decode_triton.add_rms(x, None, torch.ones(hidden, dtype=dtype, device=device), 1e-6, x.clone())
+
+
 def fuse_norms(layer: nn.Module) -> Callable[[], None]:
     """Give ``layer``'s RMSNorms of :data:`NORM_CLASSES` the fused forward (an attribute of
     each module, in front of its class's; ``copy.deepcopy`` of the layer carries it, bound

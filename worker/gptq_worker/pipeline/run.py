@@ -277,7 +277,9 @@ def _quantize(
         report_model_size(model_bytes)
     # the Triton kernels compile in a child process while the model is opened
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
-    warm_up_solver(device, options, in_child=True, cfg=cfg.quantization)
+    warm_up_solver(
+        device, options, in_child=True, cfg=cfg.quantization, norms=_norm_shape(model_dir, dtype)
+    )
     model, tokenizer, layers = open_model(model_dir, dtype, cfg.trust_remote_code)
     log.info("model and tokenizer opened, %s", since())
     progress = None
@@ -330,6 +332,16 @@ def _quantize(
     return output, report
 
 
+def _norm_shape(model_dir: str | Path, dtype: torch.dtype) -> tuple[int, torch.dtype] | None:
+    """The width of the model's norms (its config's ``hidden_size``) and the run's dtype, for
+    the warm-up; None where config.json does not say."""
+    try:
+        hidden = json.loads((Path(model_dir) / "config.json").read_text()).get("hidden_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (hidden, dtype) if isinstance(hidden, int) and 0 < hidden <= 1 << 16 else None
+
+
 def quantize_model(
     model,
     tokenizer,
@@ -351,7 +363,10 @@ def quantize_model(
     the caller finishes it.
     """
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
-    warming = warm_up_solver(device, options, cfg=cfg.quantization)  # while inputs are prepared
+    hidden = getattr(model.config, "hidden_size", None)
+    norms = (hidden, next(model.parameters()).dtype) if isinstance(hidden, int) else None
+    # while inputs are prepared
+    warming = warm_up_solver(device, options, cfg=cfg.quantization, norms=norms)
     arch = architecture_for(model)
     settings = plan(model, arch, cfg.quantization)
     nsamples, seqlen = cfg.calibration.resolved()

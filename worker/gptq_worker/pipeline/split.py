@@ -16,6 +16,16 @@ holds for pre-norm layers whose attention output is added to the residual and wh
 residual between the halves is the input of one module (the table below). The first
 layer a run computes checks it on its first batch (the split forward against the whole
 one, bit for bit); a layer that does not pass is run whole, as before.
+
+The pass that moves the partly quantized stream to ``h_mid`` comes right after the pass
+that quantizes o_proj, the attention half's last module. Its attention output is
+``o_proj(x)`` for the ``x`` that pass already computed (q, k and v final by then): the
+engine keeps those inputs (2 GiB over 128 x 2048 tokens of an 8B layer, freed batch by
+batch) and the next pass replays the attention half as ``o_proj(x)`` with o_proj's new
+weights, instead of recomputing q, k, v, rotary and attention (about 18 of an 8B layer's
+200 TFLOP of forwards with the paper's settings). The first layer that replays checks it
+on its first batch: ``h_mid`` replayed against ``h_mid`` computed, bit for bit; a model
+whose attention does more after that module fails the check and is computed as before.
 """
 
 from __future__ import annotations
@@ -30,12 +40,13 @@ from torch import nn
 
 from gptq_worker.pipeline.capture import Activations, StopForward, layer_output
 
-# model_type -> (attention module, module whose input is the residual between the halves)
-SPLITS: dict[str, tuple[str, str]] = {
-    "llama": ("self_attn", "post_attention_layernorm"),
-    "mistral": ("self_attn", "post_attention_layernorm"),
-    "qwen2": ("self_attn", "post_attention_layernorm"),
-    "qwen3": ("self_attn", "post_attention_layernorm"),
+# model_type -> (attention module, module whose input is the residual between the halves,
+# the attention module's last module: its output is the attention module's output)
+SPLITS: dict[str, tuple[str, str, str]] = {
+    "llama": ("self_attn", "post_attention_layernorm", "self_attn.o_proj"),
+    "mistral": ("self_attn", "post_attention_layernorm", "self_attn.o_proj"),
+    "qwen2": ("self_attn", "post_attention_layernorm", "self_attn.o_proj"),
+    "qwen3": ("self_attn", "post_attention_layernorm", "self_attn.o_proj"),
 }
 
 
@@ -54,6 +65,7 @@ def _zeros(hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any)
 class LayerSplit:
     attention: str
     mid: str
+    output: str | None = None  # the attention half's last module; None: no replay
 
     @classmethod
     def for_model(cls, model: nn.Module) -> LayerSplit | None:
@@ -100,6 +112,62 @@ class LayerSplit:
         finally:
             handle.remove()
 
+    def run_to_mid_replayed(
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        args: tuple,
+        kwargs: dict,
+        store: Callable[[torch.Tensor], None],
+        stop: bool,
+        output_input: torch.Tensor,
+    ) -> Any:
+        """:meth:`run_to_mid` with the attention module answering ``output(output_input)``:
+        its last module on the input that module was given before (kept from an earlier
+        pass of the same layer, with the same weights before it)."""
+        attention = layer.get_submodule(self.attention)
+        project = layer.get_submodule(self.output)
+
+        def replayed(*_args: Any, **_kwargs: Any) -> Any:
+            return project(output_input), None
+
+        attention.forward = replayed
+        try:
+            return self.run_to_mid(layer, h, args, kwargs, store, stop)
+        finally:
+            del attention.forward
+
+    @torch.no_grad()
+    def replays(
+        self,
+        layer: nn.Module,
+        h: torch.Tensor,
+        args: tuple,
+        kwargs: dict,
+        output_input: torch.Tensor,
+    ) -> bool:
+        """Whether the replayed attention half gives the computed one's ``h_mid`` bit for
+        bit (on one batch: ``h`` the layer's input, ``output_input`` the input the output
+        module got from it)."""
+        if self.output is None:
+            return False
+        computed: list[torch.Tensor] = []
+        replayed: list[torch.Tensor] = []
+        try:
+            with contextlib.suppress(StopForward):
+                self.run_to_mid(layer, h, args, kwargs, computed.append, True)
+            with contextlib.suppress(StopForward):
+                self.run_to_mid_replayed(
+                    layer, h, args, kwargs, replayed.append, True, output_input
+                )
+        except Exception:  # another layout: compute the attention half
+            return False
+        return (
+            len(computed) == len(replayed) == 1
+            and computed[0].shape == replayed[0].shape
+            and torch.equal(computed[0], replayed[0])
+        )
+
     @torch.no_grad()
     def reproduces(self, layer: nn.Module, acts: Activations, index: int) -> bool:
         """Whether the two halves give the whole forward's output bit for bit on batch 0."""
@@ -129,15 +197,20 @@ def forward_from(
     at_mid: bool,
     on_mid: Callable[[torch.Tensor], None] | None = None,
     stop_at_mid: bool = False,
+    output_input: torch.Tensor | None = None,
 ) -> Any:
     """The layer on one batch from where its stream is: ``h`` is the layer's input, or
     ``h_mid`` when ``at_mid``. ``on_mid`` (from the input) is handed ``h_mid`` on the way,
-    and with ``stop_at_mid`` the forward stops there (StopForward). The caller's hooks fire
-    as usual, and their StopForward propagates."""
+    and with ``stop_at_mid`` the forward stops there (StopForward); ``output_input`` (with
+    ``on_mid``): the attention half is replayed from its output module's kept input
+    (:meth:`LayerSplit.run_to_mid_replayed`). The caller's hooks fire as usual, and their
+    StopForward propagates."""
     if split is None:
         return layer(h, *args, **kwargs)
     if at_mid:
         return split.run_mlp_half(layer, h, args, kwargs)
     if on_mid is None:
         return layer(h, *args, **kwargs)
+    if output_input is not None:
+        return split.run_to_mid_replayed(layer, h, args, kwargs, on_mid, stop_at_mid, output_input)
     return split.run_to_mid(layer, h, args, kwargs, on_mid, stop_at_mid)
