@@ -257,3 +257,34 @@ def test_the_warm_up_rehearsal_runs_with_each_kind_of_settings(settings):
     from gptq_worker.pipeline.driver import rehearse
 
     rehearse(torch.device("cpu"), QuantizeConfig(**settings), EngineOptions(solver="torch"))
+
+
+@pytest.mark.parametrize("lm_head", [False, True])
+def test_the_warm_up_is_waited_for_once_before_the_first_solve(
+    tmp_path, monkeypatch, tokenizer, calibration_ids, lm_head
+):
+    """The engine needs the warm-up (the solver's kernels, on a GPU) at its first solve, not
+    at its first layer: the layer's move and first forwards overlap what is left of it.
+    ``ready`` is called once, before any solve (lm_head's included), and never again."""
+    from gptq_worker.pipeline import driver
+
+    events: list[str] = []
+    solve_group = driver._solve_group
+
+    def solve(*args, **kwargs):
+        events.append("solve")
+        return solve_group(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "_solve_group", solve)
+    model = tiny_model("llama", len(tokenizer), hidden=128, layers=2, intermediate=256)
+    arch = architecture_for(model)
+    cfg = QuantizeConfig(bits=4, group_size=32, lm_head=lm_head)
+    acts = capture_inputs(model, arch, list(calibration_ids.split(4)), torch.device("cpu"))
+    state = WorkState(tmp_path / "state", "test")
+    state.open()
+    quantize_layers(
+        model, arch, cfg, plan(model, arch, cfg), acts, torch.device("cpu"), state,
+        Progress(None, 2, show_bar=False), options=FAST, ready=lambda: events.append("ready"),
+    )  # fmt: skip
+    assert events[0] == "ready" and events.count("ready") == 1
+    assert events.count("solve") == 2 * 4  # four groups per layer (lm_head: _solve)

@@ -46,7 +46,6 @@ from gptq_worker.pipeline.clock import since
 from gptq_worker.pipeline.hessians import FullPrecisionStream, collect_hessians
 from gptq_worker.pipeline.mover import LayerMover, Phases
 from gptq_worker.pipeline.norms import fuse_norms
-from gptq_worker.pipeline.norms import warm_up as warm_up_norms
 from gptq_worker.pipeline.split import LayerSplit, forward_from
 from gptq_worker.pipeline.state import WorkState
 from gptq_worker.progress.events import Progress
@@ -198,6 +197,28 @@ def restore_weight(
     set_weight_matrix(module, w)
 
 
+class WarmUp:
+    """The warm-up's thread (:func:`warm_up_solver`), and the point where the engine needs it.
+
+    The engine calls :meth:`wait` before its first solve, not before its first layer: the
+    layer's move to the GPU and its first forwards overlap what is left of the warm-up. A
+    rehearsal (:func:`rehearse`) not begun by then is skipped: the first solve loads what
+    it would have loaded, and waiting for it would only add its time. Until then the two
+    threads touch different Triton kernels (the solver's here, the fused norms' in the
+    engine), and Triton's compiler is not shared between threads."""
+
+    def __init__(self, run: Callable[[threading.Event], None]) -> None:
+        self.late = threading.Event()
+        self.thread = threading.Thread(
+            target=run, args=(self.late,), name="gptq-triton-warm-up", daemon=True
+        )
+        self.thread.start()
+
+    def wait(self) -> None:
+        self.late.set()
+        self.thread.join()
+
+
 @torch.no_grad()
 def warm_up_solver(
     device: torch.device,
@@ -205,17 +226,19 @@ def warm_up_solver(
     in_child: bool = False,
     cfg: QuantizeConfig | None = None,
     norms: tuple[int, torch.dtype] | None = None,
-) -> threading.Thread | None:
+) -> WarmUp | None:
     """Compile the Triton solve in the background while calibration inputs are captured.
 
-    ``in_child``: compile in a child process first (:func:`_compile_in_child`), for a caller
+    ``in_child``: compile in a child process first (:func:`_start_child`), for a caller
     with seconds of other work to overlap (the ``quantize`` command, which opens the model
     meanwhile); the child's own start (importing torch) is seconds too, so where only the
-    capture overlaps (a model already in memory) the thread compiles in this process.
+    capture overlaps (a model already in memory) the thread compiles in this process. The
+    CUDA libraries load here while the child compiles.
     ``cfg``: also the kernel's variant that finds group parameters, where its settings
-    have the block solver find them (:func:`solver_finds_groups`). ``norms`` (the model's
-    hidden size and dtype): the fused RMSNorm's kernel too (``norms.py``), where
-    ``options`` fuse them."""
+    have the block solver find them (:func:`solver_finds_groups`), and the rehearsal of the
+    run's solve. ``norms`` (the model's hidden size and dtype): the child compiles the
+    fused RMSNorm's kernel too (``norms.py``), where ``options`` fuse them; the engine loads
+    it from Triton's cache at its first norm."""
     if device.type != "cuda" or options.solver == "torch":
         return None
     find = solver_finds_groups(cfg) if cfg is not None else None
@@ -225,29 +248,29 @@ def warm_up_solver(
     except ImportError:
         return None
 
-    def run() -> None:
-        with contextlib.suppress(Exception):  # a failure here shows again, with its cause, later
-            if in_child:
-                _compile_in_child(device, find, norms)
-                log.info("warm-up: kernels compiled in a child process, %s", since())
-            warm_up(device, find)  # a hit in Triton's cache when the child compiled
-            if norms is not None:
-                warm_up_norms(device, *norms)
-            log.info("warm-up: solver kernels loaded, %s", since())
+    def run(late: threading.Event) -> None:
+        try:
+            child = _start_child(device, find, norms) if in_child else None
             _load_libraries(device)
             log.info("warm-up: CUDA libraries loaded, %s", since())
-            if cfg is not None:
+            if child is not None:
+                _wait_child(child)
+                log.info("warm-up: kernels compiled in a child process, %s", since())
+            warm_up(device, find)  # a hit in Triton's cache when the child compiled
+            log.info("warm-up: solver kernels loaded, %s", since())
+            if cfg is not None and not late.is_set():
                 rehearse(device, cfg, options)
                 log.info("warm-up: solve and packing rehearsed, %s", since())
+        except Exception as err:  # what it did not load loads at first use
+            log.info("warm-up stopped early: %s: %s", type(err).__name__, err)
 
     key = str(device)
     if key not in _WARMING:  # once per process and device
-        _WARMING[key] = threading.Thread(target=run, name="gptq-triton-warm-up", daemon=True)
-        _WARMING[key].start()
+        _WARMING[key] = WarmUp(run)
     return _WARMING[key]
 
 
-_WARMING: dict[str, threading.Thread] = {}
+_WARMING: dict[str, WarmUp] = {}
 
 
 def solver_finds_groups(cfg: QuantizeConfig) -> tuple[int, bool, bool] | None:
@@ -319,13 +342,12 @@ def _child_argv(
     return [sys.executable, "-c", _CHILD, str(device), json.dumps(what)]
 
 
-def _compile_in_child(
+def _start_child(
     device: torch.device,
     find: tuple[int, bool, bool] | None = None,
     norms: tuple[int, torch.dtype] | None = None,
-    timeout: float = 120.0,
-) -> None:
-    """Compile the Triton kernels in a child process, into Triton's on-disk cache.
+) -> subprocess.Popen | None:
+    """Start compiling the Triton kernels in a child process, into Triton's on-disk cache.
 
     Compiling in this process, on a thread, competes for the interpreter's lock with the
     imports and the model's opening beside it: profiles of the command on an H200 showed
@@ -336,16 +358,37 @@ def _compile_in_child(
     compiles in this process as before."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # find this gptq_worker
-    subprocess.run(
-        # imported by its name: Triton's cache key includes the kernel's module
-        _child_argv(device, find, norms),
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        timeout=timeout,
-        check=False,
-    )
+    try:
+        return subprocess.Popen(
+            # imported by its name: Triton's cache key includes the kernel's module
+            _child_argv(device, find, norms),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        return None
+
+
+def _wait_child(child: subprocess.Popen, timeout: float = 120.0) -> None:
+    try:
+        child.wait(timeout)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _compile_in_child(
+    device: torch.device,
+    find: tuple[int, bool, bool] | None = None,
+    norms: tuple[int, torch.dtype] | None = None,
+    timeout: float = 120.0,
+) -> None:
+    """:func:`_start_child`, waited for."""
+    child = _start_child(device, find, norms)
+    if child is not None:
+        _wait_child(child, timeout)
 
 
 def quantize_layers(
@@ -362,8 +405,11 @@ def quantize_layers(
     options: EngineOptions | None = None,
     source: StreamedLayers | None = None,
     on_released: Callable[[int], None] | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> Mapping[str, torch.Tensor]:
     """Quantize every decoder layer (and lm_head if asked); returns all packed tensors.
+
+    ``ready`` is called once, before the first solve (:meth:`WarmUp.wait`).
 
     ``on_released(i)`` is called (from the mover's thread on a GPU) once layer ``i`` is
     saved and off the device, without waiting for it as ``on_layer`` does.
@@ -378,7 +424,7 @@ def quantize_layers(
     try:
         packed = _quantize_layers(
             model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation,
-            options, mover, on_released, unfuse,
+            options, mover, on_released, unfuse, _Once(ready),
         )  # fmt: skip
         return packed if source is None else state.packed()
     finally:
@@ -392,8 +438,9 @@ def quantize_layers(
 
 def _quantize_layers(
     model, arch, cfg, settings, acts, device, state, progress, on_layer, evaluation, options, mover,
-    on_released=None, unfuse=None,
+    on_released=None, unfuse=None, ready=None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
+    ready = ready or _Once(None)
     unfuse = [] if unfuse is None else unfuse
     phases = Phases(device, options.profile)
     fmt = cfg.checkpoint_format
@@ -517,6 +564,7 @@ def _quantize_layers(
                 q_at_mid = q_at_mid or (q_to_mid and cfg.method != Method.RTN)
                 for group in groups:
                     H, dXXT = hessians.get(group[0], (None, None))
+                    ready()
                     with phases("solve"):
                         results = _solve_group(layer, group, names, H, settings, cfg, options, dXXT)
                     for short, q in results.items():
@@ -567,6 +615,7 @@ def _quantize_layers(
     if evaluation is not None:  # before lm_head is quantized
         evaluation.ppl_before = evaluation.perplexity(model, arch, device, evaluation.before)
     if cfg.lm_head and arch.lm_head in settings:
+        ready()
         packed.update(
             _quantize_lm_head(
                 model, arch, cfg, settings[arch.lm_head], acts, device, state, len(layers), options
@@ -575,6 +624,16 @@ def _quantize_layers(
     if evaluation is not None:
         evaluation.ppl_after = evaluation.perplexity(model, arch, device, evaluation.after)
     return packed
+
+
+class _Once:
+    def __init__(self, fn: Callable[[], None] | None) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
 
 
 @torch.no_grad()

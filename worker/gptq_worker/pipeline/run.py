@@ -363,10 +363,7 @@ def quantize_model(
     the caller finishes it.
     """
     options = EngineOptions(hessian_precision=cfg.hessian_precision)
-    hidden = getattr(model.config, "hidden_size", None)
-    norms = (hidden, next(model.parameters()).dtype) if isinstance(hidden, int) else None
-    # while inputs are prepared
-    warming = warm_up_solver(device, options, cfg=cfg.quantization, norms=norms)
+    warming = warm_up_solver(device, options, cfg=cfg.quantization)  # while inputs are prepared
     arch = architecture_for(model)
     settings = plan(model, arch, cfg.quantization)
     nsamples, seqlen = cfg.calibration.resolved()
@@ -419,9 +416,12 @@ def quantize_model(
             )
         acts = capture_inputs(model, arch, list(batches(samples, cfg.batch_size)), device)
         log.info("calibration inputs captured, %s", since())
-        if warming is not None:
-            warming.join()
-        log.info("solver kernel ready, %s", since())
+
+        def ready() -> None:  # before the first solve: the first layer's forwards overlap
+            if warming is not None:
+                warming.wait()
+            log.info("solver kernel ready, %s", since())
+
         if shards is not None:
             shards.start(model, arch.layers, state.layer_file)
         packed = quantize_layers(
@@ -438,11 +438,15 @@ def quantize_model(
             options,
             streamed,
             shards.layer_released if shards is not None and shards.started else None,
+            ready,
         )
     except BaseException as err:
         progress.emit("failed", error=str(err) or type(err).__name__)
         progress.close()
         raise
+    finally:
+        if warming is not None:  # no thread of it runs on (a run with nothing to solve)
+            warming.wait()
     perplexity = None
     if evaluation is not None:
         perplexity = {
