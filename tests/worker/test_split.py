@@ -182,3 +182,51 @@ def test_a_wrong_replay_is_caught(tmp_path, monkeypatch, tokenizer, calibration_
     for key in computed:
         assert torch.equal(caught[key], computed[key]), key
     assert torch.equal(caught_hidden, computed_hidden)
+
+
+@pytest.mark.parametrize("kept", [0, 2])
+def test_batches_kept_as_memory_allows(tmp_path, monkeypatch, tokenizer, calibration_ids, kept):
+    """Where the GPU's free memory holds o_proj's inputs for only some batches, those are
+    replayed and the others computed (0: none kept, no replay and no check); the bits are
+    those of a run that computes every batch."""
+    from gptq_worker.pipeline import driver
+
+    vocab, ids = len(tokenizer), calibration_ids
+    plain = {"bits": 4, "group_size": 32, "gptaq": False}
+    monkeypatch.setattr(driver, "_batches_to_keep", lambda *_: kept)
+    some, some_hidden, calls = run_engine(
+        tmp_path, vocab, ids, "llama", "self_attn.q_proj", **plain
+    )
+    checks = (2 + (1 if kept else 0)) / (LAYERS * BATCHES)
+    assert calls == pytest.approx(1 + (BATCHES - kept) / BATCHES + checks)
+    monkeypatch.setenv("GPTQ_WORKER_REPLAY_ATTENTION", "0")
+    computed, computed_hidden, _ = run_engine(tmp_path, vocab, ids, "llama", **plain)
+    for key in computed:
+        assert torch.equal(some[key], computed[key]), key
+    assert torch.equal(some_hidden, computed_hidden)
+
+
+def test_the_kept_batches_fit_the_free_memory_beyond_the_margin(monkeypatch):
+    """On a GPU, the first batches whose o_proj inputs fit the free memory (the device's
+    free memory plus the allocator's unused cache) beyond the larger of 2 GiB and a tenth
+    of the device; on a CPU, all."""
+    from gptq_worker.pipeline import driver
+    from gptq_worker.pipeline.capture import Activations
+
+    GiB = 1 << 30
+    o_proj = torch.nn.Linear(64, 32, bias=False)  # in_features 64: 2 bytes x 64 a token
+    acts = Activations(hidden=[torch.zeros(4, 1024, 32, dtype=torch.float16)] * 8)
+    batch = 4 * 1024 * 64 * 2  # 0.5 MiB
+    assert driver._batches_to_keep(torch.device("cpu"), acts, o_proj) == 8
+
+    def on_gpu(free, total, reserved, allocated):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _d: (free, total))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda _d: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda _d: allocated)
+        return driver._batches_to_keep(torch.device("cuda"), acts, o_proj)
+
+    assert on_gpu(2 * GiB + 3 * batch, 16 * GiB, 0, 0) == 3
+    assert on_gpu(2 * GiB + 2 * batch, 16 * GiB, 5 * batch, 4 * batch) == 3  # unused cache
+    assert on_gpu(8 * GiB + 5 * batch, 80 * GiB, 0, 0) == 5  # a tenth of 80 GiB
+    assert on_gpu(GiB, 16 * GiB, 0, 0) == 0
+    assert on_gpu(40 * GiB, 80 * GiB, 0, 0) == 8

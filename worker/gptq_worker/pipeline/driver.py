@@ -455,6 +455,7 @@ def _quantize_layers(
     split_checked = split is None
     # None: not checked yet (split.py: the first layer that replays checks it)
     replay_ok: bool | None = None if options.replay_attention else False
+    replay_memory_said = False
     fetched = mover.fetch(layers[0], 0)
     for i, layer in enumerate(layers):
         prefix = f"{arch.layers}.{i}"
@@ -515,7 +516,11 @@ def _quantize_layers(
                     and not q_at_mid
                     and not any(split.in_attention(n) for g in groups for n in g)
                 )
-                replay = kept if q_to_mid and kept and len(kept) == len(acts.hidden) else None
+                replay = (
+                    kept
+                    if q_to_mid and kept and len(kept) == len(acts.hidden) and kept[0] is not None
+                    else None
+                )
                 kept = None
                 if replay is not None and replay_ok is None:
                     with phases("forward"):
@@ -537,7 +542,15 @@ def _quantize_layers(
                     and p + 1 < len(passes)
                     and not any(split.in_attention(n) for g in passes[p + 1] for n in g)
                 ):  # the next pass moves the stream to h_mid: replayed from these
-                    keep = (split.output, [])
+                    module = layer.get_submodule(split.output)
+                    keep = (split.output, [], _batches_to_keep(device, acts, module))
+                    if keep[2] < len(acts.hidden) and not replay_memory_said:
+                        replay_memory_said = True
+                        log.info(
+                            "o_proj's inputs kept for %d of %d batches (the GPU's free "
+                            "memory); the others' attention half is computed again",
+                            keep[2], len(acts.hidden),
+                        )  # fmt: skip
                 hessians = (
                     {}
                     if cfg.method == Method.RTN
@@ -624,6 +637,28 @@ def _quantize_layers(
     if evaluation is not None:
         evaluation.ppl_after = evaluation.perplexity(model, arch, device, evaluation.after)
     return packed
+
+
+def _batches_to_keep(device: torch.device, acts: Activations, module: nn.Module) -> int:
+    """How many of the first batches may keep ``module``'s inputs for the replay: on a GPU,
+    as many as its free memory holds beyond a margin (the larger of 2 GiB and a tenth of
+    the device), since a large calibration set makes them large (2 GiB for 128 x 2048
+    tokens of an 8B model); elsewhere all. The checkpoint does not depend on it: a batch
+    not kept is computed, to the same bits."""
+    if device.type != "cuda":
+        return len(acts.hidden)
+    in_features, _ = features(module)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget -= max(2 << 30, total // 10)
+    n = 0
+    for h in acts.hidden:
+        size = h.numel() // h.shape[-1] * in_features * h.element_size()
+        if size > budget:
+            break
+        budget -= size
+        n += 1
+    return n
 
 
 class _Once:

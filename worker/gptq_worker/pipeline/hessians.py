@@ -144,7 +144,7 @@ def collect_hessians(
     at_mid: bool = False,
     to_mid: bool = False,
     fp_to_mid: bool = False,
-    keep: tuple[str, list[torch.Tensor]] | None = None,
+    keep: tuple[str, list[torch.Tensor | None], int] | None = None,
     replay: list[torch.Tensor | None] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """One fp32 Hessian per group (keyed by its first module), from one pass over the batches.
@@ -159,9 +159,10 @@ def collect_hessians(
     and only the MLP half runs; ``to_mid``, each batch of ``acts.hidden`` is replaced by its
     ``h_mid`` on the way (the pass's groups must all be in the MLP half, so the attention
     half is final). ``fp_to_mid`` is :meth:`FullPrecisionStream.head_inputs`'s ``to_mid``.
-    ``keep=(head, kept)``: the inputs of that head module are appended to ``kept``, batch by
-    batch; ``replay`` (with ``to_mid``): such a list from the pass before, each batch's
-    attention half replayed from it (``split.py``) and its entry dropped once used.
+    ``keep=(head, kept, n)``: the inputs of that head module are appended to ``kept``,
+    batch by batch, for the first ``n`` batches (None for the others); ``replay`` (with
+    ``to_mid``): such a list from the pass before, each batch's attention half replayed
+    from its entry (``split.py``; computed where it is None), the entry dropped once used.
     """
     hessians: dict[str, Hessian] = {}
     handles = []
@@ -176,7 +177,7 @@ def collect_hessians(
             _module: nn.Module, inputs: tuple, head: str = head, stop: bool = g == len(groups) - 1
         ) -> None:
             if keep is not None and head == keep[0]:
-                keep[1].append(inputs[0])
+                keep[1].append(inputs[0] if len(keep[1]) < keep[2] else None)
             with phases("hessian"):
                 if fp_stream is None:
                     hessians[head].add(inputs[0])
