@@ -440,13 +440,12 @@ def quantize_model(
             shards.layer_released if shards is not None and shards.started else None,
             ready,
         )
-    except BaseException as err:
+        if warming is not None:  # no thread of it runs on (a run with nothing to solve)
+            warming.wait()
+    except BaseException as err:  # not waited for: the error is said at once
         progress.emit("failed", error=str(err) or type(err).__name__)
         progress.close()
         raise
-    finally:
-        if warming is not None:  # no thread of it runs on (a run with nothing to solve)
-            warming.wait()
     perplexity = None
     if evaluation is not None:
         perplexity = {

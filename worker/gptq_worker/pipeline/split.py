@@ -21,11 +21,12 @@ The pass that moves the partly quantized stream to ``h_mid`` comes right after t
 that quantizes o_proj, the attention half's last module. Its attention output is
 ``o_proj(x)`` for the ``x`` that pass already computed (q, k and v final by then): the
 engine keeps those inputs (2 GiB over 128 x 2048 tokens of an 8B layer, freed batch by
-batch; on a GPU for as many batches as its free memory holds) and the next pass replays the attention half as ``o_proj(x)`` with o_proj's new
-weights, instead of recomputing q, k, v, rotary and attention (about 18 of an 8B layer's
-200 TFLOP of forwards with the paper's settings). The first layer that replays checks it
-on its first batch: ``h_mid`` replayed against ``h_mid`` computed, bit for bit; a model
-whose attention does more after that module fails the check and is computed as before.
+batch; on a GPU for as many batches as its free memory holds) and the next pass replays
+the attention half as ``o_proj(x)`` with o_proj's new weights, instead of recomputing q,
+k, v, rotary and attention (about 18 of an 8B layer's 200 TFLOP of forwards with the
+paper's settings). The first layer that replays checks it on its first batch: ``h_mid``
+replayed against ``h_mid`` computed, bit for bit; a model whose attention does more
+after that module fails the check and is computed as before.
 """
 
 from __future__ import annotations
