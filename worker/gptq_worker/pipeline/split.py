@@ -98,45 +98,35 @@ class LayerSplit:
         kwargs: dict,
         store: Callable[[torch.Tensor], None],
         stop: bool,
+        output_input: torch.Tensor | None = None,
     ) -> Any:
         """The layer's forward from its input, handing ``h_mid`` to ``store`` on the way (and
-        stopping there with a :class:`StopForward` if ``stop``)."""
+        stopping there with a :class:`StopForward` if ``stop``). ``output_input``: the
+        attention module answers ``output(output_input)``, its last module on the input
+        that module was given before (kept from an earlier pass of the same layer, with the
+        same weights before it), instead of computing."""
 
         def hook(_m: nn.Module, hook_args: tuple) -> None:
             store(hook_args[0].detach())
             if stop:
                 raise _StopAtMid
 
+        attention = None
+        if output_input is not None:
+            attention = layer.get_submodule(self.attention)
+            project = layer.get_submodule(self.output)
+
+            def replayed(*_args: Any, **_kwargs: Any) -> Any:
+                return project(output_input), None
+
+            attention.forward = replayed  # the instance's, in front of the class's
         handle = layer.get_submodule(self.mid).register_forward_pre_hook(hook)
         try:
             return layer(h, *args, **kwargs)
         finally:
             handle.remove()
-
-    def run_to_mid_replayed(
-        self,
-        layer: nn.Module,
-        h: torch.Tensor,
-        args: tuple,
-        kwargs: dict,
-        store: Callable[[torch.Tensor], None],
-        stop: bool,
-        output_input: torch.Tensor,
-    ) -> Any:
-        """:meth:`run_to_mid` with the attention module answering ``output(output_input)``:
-        its last module on the input that module was given before (kept from an earlier
-        pass of the same layer, with the same weights before it)."""
-        attention = layer.get_submodule(self.attention)
-        project = layer.get_submodule(self.output)
-
-        def replayed(*_args: Any, **_kwargs: Any) -> Any:
-            return project(output_input), None
-
-        attention.forward = replayed
-        try:
-            return self.run_to_mid(layer, h, args, kwargs, store, stop)
-        finally:
-            del attention.forward
+            if attention is not None:
+                del attention.forward
 
     @torch.no_grad()
     def replays(
@@ -158,9 +148,7 @@ class LayerSplit:
             with contextlib.suppress(StopForward):
                 self.run_to_mid(layer, h, args, kwargs, computed.append, True)
             with contextlib.suppress(StopForward):
-                self.run_to_mid_replayed(
-                    layer, h, args, kwargs, replayed.append, True, output_input
-                )
+                self.run_to_mid(layer, h, args, kwargs, replayed.append, True, output_input)
         except Exception:  # another layout: compute the attention half
             return False
         return (
@@ -204,7 +192,7 @@ def forward_from(
     ``h_mid`` when ``at_mid``. ``on_mid`` (from the input) is handed ``h_mid`` on the way,
     and with ``stop_at_mid`` the forward stops there (StopForward); ``output_input`` (with
     ``on_mid``): the attention half is replayed from its output module's kept input
-    (:meth:`LayerSplit.run_to_mid_replayed`). The caller's hooks fire as usual, and their
+    (:meth:`LayerSplit.run_to_mid`). The caller's hooks fire as usual, and their
     StopForward propagates."""
     if split is None:
         return layer(h, *args, **kwargs)
@@ -212,6 +200,4 @@ def forward_from(
         return split.run_mlp_half(layer, h, args, kwargs)
     if on_mid is None:
         return layer(h, *args, **kwargs)
-    if output_input is not None:
-        return split.run_to_mid_replayed(layer, h, args, kwargs, on_mid, stop_at_mid, output_input)
-    return split.run_to_mid(layer, h, args, kwargs, on_mid, stop_at_mid)
+    return split.run_to_mid(layer, h, args, kwargs, on_mid, stop_at_mid, output_input)
